@@ -1,0 +1,364 @@
+"""CIFAR-10 loading for the ensemble: Keras download, canonical batches, image folders.
+
+Every source returns the article's arrays:
+
+    x_train (N, 32, 32, 3) float32 in [0, 1]     y_train (N, 10) float32 one-hot
+    x_test  (M, 32, 32, 3) float32 in [0, 1]     y_test  (M, 1) int64 class ids
+
+`load_data(data_dir)` picks the source from what `data_dir` is:
+
+* None: `keras.datasets.cifar10.load_data()` (downloads once into ~/.keras);
+* a `cifar-10-batches-py` folder (the official batches, extracted);
+* the official `cifar-10-python.tar.gz`, checked against its published sha256;
+* a class-folder tree `train/<class>/*.jpg|png`, `test/<class>/*.jpg|png`, as a
+  folder or as a `.tar`/`.tar.gz` of one (how `../shared/data` ships CIFAR-10).
+
+Nothing is ever extracted to disk and nothing in the data can run code: tar members
+are read in memory (links, absolute paths and `..` refused) and the pickled batches
+go through an unpickler that only rebuilds NumPy arrays.
+"""
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+# Published by the CIFAR-10 authors for cifar-10-python.tar.gz.
+OFFICIAL_ARCHIVE_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+OFFICIAL_BATCHES_DIR = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """The data source is missing, malformed or unsafe; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- public
+
+
+def load_data(data_dir=None, limit=None, seed=0):
+    """Loads CIFAR-10 as the article uses it.
+
+    Args:
+        data_dir: None to download with Keras, else a path (see module docstring).
+        limit: keep only this many training and this many test images, chosen
+            deterministically from `seed`; None keeps everything.
+        seed: seeds the shuffle of class-ordered sources and the `limit` subset.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))` as described in the module docstring.
+
+    Raises:
+        DataError: with a one-line message naming the problem and the fix.
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be a positive number of images, got {limit}")
+    if data_dir is None:
+        train, test, ordered_by_class = _load_keras_download()
+    else:
+        train, test, ordered_by_class = _load_from_path(Path(data_dir))
+    train_index, test_index = _selection(
+        len(train.labels), len(test.labels), ordered_by_class, limit, seed
+    )
+    return _normalise(*train.take(train_index), *test.take(test_index))
+
+
+def _selection(num_train, num_test, ordered_by_class, limit, seed):
+    """Which images to keep, in which order: deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    # Keras' validation_split takes the *last* 20% of the training arrays: on a
+    # class-ordered source that would be two classes only, so shuffle first.
+    shuffle_train = ordered_by_class or limit is not None
+    train_index = rng.permutation(num_train) if shuffle_train else np.arange(num_train)
+    test_index = rng.permutation(num_test) if limit is not None else np.arange(num_test)
+    if limit is not None:
+        train_index, test_index = train_index[:limit], test_index[:limit]
+    return train_index, test_index
+
+
+def describe_source(data_dir):
+    """One line naming where the data comes from, for logs and results."""
+    if data_dir is None:
+        return "keras.datasets.cifar10 (download)"
+    return str(Path(data_dir))
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _Split:
+    """Labels up front, images on demand: a subset decodes only the images it keeps."""
+
+    def __init__(self, labels, images=None, decode=None):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._images = images
+        self._decode = decode
+
+    def take(self, index):
+        if self._images is not None:
+            return self._images[index], self.labels[index]
+        images = np.zeros((len(index), *IMAGE_SHAPE), np.uint8)
+        for row, i in enumerate(index):
+            images[row] = self._decode(int(i))
+        return images, self.labels[index]
+
+
+def _load_keras_download():
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as error:  # urllib, ssl and tar errors all surface here
+        raise DataError(
+            f"could not download CIFAR-10 ({type(error).__name__}: {error}); "
+            "pass --data-dir with a local copy (see README, 'Offline data')"
+        ) from error
+    return (
+        _Split(y_train.reshape(-1), x_train),
+        _Split(y_test.reshape(-1), x_test),
+        False,
+    )
+
+
+def _load_from_path(path):
+    if not path.exists():
+        raise DataError(f"--data-dir {path} does not exist; point it at CIFAR-10 (see README)")
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise DataError(f"--data-dir {path} is empty; point it at CIFAR-10 (see README)")
+        if (path / TEST_BATCH).is_file():
+            return *_load_batches_dir(path), False
+        if (path / OFFICIAL_BATCHES_DIR / TEST_BATCH).is_file():
+            return *_load_batches_dir(path / OFFICIAL_BATCHES_DIR), False
+        return *_load_image_tree(_folder_files(path), path), True
+    if not tarfile.is_tarfile(path):
+        raise DataError(
+            f"{path} is neither a folder nor a readable .tar/.tar.gz archive "
+            "(truncated download?); see README, 'Offline data'"
+        )
+    if _sha256(path) == OFFICIAL_ARCHIVE_SHA256:
+        return *_load_official_archive(path), False
+    files = _tar_files(path)
+    if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
+        raise DataError(
+            f"{path} looks like cifar-10-python.tar.gz but its sha256 is not the "
+            f"published {OFFICIAL_ARCHIVE_SHA256}; download it again"
+        )
+    return *_load_image_tree(files, path), True
+
+
+def _load_batches_dir(folder):
+    def read(name):
+        file = folder / name
+        if not file.is_file():
+            raise DataError(f"{file} is missing; the folder must hold all six CIFAR-10 batches")
+        return _read_batch(file.read_bytes(), file)
+
+    return _join_batches([read(n) for n in TRAIN_BATCHES]), read(TEST_BATCH)
+
+
+def _load_official_archive(path):
+    files = _tar_files(path)
+
+    def read(name):
+        key = f"{OFFICIAL_BATCHES_DIR}/{name}"
+        if key not in files:
+            raise DataError(f"{path} has no {key}; download cifar-10-python.tar.gz again")
+        return _read_batch(files[key](), f"{path}:{key}")
+
+    return _join_batches([read(n) for n in TRAIN_BATCHES]), read(TEST_BATCH)
+
+
+def _load_image_tree(files, source):
+    """train/<class>/* and test/<class>/*; `files` maps names to byte readers."""
+    entries = {split: _image_entries(files, split, source) for split in ("train", "test")}
+    train_classes = sorted({label for label, _ in entries["train"]})
+    test_classes = sorted({label for label, _ in entries["test"]})
+    if train_classes != test_classes:
+        only = sorted(set(train_classes) ^ set(test_classes))
+        raise DataError(
+            f"{source}: train/ and test/ must hold the same class folders; "
+            f"only in one of them: {', '.join(only)}"
+        )
+    if len(train_classes) != NUM_CLASSES:
+        raise DataError(
+            f"{source}: expected {NUM_CLASSES} class folders, found "
+            f"{len(train_classes)} ({', '.join(train_classes)})"
+        )
+    label_of = {name: index for index, name in enumerate(train_classes)}
+
+    def split(split_entries):
+        split_entries.sort()  # class, then file name: independent of the archive's order
+
+        def decode(index):
+            name = split_entries[index][1]
+            return _decode_image(files[name](), f"{source}:{name}")
+
+        return _Split([label_of[label] for label, _ in split_entries], decode=decode)
+
+    return split(entries["train"]), split(entries["test"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _image_entries(files, split, source):
+    """[(class, name)] for the images under <split>/<class>/, with one optional top folder."""
+    entries = []
+    for name in files:
+        parts = PurePosixPath(name).parts
+        if len(parts) == 4 and parts[1] in ("train", "test"):
+            parts = parts[1:]  # archive wrapped in one top-level folder
+        if len(parts) != 3 or parts[0] != split or parts[2].startswith("."):
+            continue
+        if not parts[2].lower().endswith(IMAGE_SUFFIXES):
+            raise DataError(
+                f"{source}: {name} is not a PNG or JPEG image; remove it from the class folder"
+            )
+        entries.append((parts[1], name))
+    if not entries:
+        raise DataError(
+            f"{source} has no images under {split}/<class>/; expected train/<class>/*.jpg "
+            "and test/<class>/*.jpg, cifar-10-batches-py or cifar-10-python.tar.gz"
+        )
+    return entries
+
+
+def _folder_files(root):
+    files = {}
+    for dirpath, _, filenames in os.walk(root):
+        for filename in filenames:
+            file = Path(dirpath) / filename
+            files[file.relative_to(root).as_posix()] = file.read_bytes
+    return files
+
+
+def _tar_files(path):
+    """Maps member names to byte readers, refusing members that could escape a folder."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            members = archive.getmembers()
+            files = {}
+            for member in members:
+                name = member.name
+                if name.startswith("/") or ".." in PurePosixPath(name).parts:
+                    raise DataError(f"{path}: unsafe member path {name!r}; archive refused")
+                if member.issym() or member.islnk():
+                    raise DataError(f"{path}: member {name!r} is a link; archive refused")
+                if member.isfile():
+                    data = archive.extractfile(member).read()
+                    files[name.removeprefix("./")] = _bytes_reader(data)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise DataError(
+            f"{path} is truncated or corrupt ({error}); download or copy it again"
+        ) from error
+    return files
+
+
+def _bytes_reader(data):
+    return lambda: data
+
+
+def _decode_image(data, where):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.size != IMAGE_SHAPE[:2] or image.mode != "RGB":
+                raise DataError(
+                    f"{where} is {image.size[0]}x{image.size[1]} {image.mode}; CIFAR-10 "
+                    "images must be 32x32 RGB"
+                )
+            return np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"{where} is not a readable image ({error})") from error
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Rebuilds only what the CIFAR-10 batch files hold: dicts, lists, bytes, arrays.
+
+    A pickle can name any importable callable; refusing every global except the
+    three NumPy needs to rebuild an array keeps a crafted batch from running code.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2
+        }
+    )
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray"  # NumPy 2 moved it; avoids the shim
+        return super().find_class(module, name)
+
+
+def _read_batch(payload, where):
+    try:
+        batch = _BatchUnpickler(io.BytesIO(payload), encoding="bytes").load()
+        batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
+        images = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+        images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except pickle.UnpicklingError as error:
+        raise DataError(f"{where} refused: {error}; it is not a CIFAR-10 batch") from error
+    except (EOFError, KeyError, ValueError, TypeError, AttributeError) as error:
+        raise DataError(f"{where} is not a valid CIFAR-10 batch ({error})") from error
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
+    return _Split(labels, images)
+
+
+def _join_batches(batches):
+    return _Split(
+        np.concatenate([batch.labels for batch in batches]),
+        np.concatenate([batch.take(slice(None))[0] for batch in batches]),
+    )
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _normalise(x_train, y_train, x_test, y_test):
+    """The article's scaling: x / 255, one-hot training labels, (N, 1) test labels."""
+    from keras.utils import to_categorical
+
+    if y_train.size and (y_train.min() < 0 or y_train.max() >= NUM_CLASSES):
+        raise DataError(f"labels must lie in 0..{NUM_CLASSES - 1}")
+    # float32, not the article's float64: Keras casts inputs to float32 anyway.
+    x_train = x_train.astype(np.float32) / np.float32(255)
+    x_test = x_test.astype(np.float32) / np.float32(255)
+    y_train = to_categorical(y_train, num_classes=NUM_CLASSES).astype(np.float32)
+    return (x_train, y_train), (x_test, y_test.reshape(-1, 1).astype(np.int64))

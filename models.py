@@ -1,0 +1,120 @@
+"""The article's three CIFAR-10 ConvNets, layer for layer, as Keras 3 builders.
+
+Each builder takes the shared input tensor and returns a named `keras.Model`; none
+compiles, trains or touches files. `MODELS` is the one list of them: the CLI, the
+tests and the ensembles all iterate it.
+
+    from models import MODELS, conv_pool_cnn
+    model_input = keras.Input(shape=(32, 32, 3))
+    model = conv_pool_cnn(model_input)   # 1,369,738 parameters
+"""
+
+import keras
+from keras import layers
+
+
+def conv_pool_cnn(model_input):
+    """ConvPool-CNN-C: stacked 3x3 convolutions with max pooling and a global-average head.
+
+    Reference:
+    - [Striving for Simplicity: The All Convolutional Net](https://arxiv.org/abs/1412.6806)
+      (Springenberg et al., 2014), model C with max pooling kept.
+
+    Args:
+        model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
+
+    Returns:
+        A `keras.Model` named `conv_pool_cnn` with 10 softmax outputs.
+    """
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(model_input)
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
+    x = layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x)
+    x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
+    x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
+    x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
+    x = layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x)
+    return _class_head(model_input, x, "conv_pool_cnn")
+
+
+def all_cnn(model_input):
+    """ALL-CNN-C: ConvPool-CNN-C with each max pooling replaced by a stride-2 convolution.
+
+    Reference:
+    - [Striving for Simplicity: The All Convolutional Net](https://arxiv.org/abs/1412.6806)
+      (Springenberg et al., 2014), model C.
+
+    Args:
+        model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
+
+    Returns:
+        A `keras.Model` named `all_cnn` with 10 softmax outputs.
+    """
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(model_input)
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same", strides=2)(x)
+    x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
+    x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
+    x = layers.Conv2D(192, (3, 3), activation="relu", padding="same", strides=2)(x)
+    return _class_head(model_input, x, "all_cnn")
+
+
+def nin_cnn(model_input):
+    """Network in Network: three mlpconv blocks (a convolution, then two 1x1) with dropout.
+
+    Reference:
+    - [Network In Network](https://arxiv.org/abs/1312.4400) (Lin et al., 2013).
+
+    Args:
+        model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
+
+    Returns:
+        A `keras.Model` named `nin_cnn` with 10 softmax outputs.
+    """
+    # mlpconv block 1
+    x = layers.Conv2D(32, (5, 5), activation="relu", padding="valid")(model_input)
+    x = layers.Conv2D(32, (1, 1), activation="relu")(x)
+    x = layers.Conv2D(32, (1, 1), activation="relu")(x)
+    x = layers.MaxPooling2D((2, 2))(x)
+    x = layers.Dropout(0.5)(x)
+    # mlpconv block 2
+    x = layers.Conv2D(64, (3, 3), activation="relu", padding="valid")(x)
+    x = layers.Conv2D(64, (1, 1), activation="relu")(x)
+    x = layers.Conv2D(64, (1, 1), activation="relu")(x)
+    x = layers.MaxPooling2D((2, 2))(x)
+    x = layers.Dropout(0.5)(x)
+    # mlpconv block 3: its last 1x1 convolution is the 10-class map of the head
+    x = layers.Conv2D(128, (3, 3), activation="relu", padding="valid")(x)
+    x = layers.Conv2D(32, (1, 1), activation="relu")(x)
+    return _softmax_head(model_input, x, "nin_cnn")
+
+
+def _class_head(model_input, x, name):
+    """The All-CNN top: 3x3 and 1x1 convolutions with ReLU, then the 10-class map."""
+    x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
+    x = layers.Conv2D(192, (1, 1), activation="relu")(x)
+    return _softmax_head(model_input, x, name)
+
+
+def _softmax_head(model_input, x, name):
+    # No ReLU on the 10-channel map: it would clip negative class scores to zero
+    # before averaging, and the article notes the model then fails to train.
+    x = layers.Conv2D(10, (1, 1))(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Activation("softmax")(x)
+    return keras.Model(model_input, x, name=name)
+
+
+# The one place that lists the members, in the article's order.
+MODELS = {
+    "conv_pool_cnn": conv_pool_cnn,
+    "all_cnn": all_cnn,
+    "nin_cnn": nin_cnn,
+}
+
+# The article's names for them, for tables.
+PAPER_NAMES = {
+    "conv_pool_cnn": "ConvPool-CNN-C",
+    "all_cnn": "ALL-CNN-C",
+    "nin_cnn": "NIN",
+}

@@ -1,0 +1,95 @@
+"""Tiny synthetic CIFAR-10 look-alikes in every format the loader reads.
+
+Image i of class c has pixel (0, 0) = (25 * c, i, 7) and everything else 0, so a
+test can read back each image's class and index after loading.
+"""
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+
+REAL_ARCHIVE = Path(
+    os.environ.get(
+        "CIFAR10_ARCHIVE",
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz",
+    )
+)
+
+
+def synthetic_split(per_class):
+    """uint8 images (10 * per_class, 32, 32, 3) and labels, grouped by class."""
+    images = np.zeros((data.NUM_CLASSES * per_class, 32, 32, 3), np.uint8)
+    labels = np.repeat(np.arange(data.NUM_CLASSES), per_class)
+    for index, label in enumerate(labels):
+        images[index, 0, 0] = (25 * label, index % 256, 7)
+    return images, labels
+
+
+def write_tree(root, train_per_class=8, test_per_class=2, suffix=".png"):
+    """train/<class>/NNNN.png and test/<class>/NNNN.png under root."""
+    from PIL import Image
+
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        images, labels = synthetic_split(per_class)
+        # Created in reverse order so that label order can only come from sorting.
+        for index in reversed(range(len(labels))):
+            folder = Path(root) / split / data.CLASS_NAMES[labels[index]]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[index]).save(folder / f"{index:04d}{suffix}")
+    return Path(root)
+
+
+def write_tar(source_root, tar_path, arcname=""):
+    with tarfile.open(tar_path, "w:gz") as archive:
+        for path in sorted(Path(source_root).rglob("*")):
+            archive.add(path, arcname=str(Path(arcname) / path.relative_to(source_root)))
+    return Path(tar_path)
+
+
+def batch_bytes(images, labels):
+    """A batch in the official layout: rows of 3072 bytes, channel-major."""
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return pickle.dumps(
+        {b"batch_label": b"synthetic", b"labels": list(map(int, labels)), b"data": rows}, protocol=2
+    )
+
+
+def write_batches(folder, per_class=2):
+    """The six official batch files; returns the images and labels they hold."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = synthetic_split(per_class * 5)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(train_labels))  # the official batches are not class-ordered
+    train_images, train_labels = train_images[order], train_labels[order]
+    for i, chunk in enumerate(np.array_split(np.arange(len(train_labels)), 5), start=1):
+        (folder / f"data_batch_{i}").write_bytes(
+            batch_bytes(train_images[chunk], train_labels[chunk])
+        )
+    test_images, test_labels = synthetic_split(per_class)
+    (folder / "test_batch").write_bytes(batch_bytes(test_images, test_labels))
+    return (train_images, train_labels), (test_images, test_labels)
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    return write_tree(tmp_path / "tree")
+
+
+@pytest.fixture
+def real_archive():
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 archive not found at {REAL_ARCHIVE} (set CIFAR10_ARCHIVE)")
+    return REAL_ARCHIVE
+
+
+def pixel_ids(x):
+    """(class code, index) read back from pixel (0, 0) of normalised images."""
+    raw = np.rint(x[:, 0, 0, :2] * 255).astype(int)
+    return raw[:, 0] // 25, raw[:, 1]

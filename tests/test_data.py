@@ -1,0 +1,190 @@
+"""The offline loader: every source, the article's normalisation, and refusals."""
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import pixel_ids, synthetic_split, write_batches, write_tar, write_tree
+
+import data
+
+
+def check_article_arrays(train, test, num_train, num_test):
+    (x_train, y_train), (x_test, y_test) = train, test
+    assert x_train.shape == (num_train, 32, 32, 3) and x_train.dtype == np.float32
+    assert x_test.shape == (num_test, 32, 32, 3) and x_test.dtype == np.float32
+    assert 0.0 <= x_train.min() and x_train.max() <= 1.0
+    assert y_train.shape == (num_train, 10) and y_train.dtype == np.float32
+    np.testing.assert_array_equal(y_train.sum(axis=1), 1.0)  # one-hot
+    assert y_test.shape == (num_test, 1) and np.issubdtype(y_test.dtype, np.integer)
+
+
+def test_image_tree_folder_labels_follow_sorted_class_names(image_tree):
+    train, test = data.load_data(image_tree)
+    check_article_arrays(train, test, 80, 20)
+    (x_train, y_train), (x_test, y_test) = train, test
+    # The class code written into each image matches the label it was given.
+    np.testing.assert_array_equal(pixel_ids(x_train)[0], y_train.argmax(axis=1))
+    np.testing.assert_array_equal(pixel_ids(x_test)[0], y_test[:, 0])
+    # Pixels survive exactly (PNG): x / 255.
+    assert x_train[0, 0, 0, 2] == np.float32(7) / np.float32(255)
+
+
+def test_image_tree_training_split_is_shuffled_deterministically(image_tree):
+    first = data.load_data(image_tree, seed=3)[0][1].argmax(axis=1)
+    again = data.load_data(image_tree, seed=3)[0][1].argmax(axis=1)
+    other = data.load_data(image_tree, seed=4)[0][1].argmax(axis=1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    # validation_split takes the last 20%: it must not be two classes only.
+    assert len(set(first[-16:])) > 2
+
+
+def test_tar_gz_of_jpeg_tree_matches_the_folder(tmp_path, image_tree):
+    jpeg_tree = write_tree(tmp_path / "jpeg", suffix=".jpg")
+    archive = write_tar(jpeg_tree, tmp_path / "tree.tar.gz")
+    (x_train, y_train), (x_test, y_test) = data.load_data(archive)
+    (x_ref, y_ref), (_, y_test_ref) = data.load_data(image_tree)
+    np.testing.assert_array_equal(y_train, y_ref)
+    np.testing.assert_array_equal(y_test, y_test_ref)
+    # JPEG is lossy and smears a single coloured pixel; the images are the same ones.
+    assert np.abs(x_train - x_ref).mean() < 0.01
+
+
+def test_tar_with_one_top_folder_and_plain_tar(tmp_path, image_tree):
+    wrapped = write_tar(image_tree, tmp_path / "wrapped.tar.gz", arcname="cifar10")
+    plain = tmp_path / "plain.tar"
+    with tarfile.open(plain, "w") as archive:
+        archive.add(image_tree, arcname=".")
+    reference = data.load_data(image_tree)[0][1]
+    np.testing.assert_array_equal(data.load_data(wrapped)[0][1], reference)
+    np.testing.assert_array_equal(data.load_data(plain)[0][1], reference)
+
+
+def test_batches_folder_keeps_the_official_order(tmp_path):
+    (train_images, train_labels), (test_images, test_labels) = write_batches(tmp_path / "b")
+    (x_train, y_train), (x_test, y_test) = data.load_data(tmp_path / "b")
+    check_article_arrays((x_train, y_train), (x_test, y_test), 100, 20)
+    np.testing.assert_array_equal(y_train.argmax(axis=1), train_labels)  # not reshuffled
+    np.testing.assert_array_equal(np.rint(x_train * 255).astype(np.uint8), train_images)
+    np.testing.assert_array_equal(y_test[:, 0], test_labels)
+    # A parent folder holding cifar-10-batches-py works too.
+    write_batches(tmp_path / "parent" / "cifar-10-batches-py")
+    np.testing.assert_array_equal(data.load_data(tmp_path / "parent")[0][1], y_train)
+
+
+def official_archive(tmp_path):
+    write_batches(tmp_path / "cifar-10-batches-py")
+    return write_tar(
+        tmp_path / "cifar-10-batches-py",
+        tmp_path / "official.tar.gz",
+        arcname="cifar-10-batches-py",
+    )
+
+
+def test_official_archive_read_when_the_hash_matches(tmp_path, monkeypatch):
+    archive = official_archive(tmp_path)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setattr(data, "OFFICIAL_ARCHIVE_SHA256", digest)
+    train, test = data.load_data(archive)
+    check_article_arrays(train, test, 100, 20)
+
+
+def test_official_archive_with_wrong_hash_is_refused(tmp_path):
+    archive = official_archive(tmp_path)
+    with pytest.raises(data.DataError, match="sha256"):
+        data.load_data(archive)
+
+
+def test_limit_keeps_a_deterministic_subset_and_decodes_only_it(image_tree, monkeypatch):
+    full = data.load_data(image_tree, seed=5)
+    decoded = []
+    real_decode = data._decode_image
+    monkeypatch.setattr(data, "_decode_image", lambda b, w: decoded.append(w) or real_decode(b, w))
+    (x_train, y_train), (x_test, y_test) = data.load_data(image_tree, limit=12, seed=5)
+    assert x_train.shape[0] == 12 and x_test.shape[0] == 12
+    assert len(decoded) == 24
+    # The subset is a prefix of the full shuffled order, and repeats exactly.
+    np.testing.assert_array_equal(x_train, full[0][0][:12])
+    np.testing.assert_array_equal(data.load_data(image_tree, limit=12, seed=5)[1][1], y_test)
+    assert len(set(y_test[:, 0])) > 1  # test subset is drawn across classes
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_batches(tmp_path / "b")
+    (tmp_path / "b" / "data_batch_3").write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
+    with pytest.raises(data.DataError, match="not allowed"):
+        data.load_data(tmp_path / "b")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
+def test_unsafe_tar_members_are_refused(tmp_path, image_tree, kind):
+    with tarfile.open(tmp_path / "bad.tar", "w") as bad:
+        bad.add(image_tree, arcname=".")
+        member = tarfile.TarInfo({"absolute": "/etc/evil", "dotdot": "../evil"}.get(kind, "link"))
+        if kind == "symlink":
+            member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            bad.addfile(member)
+        else:
+            member.size = 1
+            bad.addfile(member, io.BytesIO(b"x"))
+    with pytest.raises(data.DataError, match="refused"):
+        data.load_data(tmp_path / "bad.tar")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "is empty"),
+        ("truncated", "truncated or corrupt|neither a folder"),
+        ("extra_class", "only in one of them"),
+        ("wrong_size", "must be 32x32 RGB"),
+        ("grey", "must be 32x32 RGB"),
+        ("not_image", "not a PNG or JPEG"),
+        ("garbage_png", "not a readable image"),
+    ],
+)
+def test_bad_sources_give_one_clear_error(tmp_path, image_tree, damage, message):
+    from PIL import Image
+
+    target = image_tree
+    if damage == "missing":
+        target = tmp_path / "nowhere"
+    elif damage == "empty":
+        target = tmp_path / "empty"
+        target.mkdir()
+    elif damage == "truncated":
+        whole = write_tar(image_tree, tmp_path / "whole.tar.gz").read_bytes()
+        target = tmp_path / "cut.tar.gz"
+        target.write_bytes(whole[: len(whole) // 2])
+    elif damage == "extra_class":
+        (image_tree / "train" / "unicorn").mkdir()
+        Image.fromarray(synthetic_split(1)[0][0]).save(image_tree / "train" / "unicorn" / "0.png")
+    elif damage == "wrong_size":
+        Image.new("RGB", (28, 28)).save(image_tree / "test" / "cat" / "0000.png")
+    elif damage == "grey":
+        Image.new("L", (32, 32)).save(image_tree / "test" / "cat" / "0000.png")
+    elif damage == "not_image":
+        (image_tree / "train" / "dog" / "notes.txt").write_text("hello")
+    elif damage == "garbage_png":
+        (image_tree / "train" / "dog" / "0000.png").write_bytes(b"not a png at all")
+    with pytest.raises(data.DataError, match=message) as raised:
+        data.load_data(target)
+    assert "\n" not in str(raised.value)
+
+
+def test_hidden_files_are_ignored(image_tree):
+    (image_tree / "train" / "dog" / ".DS_Store").write_bytes(b"\0\1")
+    assert data.load_data(image_tree)[0][0].shape[0] == 80

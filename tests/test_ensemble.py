@@ -1,0 +1,179 @@
+"""The article's pipeline end to end on tiny synthetic data, and the CLI's promises."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import write_tree
+
+import data
+import ensemble
+from models import MODELS, nin_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_NAME = re.compile(r"^(conv_pool_cnn|all_cnn|nin_cnn)\.\d\d-\d+\.\d\d\.weights\.h5$")
+
+
+def cli(tmp_path, *flags):
+    """Runs main() in-process on the synthetic tree with private folders."""
+    base = [
+        "--data-dir",
+        str(tmp_path / "tree"),
+        "--weights-dir",
+        str(tmp_path / "weights"),
+        "--logs-dir",
+        str(tmp_path / "logs"),
+    ]
+    return ensemble.main([*base, *flags])
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+
+
+def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
+    assert cli(tmp_path, "--epochs", "1") == 0
+    out = capsys.readouterr().out
+
+    weights = sorted(p.name for p in (tmp_path / "weights").glob("*.weights.h5"))
+    assert len(weights) == 3 and all(CHECKPOINT_NAME.match(name) for name in weights)
+    logs = tmp_path / "logs"
+    assert all((logs / f"{name}.csv").is_file() for name in MODELS)
+    if ensemble.tensorboard_available():
+        assert all(list((logs / name).rglob("events.out.tfevents.*")) for name in MODELS)
+    else:
+        assert "CSV logs only" in out
+
+    results = json.loads((logs / "results.json").read_text())
+    assert results["settings"]["epochs"] == 1 and results["settings"]["batch_size"] == 32
+    rows = results["results"]
+    assert [row["row"] for row in rows] == [row for row, _ in ensemble.ARTICLE_ROWS]
+    assert all(0.0 <= row["test_error"] <= 1.0 for row in rows)
+
+    table = out[out.index("model or ensemble") :].splitlines()
+    assert len(table) >= 2 + 7
+    body = table[2:9]
+    assert [line.split("  ")[0].strip() for line in body] == [r["row"] for r in rows]
+    assert len({len(line) for line in table[:9]}) == 1  # aligned columns
+
+    # --eval-only reloads the same best checkpoints and reproduces the table.
+    assert cli(tmp_path, "--eval-only") == 0
+    again = json.loads((logs / "results.json").read_text())["results"]
+    assert [r["test_error"] for r in again] == [r["test_error"] for r in rows]
+
+
+def test_reloaded_best_weights_reproduce_the_trained_model(tmp_path, tree):
+    (x_train, y_train), (x_test, _) = data.load_data(tree)
+    settings = ensemble.Settings(
+        weights_dir=str(tmp_path / "weights"), logs_dir=str(tmp_path / "logs")
+    )
+    for folder in (settings.weights_dir, settings.logs_dir):
+        Path(folder).mkdir()
+    model_input = keras.Input(shape=(32, 32, 3))
+    trained = nin_cnn(model_input)
+    history = ensemble.compile_and_train(trained, 1, x_train, y_train, settings)
+    record = json.loads((tmp_path / "weights" / "nin_cnn.best.json").read_text())
+    assert record["loss"] == pytest.approx(history.history["loss"][0])
+
+    path = ensemble.best_checkpoint(settings.weights_dir, "nin_cnn")
+    reloaded = nin_cnn(keras.Input(shape=(32, 32, 3)))
+    reloaded.load_weights(str(path))
+    np.testing.assert_allclose(
+        reloaded.predict(x_test, verbose=0), trained.predict(x_test, verbose=0), atol=1e-6
+    )
+
+
+def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
+    for name in ("nin_cnn.03-0.90.weights.h5", "nin_cnn.10-0.12.weights.h5"):
+        (tmp_path / name).write_bytes(b"")
+    # Without a record, the lowest loss in the names wins (not the last in sort order).
+    (tmp_path / "nin_cnn.09-0.50.weights.h5").write_bytes(b"")
+    assert ensemble.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.10-0.12.weights.h5"
+    # Equal rounded losses: the later epoch was written because it improved.
+    (tmp_path / "nin_cnn.11-0.12.weights.h5").write_bytes(b"")
+    assert ensemble.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.11-0.12.weights.h5"
+    # The record written after training decides when present.
+    record = {"file": "nin_cnn.03-0.90.weights.h5", "epoch": 3, "loss": 0.9}
+    (tmp_path / "nin_cnn.best.json").write_text(json.dumps(record))
+    assert ensemble.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.03-0.90.weights.h5"
+    assert ensemble.best_checkpoint(tmp_path, "all_cnn") is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--models", "resnet"], "unknown model 'resnet'"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--epochs", "-3"], "--epochs must be at least 1"),
+        (["--validation-split", "1.5"], "--validation-split must lie strictly between 0 and 1"),
+        (["--validation-split", "0"], "--validation-split must lie strictly between 0 and 1"),
+        (["--batch-size", "5000"], "--batch-size 5000 exceeds the 64 training images"),
+        (["--eval-only"], "does not exist; train first"),
+        (["--limit", "0"], "--limit must be a positive number"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, tree, capsys, flags, message):
+    assert cli(tmp_path, *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not list((tmp_path).glob("weights/*.h5"))
+
+
+def test_eval_only_without_checkpoints_names_the_member(tmp_path, tree, capsys):
+    (tmp_path / "weights").mkdir()
+    assert cli(tmp_path, "--eval-only", "--models", "nin_cnn") == 2
+    assert "no checkpoint for nin_cnn" in capsys.readouterr().err
+
+
+def test_missing_data_dir_from_the_shell_is_one_line_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ensemble.py"), "--data-dir", str(tmp_path / "nope")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ensemble.py: error: --data-dir")
+
+
+def test_help_documents_every_flag_with_the_article_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--epochs",
+        "--batch-size",
+        "--validation-split",
+        "--models",
+        "--data-dir",
+        "--limit",
+        "--seed",
+        "--weights-dir",
+        "--logs-dir",
+        "--eval-only",
+    ):
+        assert flag in text
+    assert "(default: 20)" in text and "(default: 32)" in text and "(default: 0.2)" in text
+
+
+def test_format_table_aligns_columns():
+    rows = [
+        {"row": "NIN", "members": ["nin_cnn"], "test_error": 0.3, "article_error": 0.3164},
+        {
+            "row": "pair C",
+            "members": ["all_cnn", "nin_cnn"],
+            "test_error": 0.25,
+            "article_error": 0.2447,
+        },
+    ]
+    lines = ensemble.format_table(rows).splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert lines[2].endswith("0.3000   0.3164")

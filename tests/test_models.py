@@ -1,0 +1,118 @@
+"""The three builders: shapes, parameter counts and the article's layers, no training."""
+
+import keras
+import numpy as np
+import pytest
+
+import ensemble
+from models import MODELS, all_cnn, conv_pool_cnn, nin_cnn
+
+PARAMETERS = {"conv_pool_cnn": 1_369_738, "all_cnn": 1_369_738, "nin_cnn": 109_674}
+
+
+def conv(filters, kernel, strides=1, padding="same", activation="relu"):
+    return ("Conv2D", filters, (kernel, kernel), (strides, strides), padding, activation)
+
+
+POOL_3_2 = ("MaxPooling2D", (3, 3), (2, 2), "valid")
+POOL_2 = ("MaxPooling2D", (2, 2), (2, 2), "valid")
+HEAD = [
+    conv(192, 3),
+    conv(192, 1, padding="valid"),
+    conv(10, 1, padding="valid", activation="linear"),  # no ReLU before the pooling
+    ("GlobalAveragePooling2D",),
+    ("Activation", "softmax"),
+]
+# Transcribed from the article's listings.
+LAYERS = {
+    "conv_pool_cnn": [conv(96, 3)] * 3 + [POOL_3_2] + [conv(192, 3)] * 3 + [POOL_3_2] + HEAD,
+    "all_cnn": [conv(96, 3)] * 2
+    + [conv(96, 3, strides=2)]
+    + [conv(192, 3)] * 2
+    + [conv(192, 3, strides=2)]
+    + HEAD,
+    "nin_cnn": [
+        conv(32, 5, padding="valid"),
+        conv(32, 1, padding="valid"),
+        conv(32, 1, padding="valid"),
+        POOL_2,
+        ("Dropout", 0.5),
+        conv(64, 3, padding="valid"),
+        conv(64, 1, padding="valid"),
+        conv(64, 1, padding="valid"),
+        POOL_2,
+        ("Dropout", 0.5),
+        conv(128, 3, padding="valid"),
+        conv(32, 1, padding="valid"),
+        *HEAD[2:],
+    ],
+}
+
+
+def layer_spec(layer):
+    kind = type(layer).__name__
+    if kind == "Conv2D":
+        activation = layer.activation.__name__
+        return (kind, layer.filters, layer.kernel_size, layer.strides, layer.padding, activation)
+    if kind == "MaxPooling2D":
+        return (kind, layer.pool_size, layer.strides, layer.padding)
+    if kind == "Dropout":
+        return (kind, layer.rate)
+    if kind == "Activation":
+        return (kind, layer.activation.__name__)
+    return (kind,)
+
+
+@pytest.fixture
+def model_input():
+    return keras.Input(shape=(32, 32, 3))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_builder_output_name_and_parameters(name, model_input):
+    model = MODELS[name](model_input)
+    assert isinstance(model, keras.Model)
+    assert model.name == name
+    assert model.output.shape == (None, 10)
+    assert model.count_params() == PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_builder_layers_match_the_article(name, model_input):
+    model = MODELS[name](model_input)
+    specs = [layer_spec(layer) for layer in model.layers[1:]]  # after the InputLayer
+    assert specs == LAYERS[name]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_outputs_are_probabilities(name, model_input):
+    model = MODELS[name](model_input)
+    images = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (4, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_members_share_one_input_and_the_ensemble_averages_them(model_input):
+    members = [conv_pool_cnn(model_input), all_cnn(model_input), nin_cnn(model_input)]
+    assert all(member.inputs[0] is model_input for member in members)
+    combined = ensemble.ensemble(members, model_input)
+    assert combined.inputs[0] is model_input
+    images = np.random.default_rng(1).random((5, 32, 32, 3), dtype=np.float32)
+    expected = np.mean([member.predict(images, verbose=0) for member in members], axis=0)
+    np.testing.assert_allclose(combined.predict(images, verbose=0), expected, atol=1e-6)
+    # The ensemble adds no weights of its own.
+    assert combined.count_params() == sum(member.count_params() for member in members)
+
+
+def test_importing_the_modules_does_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import data, models, ensemble"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env=env)
+    assert list(tmp_path.iterdir()) == []  # no weights/, logs/ or downloads
