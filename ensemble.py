@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
 
 import data
@@ -52,6 +53,9 @@ ARTICLE_ERRORS = {
 CHECKPOINT_PATTERN = "{name}.{{epoch:02d}}-{{loss:.2f}}.weights.h5"
 CHECKPOINT_RE = re.compile(r"^(?P<name>\w+)\.(?P<epoch>\d+)-(?P<loss>[\d.]+|nan|inf)\.weights\.h5$")
 BEST_SUFFIX = ".best.json"
+# A live softmax varies from image to image; a dead network's varies by rounding only.
+DEAD_OUTPUT_STD = 1e-6
+DEAD_PROBE_IMAGES = 256
 RESULTS_FILE = "results.json"
 
 
@@ -74,6 +78,7 @@ class Settings:
     weights_dir: str = "weights"
     logs_dir: str = "logs"
     eval_only: bool = False  # skip training, ensemble existing checkpoints
+    restarts: int = 2  # fresh starts allowed for a member whose ReLUs all died
 
 
 # --------------------------------------------------------------------------- the article
@@ -82,28 +87,65 @@ class Settings:
 def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
     """Compiles `model` as the article does and fits it, checkpointing the best epochs.
 
-    Returns the Keras `History`; the best checkpoint is also recorded in
-    `<weights_dir>/<name>.best.json` so that reloading never guesses from file names.
-    """
-    import keras
+    A deep ReLU stack without normalisation sometimes dies early (every unit of a
+    layer outputs zero, so the model gives one answer for every image and its loss
+    sits at ln 10 for good; seen here on ConvPool-CNN-C). Such a run is stopped at the
+    end of the epoch where it is seen and started again from fresh initial weights,
+    at most `settings.restarts` times, each time with the full `num_epochs`.
 
+    Returns the Keras `History` of the last attempt, with `history.attempts` set; the
+    best checkpoint is recorded in `<weights_dir>/<name>.best.json` so that reloading
+    never guesses from file names.
+    """
+    weights_dir = Path(settings.weights_dir)
+    pattern = str(weights_dir / CHECKPOINT_PATTERN.format(name=model.name))
+    probe = x_train[: min(len(x_train), DEAD_PROBE_IMAGES)]
+    for attempt in range(1, settings.restarts + 2):
+        dead_check = StopWhenDead(probe)
+        history = _fit(model, num_epochs, x_train, y_train, settings, pattern, dead_check)
+        if dead_check.dead_epoch is None:
+            break
+        where = f"{model.name} died in epoch {dead_check.dead_epoch} (same output for every image)"
+        if attempt > settings.restarts:
+            print(f"{where}; no restarts left (--restarts {settings.restarts}), keeping it")
+            break
+        print(f"{where}; restarting from fresh weights, attempt {attempt + 1}")
+        for stale in weights_dir.glob(f"{model.name}.*.weights.h5"):
+            stale.unlink()
+        reinitialize(model)
+    history.attempts = attempt
+    losses = history.history["loss"]
+    if not np.all(np.isnan(losses)):
+        best_epoch = int(np.nanargmin(losses))
+        record = {
+            "file": Path(pattern.format(epoch=best_epoch + 1, loss=losses[best_epoch])).name,
+            "epoch": best_epoch + 1,
+            "loss": float(losses[best_epoch]),
+            "attempts": attempt,
+        }
+        (weights_dir / f"{model.name}{BEST_SUFFIX}").write_text(json.dumps(record, indent=2))
+    return history
+
+
+def _fit(model, num_epochs, x_train, y_train, settings, pattern, *extra_callbacks):
+    # A fresh optimizer each attempt: Adam's moments belong to the weights they saw.
     model.compile(
         loss=keras.losses.categorical_crossentropy,
         optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
         metrics=["acc"],
     )
-    weights_dir, logs_dir = Path(settings.weights_dir), Path(settings.logs_dir)
-    pattern = str(weights_dir / CHECKPOINT_PATTERN.format(name=model.name))
+    logs_dir = Path(settings.logs_dir)
     callbacks = [
         # The article monitors the *training* loss, so the validation split only reports.
         keras.callbacks.ModelCheckpoint(
             pattern, monitor="loss", save_weights_only=True, save_best_only=True, mode="auto"
         ),
         keras.callbacks.CSVLogger(str(logs_dir / f"{model.name}.csv")),
+        *extra_callbacks,
     ]
     if tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / model.name)))
-    history = model.fit(
+    return model.fit(
         x=x_train,
         y=y_train,
         batch_size=settings.batch_size,
@@ -112,14 +154,35 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
         callbacks=callbacks,
         validation_split=settings.validation_split,
     )
-    losses = history.history["loss"]
-    best_epoch = int(np.nanargmin(losses)) if not np.all(np.isnan(losses)) else None
-    if best_epoch is not None:
-        best_file = pattern.format(epoch=best_epoch + 1, loss=losses[best_epoch])
-        record = {"file": Path(best_file).name, "epoch": best_epoch + 1}
-        record["loss"] = float(losses[best_epoch])
-        (weights_dir / f"{model.name}{BEST_SUFFIX}").write_text(json.dumps(record, indent=2))
-    return history
+
+
+class StopWhenDead(keras.callbacks.Callback):
+    """Stops training once the model answers every probe image identically.
+
+    That only happens when a whole layer has gone silent (dead ReLUs): its gradient
+    is then zero, so the model can never recover and further epochs are wasted.
+    """
+
+    def __init__(self, probe):
+        super().__init__()
+        self.probe = probe
+        self.dead_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        outputs = self.model.predict(self.probe, verbose=0)
+        if float(np.max(np.std(outputs, axis=0))) < DEAD_OUTPUT_STD:
+            self.dead_epoch = epoch + 1
+            self.model.stop_training = True
+
+
+def reinitialize(model):
+    """Draws every layer's weights again from its own initializers, as a new build would."""
+    for layer in model.layers:
+        for attribute in ("kernel", "bias"):
+            variable = getattr(layer, attribute, None)
+            initializer = getattr(layer, f"{attribute}_initializer", None)
+            if variable is not None and initializer is not None:
+                variable.assign(initializer(variable.shape, dtype=variable.dtype))
 
 
 def evaluate_error(model, x_test, y_test, batch_size=32):
@@ -132,8 +195,6 @@ def evaluate_error(model, x_test, y_test, batch_size=32):
 
 def ensemble(models, model_input):
     """One model on the shared input whose output is the mean of the members' softmax."""
-    import keras
-
     outputs = [model.outputs[0] for model in models]
     y = keras.layers.Average()(outputs)
     return keras.Model(model_input, y, name="ensemble")
@@ -198,8 +259,6 @@ def load_members(names, model_input, weights_dir):
 
 def run(settings):
     """Trains (unless eval_only), reloads the best weights, ensembles, reports. Returns rows."""
-    import keras
-
     keras.utils.set_random_seed(settings.seed)
     (x_train, y_train), (x_test, y_test) = data.load_data(
         settings.data_dir, limit=settings.limit, seed=settings.seed
@@ -215,7 +274,7 @@ def run(settings):
             "images left after the validation split; lower it or raise --limit"
         )
     model_input = keras.Input(shape=x_train.shape[1:])
-    train_seconds = {}
+    train_seconds, attempts = {}, {}
     if not settings.eval_only:
         if not tensorboard_available():
             print(
@@ -224,10 +283,10 @@ def run(settings):
         for name in settings.models:
             print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
             start = time.perf_counter()
-            compile_and_train(
-                MODELS[name](model_input), settings.epochs, x_train, y_train, settings
-            )
+            model = MODELS[name](model_input)
+            history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
             train_seconds[name] = round(time.perf_counter() - start, 1)
+            attempts[name] = history.attempts
 
     # As the article: new instances on one shared input, best weights reloaded.
     model_input = keras.Input(shape=x_train.shape[1:])
@@ -247,7 +306,8 @@ def run(settings):
             }
         )
     checkpoints = {name: str(path) for name, (_, path) in members.items()}
-    return rows, {"train_seconds": train_seconds, "checkpoints": checkpoints}
+    extra = {"train_seconds": train_seconds, "attempts": attempts, "checkpoints": checkpoints}
+    return rows, extra
 
 
 def format_table(rows):
@@ -266,8 +326,6 @@ def format_table(rows):
 
 
 def save_results(settings, rows, extra):
-    import keras
-
     path = Path(settings.logs_dir) / RESULTS_FILE
     payload = {
         "settings": dataclasses.asdict(settings),
@@ -338,6 +396,13 @@ def parse_args(argv=None):
         action="store_true",
         help="skip training: ensemble the best checkpoints already in --weights-dir",
     )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=defaults.restarts,
+        help="fresh starts for a member whose network dies (same output for every image); "
+        "0 trains each member exactly once, as the article",
+    )
     args = parser.parse_args(argv)
     return Settings(
         epochs=args.epochs,
@@ -351,6 +416,7 @@ def parse_args(argv=None):
         weights_dir=args.weights_dir,
         logs_dir=args.logs_dir,
         eval_only=args.eval_only,
+        restarts=args.restarts,
     )
 
 
@@ -371,6 +437,8 @@ def check_settings(settings):
         )
     if not settings.learning_rate > 0:
         raise UsageError(f"--learning-rate must be positive, got {settings.learning_rate}")
+    if settings.restarts < 0:
+        raise UsageError(f"--restarts must be 0 or more, got {settings.restarts}")
     if settings.limit is not None and settings.limit < 1:
         raise UsageError(f"--limit must be a positive number of images, got {settings.limit}")
     for flag, folder in (

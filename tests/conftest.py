@@ -1,6 +1,6 @@
 """Tiny synthetic CIFAR-10 look-alikes in every format the loader reads.
 
-Image i of class c has pixel (0, 0) = (25 * c, i, 7) and everything else 0, so a
+Image i of class c has pixel (0, 0) = (25 * c, i, 7) and noise elsewhere, so a
 test can read back each image's class and index after loading.
 """
 
@@ -23,8 +23,12 @@ REAL_ARCHIVE = Path(
 
 
 def synthetic_split(per_class):
-    """uint8 images (10 * per_class, 32, 32, 3) and labels, grouped by class."""
-    images = np.zeros((data.NUM_CLASSES * per_class, 32, 32, 3), np.uint8)
+    """uint8 images (10 * per_class, 32, 32, 3) and labels, grouped by class.
+
+    Noise elsewhere, so that a live network's output differs from image to image.
+    """
+    rng = np.random.default_rng(per_class)
+    images = rng.integers(0, 256, (data.NUM_CLASSES * per_class, 32, 32, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(data.NUM_CLASSES), per_class)
     for index, label in enumerate(labels):
         images[index, 0, 0] = (25 * label, index % 256, 7)

@@ -51,8 +51,9 @@ def test_tar_gz_of_jpeg_tree_matches_the_folder(tmp_path, image_tree):
     (x_ref, y_ref), (_, y_test_ref) = data.load_data(image_tree)
     np.testing.assert_array_equal(y_train, y_ref)
     np.testing.assert_array_equal(y_test, y_test_ref)
-    # JPEG is lossy and smears a single coloured pixel; the images are the same ones.
-    assert np.abs(x_train - x_ref).mean() < 0.01
+    # JPEG is lossy (noise suffers most) but keeps each image's mean colour.
+    means, reference_means = x_train.mean(axis=(1, 2)), x_ref.mean(axis=(1, 2))
+    assert np.abs(means - reference_means).max() < 0.02
 
 
 def test_tar_with_one_top_folder_and_plain_tar(tmp_path, image_tree):

@@ -55,6 +55,7 @@ def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
     rows = results["results"]
     assert [row["row"] for row in rows] == [row for row, _ in ensemble.ARTICLE_ROWS]
     assert all(0.0 <= row["test_error"] <= 1.0 for row in rows)
+    assert results["attempts"] == {name: 1 for name in MODELS}
 
     table = out[out.index("model or ensemble") :].splitlines()
     assert len(table) >= 2 + 7
@@ -89,6 +90,47 @@ def test_reloaded_best_weights_reproduce_the_trained_model(tmp_path, tree):
     )
 
 
+def kill(model):
+    """Silences the last ReLU layer, as dying ReLUs do: one output for every image."""
+    last_relu = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"][-2]
+    last_relu.kernel.assign(np.zeros(last_relu.kernel.shape, "float32"))
+    last_relu.bias.assign(-np.ones(last_relu.bias.shape, "float32"))
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_dead_member_is_restarted_from_fresh_weights(tmp_path, tree, capsys, restarts):
+    (x_train, y_train), _ = data.load_data(tree)
+    settings = ensemble.Settings(
+        weights_dir=str(tmp_path / "weights"), logs_dir=str(tmp_path / "logs"), restarts=restarts
+    )
+    for folder in (settings.weights_dir, settings.logs_dir):
+        Path(folder).mkdir()
+    model = nin_cnn(keras.Input(shape=(32, 32, 3)))
+    kill(model)
+    history = ensemble.compile_and_train(model, 2, x_train, y_train, settings)
+    out = capsys.readouterr().out
+    assert "nin_cnn died in epoch 1" in out
+    record = json.loads((tmp_path / "weights" / "nin_cnn.best.json").read_text())
+    outputs = model.predict(x_train, verbose=0)
+    if restarts:
+        assert history.attempts == record["attempts"] == 2
+        assert len(history.history["loss"]) == 2  # the full epochs, after the restart
+        assert np.std(outputs, axis=0).max() > ensemble.DEAD_OUTPUT_STD  # alive again
+    else:
+        assert history.attempts == 1 and "no restarts left" in out
+        assert len(history.history["loss"]) == 1  # stopped: a dead network cannot recover
+        assert np.std(outputs, axis=0).max() < ensemble.DEAD_OUTPUT_STD
+
+
+def test_a_live_member_is_trained_once(tmp_path, tree):
+    (x_train, y_train), _ = data.load_data(tree)
+    settings = ensemble.Settings(weights_dir=str(tmp_path), logs_dir=str(tmp_path))
+    history = ensemble.compile_and_train(
+        nin_cnn(keras.Input(shape=(32, 32, 3))), 2, x_train, y_train, settings
+    )
+    assert history.attempts == 1 and len(history.history["loss"]) == 2
+
+
 def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
     for name in ("nin_cnn.03-0.90.weights.h5", "nin_cnn.10-0.12.weights.h5"):
         (tmp_path / name).write_bytes(b"")
@@ -116,6 +158,7 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (["--batch-size", "5000"], "--batch-size 5000 exceeds the 64 training images"),
         (["--eval-only"], "does not exist; train first"),
         (["--limit", "0"], "--limit must be a positive number"),
+        (["--restarts", "-1"], "--restarts must be 0 or more"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, tree, capsys, flags, message):
