@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 import data
+import joint
 from models import MODELS, PAPER_NAMES
 
 # The article's table: (row, members), then its published test errors (the
@@ -79,6 +80,7 @@ class Settings:
     logs_dir: str = "logs"
     eval_only: bool = False  # skip training, ensemble existing checkpoints
     restarts: int = 2  # fresh starts allowed for a member whose ReLUs all died
+    joint: bool = False  # train all members in one compiled step (joint.py)
 
 
 # --------------------------------------------------------------------------- the article
@@ -97,63 +99,85 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
     best checkpoint is recorded in `<weights_dir>/<name>.best.json` so that reloading
     never guesses from file names.
     """
-    weights_dir = Path(settings.weights_dir)
-    pattern = str(weights_dir / CHECKPOINT_PATTERN.format(name=model.name))
-    probe = x_train[: min(len(x_train), DEAD_PROBE_IMAGES)]
     for attempt in range(1, settings.restarts + 2):
-        dead_check = StopWhenDead(probe)
-        history = _fit(model, num_epochs, x_train, y_train, settings, pattern, dead_check)
-        if dead_check.dead_epoch is None:
+        dead_check = StopWhenDead(x_train)
+        model.compile(
+            loss=keras.losses.categorical_crossentropy,
+            optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
+            metrics=["acc"],
+        )
+        history = model.fit(
+            x=x_train,
+            y=y_train,
+            batch_size=settings.batch_size,
+            epochs=num_epochs,
+            verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in log files
+            callbacks=[*member_callbacks(model, settings), dead_check],
+            validation_split=settings.validation_split,
+        )
+        if not restart_if_dead(model, dead_check, attempt, settings):
             break
-        where = f"{model.name} died in epoch {dead_check.dead_epoch} (same output for every image)"
-        if attempt > settings.restarts:
-            print(f"{where}; no restarts left (--restarts {settings.restarts}), keeping it")
-            break
-        print(f"{where}; restarting from fresh weights, attempt {attempt + 1}")
-        for stale in weights_dir.glob(f"{model.name}.*.weights.h5"):
-            stale.unlink()
-        reinitialize(model)
     history.attempts = attempt
-    losses = history.history["loss"]
-    if not np.all(np.isnan(losses)):
-        best_epoch = int(np.nanargmin(losses))
-        record = {
-            "file": Path(pattern.format(epoch=best_epoch + 1, loss=losses[best_epoch])).name,
-            "epoch": best_epoch + 1,
-            "loss": float(losses[best_epoch]),
-            "attempts": attempt,
-        }
-        (weights_dir / f"{model.name}{BEST_SUFFIX}").write_text(json.dumps(record, indent=2))
+    record_best(model.name, history.history["loss"], attempt, settings)
     return history
 
 
-def _fit(model, num_epochs, x_train, y_train, settings, pattern, *extra_callbacks):
-    # A fresh optimizer each attempt: Adam's moments belong to the weights they saw.
-    model.compile(
-        loss=keras.losses.categorical_crossentropy,
-        optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
-        metrics=["acc"],
-    )
+def member_callbacks(model, settings, tensorboard=True):
+    """The article's checkpoint plus logs, for one member, whichever way it is trained.
+
+    TensorBoard's callback reads the model's optimizer, which a member trained
+    inside the joint model does not have: that path keeps the CSV logs only.
+    """
     logs_dir = Path(settings.logs_dir)
     callbacks = [
         # The article monitors the *training* loss, so the validation split only reports.
         keras.callbacks.ModelCheckpoint(
-            pattern, monitor="loss", save_weights_only=True, save_best_only=True, mode="auto"
+            checkpoint_pattern(model.name, settings),
+            monitor="loss",
+            save_weights_only=True,
+            save_best_only=True,
+            mode="auto",
         ),
         keras.callbacks.CSVLogger(str(logs_dir / f"{model.name}.csv")),
-        *extra_callbacks,
     ]
-    if tensorboard_available():
+    if tensorboard and tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / model.name)))
-    return model.fit(
-        x=x_train,
-        y=y_train,
-        batch_size=settings.batch_size,
-        epochs=num_epochs,
-        verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in log files
-        callbacks=callbacks,
-        validation_split=settings.validation_split,
-    )
+    return callbacks
+
+
+def checkpoint_pattern(name, settings):
+    return str(Path(settings.weights_dir) / CHECKPOINT_PATTERN.format(name=name))
+
+
+def record_best(name, losses, attempts, settings):
+    """Writes `<name>.best.json`: the file ModelCheckpoint wrote for the lowest loss."""
+    if np.all(np.isnan(losses)):
+        return
+    best_epoch = int(np.nanargmin(losses))
+    pattern = checkpoint_pattern(name, settings)
+    record = {
+        "file": Path(pattern.format(epoch=best_epoch + 1, loss=losses[best_epoch])).name,
+        "epoch": best_epoch + 1,
+        "loss": float(losses[best_epoch]),
+        "attempts": attempts,
+    }
+    record_file = Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}"
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def restart_if_dead(model, dead_check, attempt, settings):
+    """True after preparing `model` for another attempt; False to keep it as it is."""
+    if dead_check.dead_epoch is None:
+        return False
+    where = f"{model.name} died in epoch {dead_check.dead_epoch} (same output for every image)"
+    if attempt > settings.restarts:
+        print(f"{where}; no restarts left (--restarts {settings.restarts}), keeping it")
+        return False
+    print(f"{where}; restarting from fresh weights, attempt {attempt + 1}")
+    for stale in Path(settings.weights_dir).glob(f"{model.name}.*.weights.h5"):
+        stale.unlink()
+    reinitialize(model)
+    return True
 
 
 class StopWhenDead(keras.callbacks.Callback):
@@ -163,16 +187,47 @@ class StopWhenDead(keras.callbacks.Callback):
     is then zero, so the model can never recover and further epochs are wasted.
     """
 
-    def __init__(self, probe):
+    def __init__(self, x_train):
         super().__init__()
-        self.probe = probe
+        self.probe = x_train[:DEAD_PROBE_IMAGES]
         self.dead_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.dead_epoch is not None:
+            return
         outputs = self.model.predict(self.probe, verbose=0)
         if float(np.max(np.std(outputs, axis=0))) < DEAD_OUTPUT_STD:
             self.dead_epoch = epoch + 1
             self.model.stop_training = True
+
+
+def train_jointly(names, model_input, x_train, y_train, settings):
+    """`--joint`: every member in one compiled step (joint.py); returns attempts per member.
+
+    A member that dies there is trained again on its own, from fresh weights, by
+    `compile_and_train` (which may restart it again if restarts remain).
+    """
+    members = [MODELS[name](model_input) for name in names]
+    dead_checks = {}
+
+    def callbacks_for(member):
+        dead_checks[member.name] = StopWhenDead(x_train)
+        return [*member_callbacks(member, settings, tensorboard=False), dead_checks[member.name]]
+
+    histories = joint.train_jointly(
+        members, settings.epochs, x_train, y_train, settings, callbacks_for
+    )
+    attempts = {}
+    for member in members:
+        if restart_if_dead(member, dead_checks[member.name], 1, settings):
+            alone = dataclasses.replace(settings, restarts=settings.restarts - 1)
+            history = compile_and_train(member, settings.epochs, x_train, y_train, alone)
+            attempts[member.name] = 1 + history.attempts
+            record_best(member.name, history.history["loss"], attempts[member.name], settings)
+        else:
+            attempts[member.name] = 1
+            record_best(member.name, histories[member.name]["loss"], 1, settings)
+    return attempts
 
 
 def reinitialize(model):
@@ -277,10 +332,13 @@ def run(settings):
     train_seconds, attempts = {}, {}
     if not settings.eval_only:
         if not tensorboard_available():
-            print(
-                f"TensorBoard needs TensorFlow, absent here: CSV logs only in {settings.logs_dir}/"
-            )
-        for name in settings.models:
+            print(f"TensorBoard needs tensorflow and tensorboard: CSV logs in {settings.logs_dir}/")
+        if settings.joint:
+            print(f"training {', '.join(settings.models)} jointly for {settings.epochs} epochs")
+            start = time.perf_counter()
+            attempts = train_jointly(settings.models, model_input, x_train, y_train, settings)
+            train_seconds["joint"] = round(time.perf_counter() - start, 1)
+        for name in () if settings.joint else settings.models:
             print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
             start = time.perf_counter()
             model = MODELS[name](model_input)
@@ -403,6 +461,12 @@ def parse_args(argv=None):
         help="fresh starts for a member whose network dies (same output for every image); "
         "0 trains each member exactly once, as the article",
     )
+    parser.add_argument(
+        "--joint",
+        action="store_true",
+        help="train every member in one compiled step: same hyperparameters and "
+        "checkpoints, members share the batch order (see joint.py)",
+    )
     args = parser.parse_args(argv)
     return Settings(
         epochs=args.epochs,
@@ -417,6 +481,7 @@ def parse_args(argv=None):
         logs_dir=args.logs_dir,
         eval_only=args.eval_only,
         restarts=args.restarts,
+        joint=args.joint,
     )
 
 
