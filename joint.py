@@ -15,6 +15,7 @@ model goes through `fit`, which still fuses the members into one step.
 
 import math
 import sys
+import time
 
 import keras
 import numpy as np
@@ -177,6 +178,7 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
     dispatch.on_train_begin()
     for epoch in range(num_epochs):
         dispatch.on_epoch_begin(epoch)
+        epoch_start = time.perf_counter()
         order = rng.permutation(num_train).astype(np.int32)
         sums = jnp.zeros(2 * len(members), jnp.float32)
         state = (trainable, non_trainable, optimizer_vars, sums)
@@ -204,7 +206,10 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
             variable.assign(value)
         for variable, value in zip(joint.non_trainable_variables, non_trainable, strict=True):
             variable.assign(value)
-        print(f"epoch {epoch + 1}/{num_epochs}: " + _summary(names, logs), flush=True)
+        seconds = time.perf_counter() - epoch_start
+        print(
+            f"epoch {epoch + 1}/{num_epochs} {seconds:.1f}s: " + _summary(names, logs), flush=True
+        )
         dispatch.on_epoch_end(epoch, logs)
         # Keras' predict (the dead check) donates the variables' buffers to its own
         # compiled call and stores fresh ones: continue from those.
