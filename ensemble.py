@@ -14,7 +14,9 @@ reports 24.1 / 26.1 / 31.6% test error for the members and 20.5% for all three.
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -27,7 +29,10 @@ import keras
 import numpy as np
 
 import data
+import evaluation
+import export
 import joint
+import report
 from models import MODELS, PAPER_NAMES
 
 # The article's table: (row, members), then its published test errors (the
@@ -58,6 +63,7 @@ BEST_SUFFIX = ".best.json"
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
 RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
 
 
 class UsageError(ValueError):
@@ -81,6 +87,10 @@ class Settings:
     eval_only: bool = False  # skip training, ensemble existing checkpoints
     restarts: int = 2  # fresh starts allowed for a member whose ReLUs all died
     joint: bool = False  # train all members in one compiled step (joint.py)
+    combine: tuple = ("average",)  # rules scored besides the article's average
+    cost: bool = True  # measure parameters, size, latency and throughput
+    export: str | None = None  # write the ensemble of all members as one .keras file
+    export_rule: str = "average"  # how the exported file combines its members
 
 
 # --------------------------------------------------------------------------- the article
@@ -349,23 +359,84 @@ def run(settings):
     # As the article: new instances on one shared input, best weights reloaded.
     model_input = keras.Input(shape=x_train.shape[1:])
     members = load_members(settings.models, model_input, settings.weights_dir)
-    rows = []
-    for row_name, names in ARTICLE_ROWS:
-        if not set(names) <= set(members):
-            continue
-        models = [members[name][0] for name in names]
-        model = models[0] if len(models) == 1 else ensemble(models, model_input)
-        rows.append(
-            {
-                "row": row_name,
-                "members": list(names),
-                "test_error": evaluate_error(model, x_test, y_test, settings.batch_size),
-                "article_error": ARTICLE_ERRORS[row_name],
+    # Each member predicts once; every row is scored from these probabilities. The
+    # fitted rules learn on the validation split Keras held out, never on the test set.
+    test_probs = {
+        n: m.predict(x_test, settings.batch_size, verbose=0) for n, (m, _) in members.items()
+    }
+    split_at = math.floor(len(x_train) * (1 - settings.validation_split))  # as Keras
+    x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
+    val_probs = {}
+    if set(settings.combine) & {"weighted", "stack"}:
+        val_probs = {
+            n: m.predict(x_val, settings.batch_size, verbose=0) for n, (m, _) in members.items()
+        }
+    rows = table_rows(
+        settings.models, settings.combine, test_probs, val_probs, val_labels, y_test[:, 0]
+    )
+    extra = {
+        "train_seconds": train_seconds,
+        "attempts": attempts,
+        "checkpoints": {name: str(path) for name, (_, path) in members.items()},
+    }
+    if settings.cost:
+        extra["costs"] = measure_costs(members, model_input, x_test)
+    if settings.export:
+        if not val_probs and settings.export_rule != "average":
+            val_probs = {
+                n: m.predict(x_val, settings.batch_size, verbose=0) for n, (m, _) in members.items()
             }
+        names = list(settings.models)
+        extra["export"] = export.export(
+            settings.export,
+            [members[n][0] for n in names],
+            settings.export_rule,
+            [val_probs[n] for n in names] if val_probs else None,
+            val_labels,
         )
-    checkpoints = {name: str(path) for name, (_, path) in members.items()}
-    extra = {"train_seconds": train_seconds, "attempts": attempts, "checkpoints": checkpoints}
     return rows, extra
+
+
+def measure_costs(members, model_input, x_test):
+    """The article's warning in numbers: each member, then each average ensemble."""
+    costs = {}
+    for name, (model, path) in members.items():
+        costs[name] = {**report.measure_cost(model, x_test), "weight_bytes": path.stat().st_size}
+    for size in range(2, len(members) + 1):
+        for names in itertools.combinations(members, size):
+            combined = ensemble([members[n][0] for n in names], model_input)
+            cost = report.measure_cost(combined, x_test)
+            cost["weight_bytes"] = sum(costs[n]["weight_bytes"] for n in names)
+            cost["latency_vs_members"] = cost["latency_ms"] / sum(
+                costs[n]["latency_ms"] for n in names
+            )
+            costs["+".join(names)] = cost
+    return costs
+
+
+def table_rows(names, rules, test_probs, val_probs, val_labels, labels):
+    """Every non-empty subset of members under every rule; the article's 7 rows first."""
+    article = [members for _, members in ARTICLE_ROWS if set(members) <= set(names)]
+    ordered = article + [s for s in evaluation.subsets(names) if s not in article]
+    article_names = {members: row for row, members in ARTICLE_ROWS}
+    rows = []
+    for rule in ("average", *(r for r in rules if r != "average")):
+        for members in ordered:
+            if len(members) == 1 and rule != "average":
+                continue  # a single model is itself under every rule
+            combined, fitted = evaluation.combine(rule, members, test_probs, val_probs, val_labels)
+            base = article_names.get(members, "+".join(members))
+            row = {
+                "row": base if rule == "average" else f"{base} ({rule})",
+                "members": list(members),
+                "rule": rule,
+                **evaluation.row_metrics(combined, [test_probs[m] for m in members], labels),
+                "article_error": ARTICLE_ERRORS.get(base) if rule == "average" else None,
+            }
+            if rule == "weighted":
+                row["weights"] = fitted["weights"]
+            rows.append(row)
+    return rows
 
 
 def format_table(rows):
@@ -374,13 +445,9 @@ def format_table(rows):
     lines = [
         (r["row"], "+".join(r["members"]), f"{r['test_error']:.4f}", f"{r['article_error']:.4f}")
         for r in rows
+        if r.get("article_error") is not None
     ]
-    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join(
-        [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        + [fmt.format(*cells) for cells in lines]
-    )
+    return report.aligned(header, lines, right_from=2)
 
 
 def save_results(settings, rows, extra):
@@ -398,6 +465,7 @@ def save_results(settings, rows, extra):
         },
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    (path.parent / MARKDOWN_FILE).write_text(report.markdown_table(rows))
     return path
 
 
@@ -467,6 +535,31 @@ def parse_args(argv=None):
         help="train every member in one compiled step: same hyperparameters and "
         "checkpoints, members share the batch order (see joint.py)",
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=list(defaults.combine),
+        choices=evaluation.RULES,
+        help="combination rules to score; the article's average always comes first",
+    )
+    parser.add_argument(
+        "--cost",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.cost,
+        help="measure parameters, weight size, batch-1 latency and batch-256 throughput",
+    )
+    parser.add_argument(
+        "--export",
+        default=defaults.export,
+        metavar="PATH.keras",
+        help="write the ensemble of all --models as one Keras model file",
+    )
+    parser.add_argument(
+        "--export-rule",
+        default=defaults.export_rule,
+        choices=export.EXPORT_RULES,
+        help="combining layer of the exported file",
+    )
     args = parser.parse_args(argv)
     return Settings(
         epochs=args.epochs,
@@ -482,6 +575,10 @@ def parse_args(argv=None):
         eval_only=args.eval_only,
         restarts=args.restarts,
         joint=args.joint,
+        combine=tuple(args.combine),
+        cost=args.cost,
+        export=args.export,
+        export_rule=args.export_rule,
     )
 
 
@@ -506,6 +603,13 @@ def check_settings(settings):
         raise UsageError(f"--restarts must be 0 or more, got {settings.restarts}")
     if settings.limit is not None and settings.limit < 1:
         raise UsageError(f"--limit must be a positive number of images, got {settings.limit}")
+    if settings.export is not None:
+        target = Path(settings.export)
+        if target.suffix != ".keras":
+            raise UsageError(f"--export {settings.export} must end in .keras")
+        parent = target.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UsageError(f"--export {settings.export}: folder {parent} is not writable")
     for flag, folder in (
         ("--weights-dir", settings.weights_dir),
         ("--logs-dir", settings.logs_dir),
@@ -526,6 +630,9 @@ def check_settings(settings):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        return export.predict_main(argv[1:])
     settings = parse_args(argv)
     try:
         check_settings(settings)
@@ -534,12 +641,24 @@ def main(argv=None):
         rows, extra = run(settings)
         extra["total_seconds"] = round(time.perf_counter() - start, 1)
         path = save_results(settings, rows, extra)
-    except (UsageError, data.DataError) as error:
+    except (UsageError, data.DataError, export.ExportError) as error:
         print(f"ensemble.py: error: {error}", file=sys.stderr)
         return 2
+    logs_dir = Path(settings.logs_dir)
     print()
     print(format_table(rows))
-    print(f"\nresults saved to {path} ({extra['total_seconds']} s in all)")
+    print("\nevery combination (NLL, ECE and Brier need probabilities: none for votes)")
+    print(report.full_table(rows))
+    if "costs" in extra:
+        print("\ncost on " + ", ".join(keras.distribution.list_devices()))
+        print(report.cost_table(extra["costs"]))
+    plots = report.plot_training_curves(logs_dir, settings.models)
+    plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
+    print(f"\nresults saved to {path} and {logs_dir / MARKDOWN_FILE}")
+    print("plots: " + ", ".join(str(p) for p in plots))
+    if "export" in extra:
+        print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']})")
+    print(f"{extra['total_seconds']} s in all")
     return 0
 
 

@@ -63,8 +63,18 @@ def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
     assert [line.split("  ")[0].strip() for line in body] == [r["row"] for r in rows]
     assert len({len(line) for line in table[:9]}) == 1  # aligned columns
 
+    # The full table in Markdown, the plots, and the cost of members and ensembles.
+    assert "| ensemble of three |" in (logs / "results.md").read_text()
+    for png in [logs / f"{name}_curves.png" for name in MODELS] + [logs / "test_errors.png"]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    costs = results["costs"]
+    assert costs["nin_cnn"]["parameters"] == 109_674
+    assert costs["conv_pool_cnn+all_cnn+nin_cnn"]["parameters"] == 2 * 1_369_738 + 109_674
+    assert all(c["latency_ms"] > 0 and c["images_per_second"] > 0 for c in costs.values())
+    assert "every combination" in out and "ms/image @1" in out
+
     # --eval-only reloads the same best checkpoints and reproduces the table.
-    assert cli(tmp_path, "--eval-only") == 0
+    assert cli(tmp_path, "--eval-only", "--no-cost") == 0
     again = json.loads((logs / "results.json").read_text())["results"]
     assert [r["test_error"] for r in again] == [r["test_error"] for r in rows]
 
@@ -159,6 +169,7 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (["--eval-only"], "does not exist; train first"),
         (["--limit", "0"], "--limit must be a positive number"),
         (["--restarts", "-1"], "--restarts must be 0 or more"),
+        (["--export", "ensemble.h5"], "must end in .keras"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, tree, capsys, flags, message):
@@ -170,7 +181,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, tree, capsys, flags, message):
 
 def test_eval_only_without_checkpoints_names_the_member(tmp_path, tree, capsys):
     (tmp_path / "weights").mkdir()
-    assert cli(tmp_path, "--eval-only", "--models", "nin_cnn") == 2
+    assert cli(tmp_path, "--eval-only", "--models", "nin_cnn", "--no-cost") == 2
     assert "no checkpoint for nin_cnn" in capsys.readouterr().err
 
 
@@ -220,3 +231,16 @@ def test_format_table_aligns_columns():
     lines = ensemble.format_table(rows).splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert lines[2].endswith("0.3000   0.3164")
+
+
+def test_every_rule_and_an_export_from_the_cli(tmp_path, tree, capsys):
+    target = str(tmp_path / "ensemble.keras")
+    flags = ["--epochs", "1", "--no-cost", "--combine", "weighted", "vote", "stack"]
+    assert cli(tmp_path, *flags, "--export", target, "--export-rule", "stack") == 0
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    rules = [row["rule"] for row in results["results"]]
+    assert rules == ["average"] * 7 + ["weighted"] * 4 + ["vote"] * 4 + ["stack"] * 4
+    assert results["export"]["rule"] == "stack"
+    model = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
+    assert model.output.shape == (None, 10)
+    assert "ensemble exported to" in capsys.readouterr().out

@@ -22,6 +22,7 @@ def test_nin_learns_real_cifar10_from_the_jpeg_archive(tmp_path, real_archive, c
             "--models", "nin_cnn",
             "--epochs", "3",
             "--limit", "10000",
+            "--no-cost",
             "--weights-dir", str(tmp_path / "weights"),
             "--logs-dir", str(tmp_path / "logs"),
         ]

@@ -1,0 +1,182 @@
+"""Scoring ensembles from cached member probabilities: metrics and combination rules.
+
+Pure NumPy, no Keras: every member predicts the validation and test images once,
+and every subset of members under every rule is scored from those arrays.
+
+Rules (`--combine`):
+    average   the article's: mean of the members' softmax outputs
+    weighted  a weighted mean, weights >= 0 summing to 1, fitted on the validation
+              split to minimise its negative log-likelihood
+    vote      majority of the members' predicted classes, ties broken by the mean
+              probability; it yields classes, not probabilities
+    stack     multinomial logistic regression on the members' concatenated
+              probabilities, fitted on the validation split
+
+Nothing is ever fitted on the test set: fitting functions only take validation data.
+"""
+
+import itertools
+
+import numpy as np
+
+RULES = ("average", "weighted", "vote", "stack")
+ECE_BINS = 15
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def error_rate(probs, labels):
+    return float(np.mean(np.argmax(probs, axis=1) != labels))
+
+
+def negative_log_likelihood(probs, labels):
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0))))
+
+
+def expected_calibration_error(probs, labels, bins=ECE_BINS):
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by size."""
+    confidence = np.max(probs, axis=1)
+    correct = np.argmax(probs, axis=1) == labels
+    # Bin k holds confidences in (k/bins, (k+1)/bins]; a confidence of 0 joins bin 0.
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    total = 0.0
+    for k in range(bins):
+        members = index == k
+        if members.any():
+            total += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total / len(labels))
+
+
+def brier_score(probs, labels):
+    """Mean over images of the squared distance to the one-hot label (0 best, 2 worst)."""
+    one_hot = np.eye(probs.shape[1])[labels]
+    return float(np.mean(np.sum((probs - one_hot) ** 2, axis=1)))
+
+
+def disagreement(member_probs):
+    """Mean, over member pairs, of the fraction of images they classify differently."""
+    predictions = [np.argmax(p, axis=1) for p in member_probs]
+    pairs = list(itertools.combinations(predictions, 2))
+    return float(np.mean([np.mean(a != b) for a, b in pairs])) if pairs else 0.0
+
+
+def oracle_error(member_probs, labels):
+    """Fraction of images that no member classifies correctly."""
+    right = np.any([np.argmax(p, axis=1) == labels for p in member_probs], axis=0)
+    return float(1.0 - np.mean(right))
+
+
+def row_metrics(combined, member_probs, labels):
+    """Every metric of one table row; `combined` is probabilities, or classes for votes."""
+    if combined.ndim == 1:  # a vote gives classes only
+        metrics = {"test_error": float(np.mean(combined != labels))}
+        metrics.update(nll=None, ece=None, brier=None)
+    else:
+        metrics = {
+            "test_error": error_rate(combined, labels),
+            "nll": negative_log_likelihood(combined, labels),
+            "ece": expected_calibration_error(combined, labels),
+            "brier": brier_score(combined, labels),
+        }
+    if len(member_probs) > 1:
+        best_member = min(error_rate(p, labels) for p in member_probs)
+        metrics["disagreement"] = disagreement(member_probs)
+        metrics["oracle_error"] = oracle_error(member_probs, labels)
+        metrics["gain"] = best_member - metrics["test_error"]
+    return metrics
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def average(member_probs, weights=None):
+    weights = np.full(len(member_probs), 1 / len(member_probs)) if weights is None else weights
+    return np.tensordot(np.asarray(weights), np.asarray(member_probs), axes=1)
+
+
+def vote(member_probs):
+    """Majority class per image; among tied classes the highest mean probability wins."""
+    stacked = np.asarray(member_probs)
+    counts = np.zeros(stacked.shape[1:])
+    for probs in stacked:
+        counts[np.arange(len(probs)), np.argmax(probs, axis=1)] += 1
+    tied = counts == counts.max(axis=1, keepdims=True)
+    return np.argmax(np.where(tied, stacked.mean(axis=0), -1.0), axis=1)
+
+
+def fit_weights(val_member_probs, val_labels, steps=500, learning_rate=0.1):
+    """Non-negative weights summing to one that minimise validation NLL.
+
+    Gradient descent on softmax-parametrised weights from equal weights; the best
+    weights seen are returned, so they are never worse than equal weights on the
+    data they were fitted on.
+    """
+    probs_of_label = np.asarray(val_member_probs)[:, np.arange(len(val_labels)), val_labels]
+    logits = np.zeros(len(val_member_probs))
+    best_weights, best_nll = None, np.inf
+    for _ in range(steps + 1):
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        mixture = np.clip(weights @ probs_of_label, _EPS, None)
+        nll = -np.mean(np.log(mixture))
+        if nll < best_nll:
+            best_weights, best_nll = weights, nll
+        grad_weights = -np.mean(probs_of_label / mixture, axis=1)
+        grad_logits = weights * (grad_weights - weights @ grad_weights)  # softmax Jacobian
+        logits -= learning_rate * grad_logits / (np.abs(grad_logits).max() + _EPS)
+    return best_weights
+
+
+def fit_stacking(val_member_probs, val_labels, steps=300, l2=1e-3, learning_rate=0.05):
+    """A multinomial logistic regression on concatenated member probabilities (Adam)."""
+    features = np.concatenate(val_member_probs, axis=1)
+    num_classes = val_member_probs[0].shape[1]
+    one_hot = np.eye(num_classes)[val_labels]
+    params = [np.zeros((features.shape[1], num_classes)), np.zeros(num_classes)]
+    moments = [[np.zeros_like(p), np.zeros_like(p)] for p in params]
+    for step in range(1, steps + 1):
+        probs = _softmax(features @ params[0] + params[1])
+        delta = (probs - one_hot) / len(val_labels)
+        grads = [features.T @ delta + l2 * params[0], delta.sum(axis=0)]
+        for param, grad, (m, v) in zip(params, grads, moments, strict=True):
+            m[:] = 0.9 * m + 0.1 * grad
+            v[:] = 0.999 * v + 0.001 * grad**2
+            m_hat, v_hat = m / (1 - 0.9**step), v / (1 - 0.999**step)
+            param -= learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
+    return {"kernel": params[0], "bias": params[1]}
+
+
+def apply_stacking(stacker, member_probs):
+    return _softmax(np.concatenate(member_probs, axis=1) @ stacker["kernel"] + stacker["bias"])
+
+
+def _softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def subsets(names):
+    """Every non-empty subset of `names`, singles first, in the order given."""
+    return [c for size in range(1, len(names) + 1) for c in itertools.combinations(names, size)]
+
+
+def combine(rule, names, test_probs, val_probs, val_labels):
+    """(combined test output, fitted parameters) for `names` under `rule`."""
+    test = [test_probs[n] for n in names]
+    if rule == "average" or len(names) == 1:
+        return average(test), None
+    if rule == "vote":
+        return vote(test), None
+    val = [val_probs[n] for n in names]
+    if rule == "weighted":
+        weights = fit_weights(val, val_labels)
+        return average(test, weights), {"weights": [round(float(w), 6) for w in weights]}
+    if rule == "stack":
+        stacker = fit_stacking(val, val_labels)
+        return apply_stacking(stacker, test), stacker
+    raise ValueError(f"unknown combination rule {rule!r}; choose from {', '.join(RULES)}")

@@ -1,0 +1,115 @@
+"""One-file ensembles: `--export PATH.keras` and `python ensemble.py predict`.
+
+The exported model takes one image batch, runs every member (each a nested
+`keras.Model`) and combines their softmax outputs with built-in layers only, so
+`keras.saving.load_model` reads it in safe mode, under any backend:
+
+    average    keras.layers.Average
+    weighted   keras.layers.Rescaling(w_i) per member, then keras.layers.Add
+    stack      keras.layers.Concatenate, then Dense(10, softmax) holding the
+               logistic regression fitted on the validation split
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import data
+import evaluation
+
+EXPORT_RULES = ("average", "weighted", "stack")
+TOP_CLASSES = 3
+
+
+class ExportError(ValueError):
+    """The export or the prediction cannot be done; the message says why and what to do."""
+
+
+def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
+    """One `keras.Model` over `members` under `rule`; fitted rules use validation data."""
+    model_input = keras.Input(shape=members[0].input_shape[1:], name="images")
+    outputs = [member(model_input) for member in members]
+    fitted = {}
+    if rule == "average":
+        combined = keras.layers.Average(name="average")(outputs)
+    elif rule == "weighted":
+        weights = evaluation.fit_weights(val_member_probs, val_labels)
+        fitted["weights"] = [round(float(w), 6) for w in weights]
+        scaled = [
+            keras.layers.Rescaling(float(w), name=f"weight_{member.name}")(output)
+            for w, member, output in zip(weights, members, outputs, strict=True)
+        ]
+        combined = keras.layers.Add(name="weighted_average")(scaled)
+    elif rule == "stack":
+        stacker = evaluation.fit_stacking(val_member_probs, val_labels)
+        dense = keras.layers.Dense(stacker["bias"].shape[0], activation="softmax", name="stack")
+        combined = dense(keras.layers.Concatenate(name="member_probabilities")(outputs))
+        dense.set_weights([stacker["kernel"].astype("float32"), stacker["bias"].astype("float32")])
+    else:
+        raise ExportError(
+            f"--export-rule {rule!r} cannot be exported; choose from {', '.join(EXPORT_RULES)}"
+        )
+    return keras.Model(model_input, combined, name=f"ensemble_{rule}"), fitted
+
+
+def export(path, members, rule, val_member_probs=None, val_labels=None):
+    model, fitted = ensemble_model(members, rule, val_member_probs, val_labels)
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial.keras")
+    model.save(temporary)
+    temporary.replace(path)  # never leave a half-written file under the real name
+    return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
+
+
+def load(path):
+    """Loads an exported ensemble in safe mode; one clear error for anything unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"--model {path} does not exist; export one with --export PATH.keras")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # zip, JSON and deserialisation errors alike
+        raise ExportError(f"--model {path} is not a loadable .keras model ({error})") from error
+
+
+def read_image(path):
+    """A PNG or JPEG of any size as a (32, 32, 3) float32 array in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize(data.IMAGE_SHAPE[:2], Image.Resampling.BICUBIC)
+            return np.asarray(image, dtype=np.float32) / 255.0
+    except FileNotFoundError as error:
+        raise ExportError(f"image {path} does not exist") from error
+    except (UnidentifiedImageError, OSError) as error:
+        raise ExportError(f"image {path} is not a readable PNG or JPEG ({error})") from error
+
+
+def predict_main(argv):
+    """`python ensemble.py predict --model PATH.keras IMAGE...`: top classes per image."""
+    parser = argparse.ArgumentParser(
+        prog="ensemble.py predict",
+        description="Classify images with an ensemble exported by --export.",
+    )
+    parser.add_argument("--model", required=True, help="a .keras file written by --export")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, any size")
+    parser.add_argument("--top", type=int, default=TOP_CLASSES, help="classes shown per image")
+    args = parser.parse_args(argv)
+    try:
+        if not 1 <= args.top <= data.NUM_CLASSES:
+            raise ExportError(f"--top must lie between 1 and {data.NUM_CLASSES}, got {args.top}")
+        images = np.stack([read_image(path) for path in args.images])
+        model = load(args.model)
+    except ExportError as error:
+        print(f"ensemble.py predict: error: {error}", file=sys.stderr)
+        return 2
+    probabilities = model.predict(images, verbose=0)
+    for path, probs in zip(args.images, probabilities, strict=True):
+        top = np.argsort(probs)[::-1][: args.top]
+        ranked = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
+        print(f"{path}: {ranked}")
+    return 0

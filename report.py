@@ -1,0 +1,161 @@
+"""What a run reports besides the article's table: the full table, plots and costs.
+
+full table   every subset of members under every rule, with test error,
+             NLL, ECE, Brier, member disagreement, oracle error and the gain
+             over the best member (terminal, results.json, results.md)
+plots        per-member training curves from the CSV logs, and the test error
+             of every row (PNG files in the logs folder)
+costs        parameters, bytes of float32 weights and of the checkpoint files
+             (Keras 3 stores Adam's moments in them too), latency per image at
+             batch 1 and throughput at batch 256, for members and average
+             ensembles, and each ensemble's latency against its members' sum
+"""
+
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = (
+    ("test_error", "test error"),
+    ("nll", "NLL"),
+    ("ece", "ECE"),
+    ("brier", "Brier"),
+    ("disagreement", "disagree"),
+    ("oracle_error", "oracle err"),
+    ("gain", "gain"),
+)
+LATENCY_CALLS = 20  # batch-1 calls timed after warm-up; the median is reported
+THROUGHPUT_BATCH = 256
+THROUGHPUT_CALLS = 3
+
+
+def aligned(header, lines, right_from=1):
+    """Rows of strings as one aligned table: text left, numbers right."""
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i < right_from else f"{{:>{w}}}" for i, w in enumerate(widths))
+    rule = fmt.format(*("-" * w for w in widths))
+    return "\n".join([fmt.format(*header), rule, *(fmt.format(*cells) for cells in lines)])
+
+
+def _cells(row):
+    return [row["row"]] + ["-" if row.get(key) is None else f"{row[key]:.4f}" for key, _ in COLUMNS]
+
+
+def full_table(rows):
+    return aligned(["row", *(title for _, title in COLUMNS)], [_cells(row) for row in rows])
+
+
+def markdown_table(rows):
+    header = ["row", "members", "rule", *(title for _, title in COLUMNS)]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * 3 + "---:|" * len(COLUMNS),
+    ]
+    for row in rows:
+        cells = _cells(row)
+        cells[1:1] = ["+".join(row["members"]), row["rule"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_training_curves(logs_dir, names):
+    """One PNG per member with logged epochs: accuracy and loss, train and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers or CI
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name in names:
+        log = Path(logs_dir) / f"{name}.csv"
+        if not log.is_file():
+            continue
+        with open(log, newline="") as file:
+            epochs = list(csv.DictReader(file))
+        if not epochs:
+            continue
+        x = [int(e["epoch"]) + 1 for e in epochs]
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for axis, metric in zip(axes, ("acc", "loss"), strict=True):
+            axis.plot(x, [float(e[metric]) for e in epochs], marker="o", label="train")
+            axis.plot(x, [float(e[f"val_{metric}"]) for e in epochs], marker="o", label="val")
+            axis.set(xlabel="epoch", ylabel=metric, title=f"{name}: {metric}")
+            axis.grid(alpha=0.3)
+            axis.legend()
+        figure.tight_layout()
+        path = Path(logs_dir) / f"{name}_curves.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def plot_test_errors(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row["row"] for row in rows][::-1]
+    errors = [row["test_error"] for row in rows][::-1]
+    figure, axis = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    bars = axis.barh(labels, errors, color="tab:blue")
+    axis.bar_label(bars, fmt="%.4f", padding=3, fontsize=8)
+    axis.set(xlabel="test error", title="test error of every member and ensemble")
+    axis.set_xlim(0, max(errors) * 1.2 if max(errors) > 0 else 1)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- costs
+
+
+def measure_cost(model, sample):
+    """Parameters, median batch-1 latency (ms) and batch-256 throughput (images/s)."""
+    one = sample[:1]
+    batch = np.resize(sample, (THROUGHPUT_BATCH, *sample.shape[1:])).astype(sample.dtype)
+    for _ in range(3):  # compile and warm up both shapes
+        model.predict_on_batch(one)
+    model.predict_on_batch(batch)
+    latencies = []
+    for _ in range(LATENCY_CALLS):
+        start = time.perf_counter()
+        np.asarray(model.predict_on_batch(one))
+        latencies.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(THROUGHPUT_CALLS):
+        np.asarray(model.predict_on_batch(batch))
+    elapsed = time.perf_counter() - start
+    return {
+        "parameters": int(model.count_params()),
+        "latency_ms": round(1000 * statistics.median(latencies), 3),
+        "images_per_second": round(THROUGHPUT_BATCH * THROUGHPUT_CALLS / elapsed, 1),
+    }
+
+
+def cost_table(costs):
+    header = ["model or ensemble", "params", "weights MB", "checkpoint MB", "ms/image @1",
+              "images/s @256", "vs members"]  # fmt: skip
+    lines = []
+    for name, cost in costs.items():
+        ratio = cost.get("latency_vs_members")
+        lines.append(
+            [
+                name,
+                f"{cost['parameters']:,}",
+                f"{cost['parameters'] * 4 / 1e6:.2f}",  # float32, as exported
+                f"{cost['weight_bytes'] / 1e6:.2f}",  # .weights.h5 files, Adam state included
+                f"{cost['latency_ms']:.2f}",
+                f"{cost['images_per_second']:.0f}",
+                "-" if ratio is None else f"{ratio:.2f}x",
+            ]
+        )
+    return aligned(header, lines)

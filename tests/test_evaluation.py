@@ -1,0 +1,116 @@
+"""Metrics against hand-computed values, combination rules, and the full table."""
+
+import numpy as np
+import pytest
+
+import ensemble
+import evaluation as ev
+
+# Two images, three classes; labels 0 and 2.
+P = np.array([[0.7, 0.2, 0.1], [0.3, 0.5, 0.2]])
+LABELS = np.array([0, 2])
+
+
+def test_error_nll_brier_by_hand():
+    assert ev.error_rate(P, LABELS) == 0.5
+    assert ev.negative_log_likelihood(P, LABELS) == pytest.approx(-(np.log(0.7) + np.log(0.2)) / 2)
+    # (0.3² + 0.2² + 0.1²) and (0.3² + 0.5² + 0.8²), averaged
+    assert ev.brier_score(P, LABELS) == pytest.approx((0.14 + 0.98) / 2)
+
+
+def test_ece_by_hand_and_zero_when_perfectly_calibrated():
+    # Confidences 0.7 (right) and 0.5 (wrong) fall in different bins of 15:
+    # |1 - 0.7| and |0 - 0.5|, each weighted 1/2.
+    assert ev.expected_calibration_error(P, LABELS) == pytest.approx((0.3 + 0.5) / 2)
+    # Ten images at confidence 0.8, eight of them right: perfectly calibrated.
+    probs = np.tile([0.8, 0.2], (10, 1))
+    labels = np.array([0] * 8 + [1] * 2)
+    assert ev.expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_disagreement_oracle_and_gain():
+    a = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.9, 0.1]])  # predicts 0 0 1 0
+    b = np.array([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1]])  # predicts 0 1 1 0
+    labels = np.array([0, 1, 0, 1])
+    assert ev.disagreement([a, b]) == 0.25
+    assert ev.oracle_error([a, b], labels) == 0.5  # images 3 and 4: nobody right
+    metrics = ev.row_metrics(ev.average([a, b]), [a, b], labels)
+    best_member = min(ev.error_rate(a, labels), ev.error_rate(b, labels))
+    assert metrics["gain"] == pytest.approx(best_member - metrics["test_error"])
+
+
+def test_vote_breaks_ties_by_mean_probability():
+    a = np.array([[0.6, 0.4, 0.0], [0.1, 0.8, 0.1]])
+    b = np.array([[0.1, 0.9, 0.0], [0.2, 0.7, 0.1]])
+    # Image 1: one vote each for 0 and 1; mean probabilities 0.35 vs 0.65 -> 1.
+    # Image 2: both vote 1.
+    np.testing.assert_array_equal(ev.vote([a, b]), [1, 1])
+    assert ev.row_metrics(ev.vote([a, b]), [a, b], np.array([1, 1]))["nll"] is None
+
+
+def random_members(seed, count=3, images=200, classes=10):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(count, images, classes)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    return list(probs), rng.integers(0, classes, images)
+
+
+def test_fitted_weights_are_valid_and_never_worse_than_equal_weights():
+    members, labels = random_members(0)
+    members[1] = 0.6 * np.eye(10)[labels] + 0.4 * members[1]  # one good member
+    weights = ev.fit_weights(members, labels)
+    assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0)
+    fitted = ev.negative_log_likelihood(ev.average(members, weights), labels)
+    equal = ev.negative_log_likelihood(ev.average(members), labels)
+    assert fitted <= equal
+    assert weights[1] == max(weights)
+
+
+def test_stacking_learns_from_validation_only():
+    members, labels = random_members(1)
+    members[0] = 0.5 * np.eye(10)[labels] + 0.5 * members[0]
+    stacker = ev.fit_stacking(members, labels)
+    stacked = ev.apply_stacking(stacker, members)
+    np.testing.assert_allclose(stacked.sum(axis=1), 1.0, rtol=1e-6)
+    assert ev.error_rate(stacked, labels) < ev.error_rate(ev.average(members), labels) + 0.05
+
+
+def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypatch):
+    names = ("conv_pool_cnn", "all_cnn", "nin_cnn")
+    val, val_labels = random_members(2)
+    test, test_labels = random_members(3)
+    val_probs, test_probs = dict(zip(names, val, strict=True)), dict(zip(names, test, strict=True))
+    seen = []
+    for fit in ("fit_weights", "fit_stacking"):
+        original = getattr(ev, fit)
+        monkeypatch.setattr(
+            ev,
+            fit,
+            lambda probs, labels, _f=original: seen.append((probs, labels)) or _f(probs, labels),
+        )
+    rows = ensemble.table_rows(
+        names,
+        ("average", "weighted", "vote", "stack"),
+        test_probs,
+        val_probs,
+        val_labels,
+        test_labels,
+    )
+    assert len(seen) == 8  # 4 subsets x 2 fitted rules
+    for probs, labels in seen:
+        assert labels is val_labels
+        assert all(any(p is v for v in val) for p in probs)
+        assert not any(any(p is t for t in test) for p in probs)
+    # The article's 7 rows first, under its names; then 4 rows per other rule.
+    assert [r["row"] for r in rows[:7]] == [row for row, _ in ensemble.ARTICLE_ROWS]
+    assert len(rows) == 7 + 3 * 4
+    assert rows[7]["row"] == "ensemble of three (weighted)"
+    assert sum(rows[7]["weights"]) == pytest.approx(1.0, abs=1e-5)
+    # Average rows agree with the article's ensemble: the mean of member outputs.
+    expected = ev.error_rate(np.mean(test, axis=0), test_labels)
+    assert rows[3]["test_error"] == pytest.approx(expected)
+
+
+def test_subsets_are_generic_in_the_number_of_members():
+    assert len(ev.subsets(["a", "b", "c", "d"])) == 15
+    assert ev.subsets(["a", "b"]) == [("a",), ("b",), ("a", "b")]

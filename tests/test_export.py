@@ -1,0 +1,114 @@
+"""One-file export: round trip across backends, fitted rules, and the predict command."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluation
+import export
+from models import all_cnn, nin_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER_BACKEND = "tensorflow" if keras.backend.backend() == "jax" else "jax"
+
+ROUND_TRIP = """
+import sys, numpy as np, keras
+x, expected = np.load(sys.argv[1]), np.load(sys.argv[2])
+model = keras.saving.load_model(sys.argv[3], safe_mode=True)
+assert keras.backend.backend() == sys.argv[5], keras.backend.backend()
+difference = np.abs(model.predict(x, verbose=0) - expected).max()
+assert difference <= 1e-5, difference
+model.save(sys.argv[4])
+"""
+
+
+@pytest.fixture
+def members():
+    model_input = keras.Input(shape=(32, 32, 3))
+    return [nin_cnn(model_input), all_cnn(model_input)]
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)
+
+
+def test_export_reloads_in_safe_mode_under_the_other_backend_and_back(tmp_path, members, images):
+    path = tmp_path / "ensemble.keras"
+    info = export.export(path, members, "average")
+    assert info["bytes"] == path.stat().st_size > 0
+    expected = np.mean([m.predict(images, verbose=0) for m in members], axis=0)
+    np.testing.assert_allclose(export.load(path).predict(images, verbose=0), expected, atol=1e-5)
+
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "expected.npy", expected)
+    env = {**os.environ, "KERAS_BACKEND": OTHER_BACKEND, "PYTHONPATH": str(ROOT)}
+    args = ["x.npy", "expected.npy", "ensemble.keras", "back.keras", OTHER_BACKEND]
+    result = subprocess.run(
+        [sys.executable, "-c", ROUND_TRIP, *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    back = keras.saving.load_model(tmp_path / "back.keras", safe_mode=True)
+    np.testing.assert_allclose(back.predict(images, verbose=0), expected, atol=1e-5)
+
+
+def test_weighted_and_stacked_exports_match_the_table(tmp_path, members, images):
+    rng = np.random.default_rng(1)
+    val_images, val_labels = rng.random((40, 32, 32, 3), dtype=np.float32), rng.integers(0, 10, 40)
+    val_probs = [m.predict(val_images, verbose=0) for m in members]
+    test_probs = [m.predict(images, verbose=0) for m in members]
+
+    info = export.export(tmp_path / "w.keras", members, "weighted", val_probs, val_labels)
+    weights = evaluation.fit_weights(val_probs, val_labels)
+    assert info["weights"] == pytest.approx(weights, abs=1e-6)
+    exported = export.load(tmp_path / "w.keras").predict(images, verbose=0)
+    np.testing.assert_allclose(exported, evaluation.average(test_probs, weights), atol=1e-5)
+
+    export.export(tmp_path / "s.keras", members, "stack", val_probs, val_labels)
+    stacker = evaluation.fit_stacking(val_probs, val_labels)
+    exported = export.load(tmp_path / "s.keras").predict(images, verbose=0)
+    np.testing.assert_allclose(exported, evaluation.apply_stacking(stacker, test_probs), atol=1e-5)
+
+
+def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, members, capsys):
+    export.export(tmp_path / "e.keras", members, "average")
+    rng = np.random.default_rng(2)
+    big = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(big)
+    grey = tmp_path / "grey.jpg"
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(grey)
+    code = export.predict_main(["--model", str(tmp_path / "e.keras"), str(big), str(grey)])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(big), str(grey)]
+    for line in lines:
+        ranked = line.split(": ", 1)[1].split(", ")
+        assert len(ranked) == 3
+        probabilities = [float(item.rsplit(" ", 1)[1]) for item in ranked]
+        assert probabilities == sorted(probabilities, reverse=True)
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_an_image", "bad_model"])
+def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys, problem):
+    export.export(tmp_path / "e.keras", members, "average")
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32)).save(image)
+    model = tmp_path / "e.keras"
+    if problem == "missing":
+        image = tmp_path / "nowhere.png"
+    elif problem == "not_an_image":
+        image = tmp_path / "notes.png"
+        image.write_text("not an image")
+    else:
+        model = tmp_path / "broken.keras"
+        model.write_bytes(b"PK\x03\x04 truncated")
+    assert export.predict_main(["--model", str(model), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1
