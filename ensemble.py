@@ -13,13 +13,11 @@ reports 24.1 / 26.1 / 31.6% test error for the members and 20.5% for all three.
 
 import argparse
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +32,15 @@ import export
 import joint
 import report
 from models import MODELS, PAPER_NAMES
+from training import (
+    StopWhenDead,
+    UsageError,
+    best_checkpoint,
+    member_callbacks,
+    record_best,
+    restart_if_dead,
+    tensorboard_available,
+)
 
 # The article's table: (row, members), then its published test errors (the
 # author's notebook, canonical CIFAR-10, Keras 2; NIN was trained 100 epochs there).
@@ -55,19 +62,8 @@ ARTICLE_ERRORS = {
     "pair B": 0.2282,
     "pair C": 0.2447,
 }
-# The article's checkpoint name, with Keras 3's mandatory `.weights.h5` suffix.
-CHECKPOINT_PATTERN = "{name}.{{epoch:02d}}-{{loss:.2f}}.weights.h5"
-CHECKPOINT_RE = re.compile(r"^(?P<name>\w+)\.(?P<epoch>\d+)-(?P<loss>[\d.]+|nan|inf)\.weights\.h5$")
-BEST_SUFFIX = ".best.json"
-# A live softmax varies from image to image; a dead network's varies by rounding only.
-DEAD_OUTPUT_STD = 1e-6
-DEAD_PROBE_IMAGES = 256
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
-
-
-class UsageError(ValueError):
-    """A flag or file the user chose cannot work; the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -132,85 +128,6 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
     return history
 
 
-def member_callbacks(model, settings, tensorboard=True):
-    """The article's checkpoint plus logs, for one member, whichever way it is trained.
-
-    TensorBoard's callback reads the model's optimizer, which a member trained
-    inside the joint model does not have: that path keeps the CSV logs only.
-    """
-    logs_dir = Path(settings.logs_dir)
-    callbacks = [
-        # The article monitors the *training* loss, so the validation split only reports.
-        keras.callbacks.ModelCheckpoint(
-            checkpoint_pattern(model.name, settings),
-            monitor="loss",
-            save_weights_only=True,
-            save_best_only=True,
-            mode="auto",
-        ),
-        keras.callbacks.CSVLogger(str(logs_dir / f"{model.name}.csv")),
-    ]
-    if tensorboard and tensorboard_available():
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / model.name)))
-    return callbacks
-
-
-def checkpoint_pattern(name, settings):
-    return str(Path(settings.weights_dir) / CHECKPOINT_PATTERN.format(name=name))
-
-
-def record_best(name, losses, attempts, settings):
-    """Writes `<name>.best.json`: the file ModelCheckpoint wrote for the lowest loss."""
-    if np.all(np.isnan(losses)):
-        return
-    best_epoch = int(np.nanargmin(losses))
-    pattern = checkpoint_pattern(name, settings)
-    record = {
-        "file": Path(pattern.format(epoch=best_epoch + 1, loss=losses[best_epoch])).name,
-        "epoch": best_epoch + 1,
-        "loss": float(losses[best_epoch]),
-        "attempts": attempts,
-    }
-    record_file = Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}"
-    record_file.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def restart_if_dead(model, dead_check, attempt, settings):
-    """True after preparing `model` for another attempt; False to keep it as it is."""
-    if dead_check.dead_epoch is None:
-        return False
-    where = f"{model.name} died in epoch {dead_check.dead_epoch} (same output for every image)"
-    if attempt > settings.restarts:
-        print(f"{where}; no restarts left (--restarts {settings.restarts}), keeping it")
-        return False
-    print(f"{where}; restarting from fresh weights, attempt {attempt + 1}")
-    for stale in Path(settings.weights_dir).glob(f"{model.name}.*.weights.h5"):
-        stale.unlink()
-    reinitialize(model)
-    return True
-
-
-class StopWhenDead(keras.callbacks.Callback):
-    """Stops training once the model answers every probe image identically.
-
-    That only happens when a whole layer has gone silent (dead ReLUs): its gradient
-    is then zero, so the model can never recover and further epochs are wasted.
-    """
-
-    def __init__(self, x_train):
-        super().__init__()
-        self.probe = x_train[:DEAD_PROBE_IMAGES]
-        self.dead_epoch = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.dead_epoch is not None:
-            return
-        outputs = self.model.predict(self.probe, verbose=0)
-        if float(np.max(np.std(outputs, axis=0))) < DEAD_OUTPUT_STD:
-            self.dead_epoch = epoch + 1
-            self.model.stop_training = True
-
-
 def train_jointly(names, model_input, x_train, y_train, settings):
     """`--joint`: every member in one compiled step (joint.py); returns attempts per member.
 
@@ -240,16 +157,6 @@ def train_jointly(names, model_input, x_train, y_train, settings):
     return attempts
 
 
-def reinitialize(model):
-    """Draws every layer's weights again from its own initializers, as a new build would."""
-    for layer in model.layers:
-        for attribute in ("kernel", "bias"):
-            variable = getattr(layer, attribute, None)
-            initializer = getattr(layer, f"{attribute}_initializer", None)
-            if variable is not None and initializer is not None:
-                variable.assign(initializer(variable.shape, dtype=variable.dtype))
-
-
 def evaluate_error(model, x_test, y_test, batch_size=32):
     """Fraction of test images whose most probable class is wrong."""
     pred = model.predict(x_test, batch_size=batch_size, verbose=0)
@@ -263,38 +170,6 @@ def ensemble(models, model_input):
     outputs = [model.outputs[0] for model in models]
     y = keras.layers.Average()(outputs)
     return keras.Model(model_input, y, name="ensemble")
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def best_checkpoint(weights_dir, name):
-    """Path of `name`'s best weights in `weights_dir`, or None if it has none.
-
-    The record written after training names the epoch with the lowest recorded
-    loss. Without it (weights copied from elsewhere) the file names decide: the
-    lowest loss, and among equal rounded losses the latest epoch, since a
-    best-only checkpoint is written only when the loss improves.
-    """
-    weights_dir = Path(weights_dir)
-    record_file = weights_dir / f"{name}{BEST_SUFFIX}"
-    if record_file.is_file():
-        try:
-            record = json.loads(record_file.read_text())
-            path = weights_dir / record["file"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise UsageError(
-                f"{record_file} is unreadable ({error}); delete it to choose by file name"
-            ) from error
-        if path.is_file():
-            return path
-    candidates = []
-    for path in weights_dir.glob(f"{name}.*.weights.h5"):
-        match = CHECKPOINT_RE.match(path.name)
-        if match and match["name"] == name:
-            candidates.append((float(match["loss"]), -int(match["epoch"]), path))
-    candidates = [c for c in candidates if np.isfinite(c[0])]
-    return min(candidates)[2] if candidates else None
 
 
 def load_members(names, model_input, weights_dir):
@@ -469,12 +344,6 @@ def save_results(settings, rows, extra):
     return path
 
 
-def tensorboard_available():
-    # Keras' TensorBoard callback writes through tf.summary, whatever the backend,
-    # and TensorFlow 2.21 no longer installs the tensorboard package it needs.
-    return all(importlib.util.find_spec(name) for name in ("tensorflow", "tensorboard"))
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -603,13 +472,8 @@ def check_settings(settings):
         raise UsageError(f"--restarts must be 0 or more, got {settings.restarts}")
     if settings.limit is not None and settings.limit < 1:
         raise UsageError(f"--limit must be a positive number of images, got {settings.limit}")
-    if settings.export is not None:
-        target = Path(settings.export)
-        if target.suffix != ".keras":
-            raise UsageError(f"--export {settings.export} must end in .keras")
-        parent = target.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UsageError(f"--export {settings.export}: folder {parent} is not writable")
+    if settings.export is not None and Path(settings.export).suffix != ".keras":
+        raise UsageError(f"--export {settings.export} must end in .keras")
     for flag, folder in (
         ("--weights-dir", settings.weights_dir),
         ("--logs-dir", settings.logs_dir),
@@ -627,6 +491,12 @@ def check_settings(settings):
             raise UsageError(f"cannot create {flag} {folder} ({error.strerror})") from error
         if not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {folder} is not writable; choose another folder")
+    if settings.export is not None:  # after the folders above exist: it may be in one
+        parent = Path(settings.export).parent
+        if not parent.is_dir():
+            raise UsageError(f"--export {settings.export}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"--export {settings.export}: folder {parent} is not writable")
 
 
 def main(argv=None):

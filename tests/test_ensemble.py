@@ -13,6 +13,7 @@ from conftest import write_tree
 
 import data
 import ensemble
+import training
 from models import MODELS, nin_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
     assert len(weights) == 3 and all(CHECKPOINT_NAME.match(name) for name in weights)
     logs = tmp_path / "logs"
     assert all((logs / f"{name}.csv").is_file() for name in MODELS)
-    if ensemble.tensorboard_available():
+    if training.tensorboard_available():
         assert all(list((logs / name).rglob("events.out.tfevents.*")) for name in MODELS)
     else:
         assert "TensorBoard needs tensorflow and tensorboard" in out
@@ -92,7 +93,7 @@ def test_reloaded_best_weights_reproduce_the_trained_model(tmp_path, tree):
     record = json.loads((tmp_path / "weights" / "nin_cnn.best.json").read_text())
     assert record["loss"] == pytest.approx(history.history["loss"][0])
 
-    path = ensemble.best_checkpoint(settings.weights_dir, "nin_cnn")
+    path = training.best_checkpoint(settings.weights_dir, "nin_cnn")
     reloaded = nin_cnn(keras.Input(shape=(32, 32, 3)))
     reloaded.load_weights(str(path))
     np.testing.assert_allclose(
@@ -125,11 +126,11 @@ def test_a_dead_member_is_restarted_from_fresh_weights(tmp_path, tree, capsys, r
     if restarts:
         assert history.attempts == record["attempts"] == 2
         assert len(history.history["loss"]) == 2  # the full epochs, after the restart
-        assert np.std(outputs, axis=0).max() > ensemble.DEAD_OUTPUT_STD  # alive again
+        assert np.std(outputs, axis=0).max() > training.DEAD_OUTPUT_STD  # alive again
     else:
         assert history.attempts == 1 and "no restarts left" in out
         assert len(history.history["loss"]) == 1  # stopped: a dead network cannot recover
-        assert np.std(outputs, axis=0).max() < ensemble.DEAD_OUTPUT_STD
+        assert np.std(outputs, axis=0).max() < training.DEAD_OUTPUT_STD
 
 
 def test_a_live_member_is_trained_once(tmp_path, tree):
@@ -146,15 +147,15 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (tmp_path / name).write_bytes(b"")
     # Without a record, the lowest loss in the names wins (not the last in sort order).
     (tmp_path / "nin_cnn.09-0.50.weights.h5").write_bytes(b"")
-    assert ensemble.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.10-0.12.weights.h5"
+    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.10-0.12.weights.h5"
     # Equal rounded losses: the later epoch was written because it improved.
     (tmp_path / "nin_cnn.11-0.12.weights.h5").write_bytes(b"")
-    assert ensemble.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.11-0.12.weights.h5"
+    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.11-0.12.weights.h5"
     # The record written after training decides when present.
     record = {"file": "nin_cnn.03-0.90.weights.h5", "epoch": 3, "loss": 0.9}
     (tmp_path / "nin_cnn.best.json").write_text(json.dumps(record))
-    assert ensemble.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.03-0.90.weights.h5"
-    assert ensemble.best_checkpoint(tmp_path, "all_cnn") is None
+    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.03-0.90.weights.h5"
+    assert training.best_checkpoint(tmp_path, "all_cnn") is None
 
 
 @pytest.mark.parametrize(
