@@ -85,7 +85,9 @@ def restart_if_dead(model, dead_check, attempt, settings):
     print(f"{where}; restarting from fresh weights, attempt {attempt + 1}")
     for stale in Path(settings.weights_dir).glob(f"{model.name}.*.weights.h5"):
         stale.unlink()
-    reinitialize(model)
+    # NumPy's global generator, seeded by keras.utils.set_random_seed: a new draw at
+    # every restart, the same sequence on every run.
+    reinitialize(model, seed=int(np.random.randint(2**31 - 1)))
     return True
 
 
@@ -110,14 +112,25 @@ class StopWhenDead(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def reinitialize(model):
-    """Draws every layer's weights again from its own initializers, as a new build would."""
+def reinitialize(model, seed):
+    """Draws every layer's weights afresh, from its initializer's distribution.
+
+    A Keras 3 initializer fixes its seed when it is created, so calling the same
+    one again returns the *same* weights (and a dead start would die again, as it
+    did on the CPU here): each draw gets a new initializer with a seed of its own.
+    """
+    rng = np.random.default_rng(seed)
     for layer in model.layers:
         for attribute in ("kernel", "bias"):
             variable = getattr(layer, attribute, None)
             initializer = getattr(layer, f"{attribute}_initializer", None)
-            if variable is not None and initializer is not None:
-                variable.assign(initializer(variable.shape, dtype=variable.dtype))
+            if variable is None or initializer is None:
+                continue
+            config = initializer.get_config()
+            if "seed" in config:
+                config["seed"] = int(rng.integers(2**31 - 1))
+            fresh = type(initializer).from_config(config)
+            variable.assign(fresh(variable.shape, dtype=variable.dtype))
 
 
 def best_checkpoint(weights_dir, name):

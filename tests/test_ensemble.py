@@ -133,6 +133,20 @@ def test_a_dead_member_is_restarted_from_fresh_weights(tmp_path, tree, capsys, r
         assert np.std(outputs, axis=0).max() < training.DEAD_OUTPUT_STD
 
 
+def test_reinitialize_draws_new_weights_from_the_same_distribution():
+    model = nin_cnn(keras.Input(shape=(32, 32, 3)))
+    first = [w.copy() for w in model.get_weights()]
+    training.reinitialize(model, seed=[0, 1])
+    second = model.get_weights()
+    training.reinitialize(model, seed=[0, 2])
+    third = model.get_weights()
+    kernel = 0  # the first convolution's kernel; biases start at zero every time
+    assert not np.allclose(first[kernel], second[kernel])
+    assert not np.allclose(second[kernel], third[kernel])
+    assert np.std(second[kernel]) == pytest.approx(np.std(first[kernel]), rel=0.1)
+    np.testing.assert_array_equal(second[1], 0.0)
+
+
 def test_a_live_member_is_trained_once(tmp_path, tree):
     (x_train, y_train), _ = data.load_data(tree)
     settings = ensemble.Settings(weights_dir=str(tmp_path), logs_dir=str(tmp_path))
