@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -33,10 +34,15 @@ import joint
 import report
 from models import MODELS, PAPER_NAMES
 from training import (
+    BEST_SUFFIX,
     StopWhenDead,
     UsageError,
+    backup_dir,
     best_checkpoint,
+    is_finished,
+    logged_losses,
     member_callbacks,
+    prepare_member,
     record_best,
     restart_if_dead,
     tensorboard_available,
@@ -83,6 +89,7 @@ class Settings:
     eval_only: bool = False  # skip training, ensemble existing checkpoints
     restarts: int = 2  # fresh starts allowed for a member whose ReLUs all died
     joint: bool = False  # train all members in one compiled step (joint.py)
+    retrain: bool = False  # train members again even if a finished run is recorded
     combine: tuple = ("average",)  # rules scored besides the article's average
     cost: bool = True  # measure parameters, size, latency and throughput
     export: str | None = None  # write the ensemble of all members as one .keras file
@@ -101,16 +108,26 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
     end of the epoch where it is seen and started again from fresh initial weights,
     at most `settings.restarts` times, each time with the full `num_epochs`.
 
+    A run killed at any point continues, when started again, after its last
+    completed epoch (Keras' `BackupAndRestore`, under `<weights_dir>/backup/`).
+
     Returns the Keras `History` of the last attempt, with `history.attempts` set; the
     best checkpoint is recorded in `<weights_dir>/<name>.best.json` so that reloading
     never guesses from file names.
     """
     for attempt in range(1, settings.restarts + 2):
+        resume = prepare_member(model.name, settings)
+        if resume.epoch:
+            print(f"resuming {model.name} after epoch {resume.epoch} of an interrupted run")
         dead_check = StopWhenDead(x_train)
         model.compile(
             loss=keras.losses.categorical_crossentropy,
             optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
             metrics=["acc"],
+        )
+        # After the checkpoint and the log, so that a backup never runs ahead of them.
+        backup = keras.callbacks.BackupAndRestore(
+            str(backup_dir(model.name, settings)), double_checkpoint=True
         )
         history = model.fit(
             x=x_train,
@@ -118,13 +135,13 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
             batch_size=settings.batch_size,
             epochs=num_epochs,
             verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in log files
-            callbacks=[*member_callbacks(model, settings), dead_check],
+            callbacks=[*member_callbacks(model, settings, resume=resume), backup, dead_check],
             validation_split=settings.validation_split,
         )
         if not restart_if_dead(model, dead_check, attempt, settings):
             break
     history.attempts = attempt
-    record_best(model.name, history.history["loss"], attempt, settings)
+    record_best(model.name, logged_losses(model.name, settings), attempt, settings)
     return history
 
 
@@ -135,25 +152,27 @@ def train_jointly(names, model_input, x_train, y_train, settings):
     `compile_and_train` (which may restart it again if restarts remain).
     """
     members = [MODELS[name](model_input) for name in names]
+    for name in names:  # the joint path has no backups: unfinished members start afresh
+        prepare_member(name, settings)
     dead_checks = {}
 
     def callbacks_for(member):
         dead_checks[member.name] = StopWhenDead(x_train)
         return [*member_callbacks(member, settings, tensorboard=False), dead_checks[member.name]]
 
-    histories = joint.train_jointly(
-        members, settings.epochs, x_train, y_train, settings, callbacks_for
-    )
+    joint.train_jointly(members, settings.epochs, x_train, y_train, settings, callbacks_for)
     attempts = {}
     for member in members:
         if restart_if_dead(member, dead_checks[member.name], 1, settings):
             alone = dataclasses.replace(settings, restarts=settings.restarts - 1)
             history = compile_and_train(member, settings.epochs, x_train, y_train, alone)
             attempts[member.name] = 1 + history.attempts
-            record_best(member.name, history.history["loss"], attempts[member.name], settings)
+            record_best(
+                member.name, logged_losses(member.name, settings), attempts[member.name], settings
+            )
         else:
             attempts[member.name] = 1
-            record_best(member.name, histories[member.name]["loss"], 1, settings)
+            record_best(member.name, logged_losses(member.name, settings), 1, settings)
     return attempts
 
 
@@ -218,12 +237,21 @@ def run(settings):
     if not settings.eval_only:
         if not tensorboard_available():
             print(f"TensorBoard needs tensorflow and tensorboard: CSV logs in {settings.logs_dir}/")
-        if settings.joint:
-            print(f"training {', '.join(settings.models)} jointly for {settings.epochs} epochs")
+        to_train = []
+        for name in settings.models:
+            if is_finished(name, settings) and not settings.retrain:
+                print(f"{name} is already trained ({settings.weights_dir}/{name}{BEST_SUFFIX}); "
+                      "--retrain trains it again")  # fmt: skip
+            else:
+                if settings.retrain:
+                    shutil.rmtree(backup_dir(name, settings), ignore_errors=True)
+                to_train.append(name)
+        if settings.joint and to_train:
+            print(f"training {', '.join(to_train)} jointly for {settings.epochs} epochs")
             start = time.perf_counter()
-            attempts = train_jointly(settings.models, model_input, x_train, y_train, settings)
+            attempts = train_jointly(to_train, model_input, x_train, y_train, settings)
             train_seconds["joint"] = round(time.perf_counter() - start, 1)
-        for name in () if settings.joint else settings.models:
+        for name in () if settings.joint else to_train:
             print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
             start = time.perf_counter()
             model = MODELS[name](model_input)
@@ -405,6 +433,12 @@ def parse_args(argv=None):
         "checkpoints, members share the batch order (see joint.py)",
     )
     parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train members again although their finished checkpoints are recorded "
+        "(by default a new run skips them and resumes an interrupted one)",
+    )
+    parser.add_argument(
         "--combine",
         nargs="+",
         default=list(defaults.combine),
@@ -444,6 +478,7 @@ def parse_args(argv=None):
         eval_only=args.eval_only,
         restarts=args.restarts,
         joint=args.joint,
+        retrain=args.retrain,
         combine=tuple(args.combine),
         cost=args.cost,
         export=args.export,

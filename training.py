@@ -9,10 +9,12 @@ so that both write the same files under the same rules:
     logs/<name>.csv                            one row per epoch
 """
 
+import csv
 import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -26,32 +28,124 @@ class UsageError(ValueError):
 CHECKPOINT_PATTERN = "{name}.{{epoch:02d}}-{{loss:.2f}}.weights.h5"
 CHECKPOINT_RE = re.compile(r"^(?P<name>\w+)\.(?P<epoch>\d+)-(?P<loss>[\d.]+|nan|inf)\.weights\.h5$")
 BEST_SUFFIX = ".best.json"
+PARTIAL_SUFFIX = ".partial.weights.h5"  # Keras insists on the .weights.h5 ending
+BACKUP_FOLDER = "backup"
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
 
 
-def member_callbacks(model, settings, tensorboard=True):
+def member_callbacks(model, settings, tensorboard=True, resume=None):
     """The article's checkpoint plus logs, for one member, whichever way it is trained.
 
-    TensorBoard's callback reads the model's optimizer, which a member trained
-    inside the joint model does not have: that path keeps the CSV logs only.
+    Checkpoints are written under a `.partial` name and renamed once complete, so
+    a run killed mid-write never leaves a half file under a checkpoint's name.
+    `resume` (from `prepare_member`) carries the best loss of the epochs already
+    done, so the checkpoint rule continues where it stopped. TensorBoard's callback
+    reads the model's optimizer, which a member trained inside the joint model does
+    not have: that path keeps the CSV logs only.
     """
     logs_dir = Path(settings.logs_dir)
+    resume = resume or Resume(0, None)
     callbacks = [
         # The article monitors the *training* loss, so the validation split only reports.
         keras.callbacks.ModelCheckpoint(
-            checkpoint_pattern(model.name, settings),
+            checkpoint_pattern(model.name, settings).replace(".weights.h5", PARTIAL_SUFFIX),
             monitor="loss",
             save_weights_only=True,
             save_best_only=True,
             mode="auto",
+            initial_value_threshold=resume.best_loss,
         ),
-        keras.callbacks.CSVLogger(str(logs_dir / f"{model.name}.csv")),
+        PublishCheckpoints(Path(settings.weights_dir), model.name),
+        keras.callbacks.CSVLogger(str(logs_dir / f"{model.name}.csv"), append=resume.epoch > 0),
     ]
     if tensorboard and tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / model.name)))
     return callbacks
+
+
+class PublishCheckpoints(keras.callbacks.Callback):
+    """Renames the checkpoint just written from its `.partial` name to its real one."""
+
+    def __init__(self, weights_dir, name):
+        super().__init__()
+        self.weights_dir, self.name = weights_dir, name
+
+    def on_epoch_end(self, epoch, logs=None):
+        for partial in self.weights_dir.glob(f"{self.name}.*{PARTIAL_SUFFIX}"):
+            final = partial.name.removesuffix(PARTIAL_SUFFIX) + ".weights.h5"
+            partial.replace(self.weights_dir / final)  # atomic on one file system
+
+
+class Resume(NamedTuple):
+    epoch: int  # epochs already completed (0: a fresh start)
+    best_loss: float | None  # lowest training loss among them
+
+
+def backup_dir(name, settings):
+    return Path(settings.weights_dir) / BACKUP_FOLDER / name
+
+
+def prepare_member(name, settings):
+    """Makes the files of `name` consistent before training it, and says where to start.
+
+    With a backup left by a killed run (Keras' BackupAndRestore), training resumes
+    after the last epoch it holds: log rows and checkpoints of any later epoch (the
+    run died between writing them and the backup) are dropped. Without one, the
+    member starts afresh and its old checkpoints, record and log are removed so
+    that they cannot mix with the new run.
+    """
+    weights_dir, log = Path(settings.weights_dir), Path(settings.logs_dir) / f"{name}.csv"
+    for partial in weights_dir.glob(f"{name}.*{PARTIAL_SUFFIX}"):
+        partial.unlink()
+    metadata = backup_dir(name, settings) / "training_metadata.json"
+    if not metadata.is_file():
+        for stale in [
+            *weights_dir.glob(f"{name}.*.weights.h5"),
+            weights_dir / f"{name}{BEST_SUFFIX}",
+            log,
+        ]:
+            stale.unlink(missing_ok=True)
+        return Resume(0, None)
+    done = int(json.loads(metadata.read_text())["epoch"])
+    rows = [row for row in _read_log(log) if int(row["epoch"]) < done]
+    if rows:
+        with open(log, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    for path in weights_dir.glob(f"{name}.*.weights.h5"):
+        match = CHECKPOINT_RE.match(path.name)
+        if match and match["name"] == name and int(match["epoch"]) > done:
+            path.unlink()
+    losses = [float(row["loss"]) for row in rows]
+    return Resume(done, min(losses) if losses else None)
+
+
+def is_finished(name, settings):
+    """True when `name` completed `settings.epochs` epochs and its best checkpoint exists."""
+    record_file = Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}"
+    if not record_file.is_file() or backup_dir(name, settings).exists():
+        return False
+    try:
+        record = json.loads(record_file.read_text())
+    except ValueError:
+        return False
+    best = Path(settings.weights_dir) / str(record.get("file"))
+    return record.get("epochs") == settings.epochs and best.is_file()
+
+
+def logged_losses(name, settings):
+    """Training loss of every epoch, from the CSV log (which survives a resume)."""
+    return [float(row["loss"]) for row in _read_log(Path(settings.logs_dir) / f"{name}.csv")]
+
+
+def _read_log(log):
+    if not log.is_file():
+        return []
+    with open(log, newline="") as file:
+        return list(csv.DictReader(file))
 
 
 def checkpoint_pattern(name, settings):
@@ -60,7 +154,7 @@ def checkpoint_pattern(name, settings):
 
 def record_best(name, losses, attempts, settings):
     """Writes `<name>.best.json`: the file ModelCheckpoint wrote for the lowest loss."""
-    if np.all(np.isnan(losses)):
+    if not losses or np.all(np.isnan(losses)):
         return
     best_epoch = int(np.nanargmin(losses))
     pattern = checkpoint_pattern(name, settings)
@@ -68,10 +162,13 @@ def record_best(name, losses, attempts, settings):
         "file": Path(pattern.format(epoch=best_epoch + 1, loss=losses[best_epoch])).name,
         "epoch": best_epoch + 1,
         "loss": float(losses[best_epoch]),
+        "epochs": len(losses),
         "attempts": attempts,
     }
     record_file = Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}"
-    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    temporary = record_file.with_suffix(".partial")
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    temporary.replace(record_file)
 
 
 def restart_if_dead(model, dead_check, attempt, settings):

@@ -1,0 +1,125 @@
+"""Resume after a crash: a killed run continues; finished members are not retrained."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import write_tree
+
+import ensemble
+import training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command(tmp_path, epochs, *extra):
+    return [
+        sys.executable, str(ROOT / "ensemble.py"), "--data-dir", str(tmp_path / "tree"),
+        "--models", "nin_cnn", "--epochs", str(epochs), "--no-cost",
+        "--weights-dir", str(tmp_path / "weights"), "--logs-dir", str(tmp_path / "logs"), *extra,
+    ]  # fmt: skip
+
+
+def test_a_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
+    epochs = 60
+    metadata = tmp_path / "weights" / "backup" / "nin_cnn" / "training_metadata.json"
+    run = subprocess.Popen(command(tmp_path, epochs), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    done = 0
+    while time.monotonic() < deadline and run.poll() is None:
+        try:
+            done = json.loads(metadata.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= 3:
+            os.kill(run.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "weights" / "nin_cnn.best.json").exists()
+
+    again = subprocess.run(command(tmp_path, epochs), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming nin_cnn after epoch" in again.stdout
+    resumed_after = int(again.stdout.split("resuming nin_cnn after epoch ")[1].split()[0])
+    assert resumed_after >= 3
+    log = (tmp_path / "logs" / "nin_cnn.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in log[1:]] == list(
+        range(epochs)
+    )  # no gaps, no repeats
+    record = json.loads((tmp_path / "weights" / "nin_cnn.best.json").read_text())
+    assert record["epochs"] == epochs and (tmp_path / "weights" / record["file"]).is_file()
+    assert not list((tmp_path / "weights").glob("*.partial*"))
+    assert not (tmp_path / "weights" / "backup" / "nin_cnn").exists()
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert [row["row"] for row in results["results"]] == ["NIN"]
+
+
+def test_finished_members_are_skipped_unless_retrain(tmp_path, capsys):
+    write_tree(tmp_path / "tree")
+    argv = command(tmp_path, 1)[2:]
+    assert ensemble.main(argv) == 0
+    record = tmp_path / "weights" / "nin_cnn.best.json"
+    first = record.read_text()
+    capsys.readouterr()
+    assert ensemble.main(argv) == 0
+    assert "nin_cnn is already trained" in capsys.readouterr().out
+    assert record.read_text() == first
+    assert ensemble.main([*argv, "--retrain"]) == 0
+    assert "training nin_cnn" in capsys.readouterr().out
+
+
+def settings_for(tmp_path):
+    for folder in ("weights", "logs"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    return ensemble.Settings(weights_dir=str(tmp_path / "weights"), logs_dir=str(tmp_path / "logs"))
+
+
+def test_resume_drops_what_ran_ahead_of_the_backup(tmp_path):
+    settings = settings_for(tmp_path)
+    weights, logs = tmp_path / "weights", tmp_path / "logs"
+    backup = weights / "backup" / "nin_cnn"
+    backup.mkdir(parents=True)
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 2, "batch": 0}))
+    rows = ["epoch,acc,loss,val_acc,val_loss", "0,0.1,2.0,0.1,2.0", "1,0.2,1.5,0.2,1.6",
+            "2,0.3,1.2,0.3,1.4"]  # fmt: skip
+    (logs / "nin_cnn.csv").write_text("\n".join(rows) + "\n")
+    for name in ("nin_cnn.01-2.00.weights.h5", "nin_cnn.02-1.50.weights.h5",
+                 "nin_cnn.03-1.20.weights.h5", "nin_cnn.03-1.20.partial.weights.h5"):  # fmt: skip
+        (weights / name).write_bytes(b"x")
+    resume = training.prepare_member("nin_cnn", settings)
+    assert resume == training.Resume(2, 1.5)
+    assert sorted(p.name for p in weights.glob("nin_cnn.*")) == [
+        "nin_cnn.01-2.00.weights.h5",
+        "nin_cnn.02-1.50.weights.h5",
+    ]
+    assert (logs / "nin_cnn.csv").read_text().splitlines() == rows[:3]
+
+
+def test_a_fresh_start_clears_the_old_files_of_that_member_only(tmp_path):
+    settings = settings_for(tmp_path)
+    weights = tmp_path / "weights"
+    for name in ("nin_cnn.05-0.50.weights.h5", "nin_cnn.best.json", "all_cnn.05-0.50.weights.h5"):
+        (weights / name).write_bytes(b"x")
+    assert training.prepare_member("nin_cnn", settings) == training.Resume(0, None)
+    assert [p.name for p in weights.iterdir() if p.is_file()] == ["all_cnn.05-0.50.weights.h5"]
+
+
+def test_a_half_written_checkpoint_is_never_taken(tmp_path):
+    (tmp_path / "nin_cnn.04-0.90.weights.h5").write_bytes(b"x")
+    (tmp_path / "nin_cnn.05-0.10.partial.weights.h5").write_bytes(b"truncated")
+    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.04-0.90.weights.h5"
+
+
+def test_checkpoints_are_published_under_their_final_names(tmp_path):
+    write_tree(tmp_path / "tree")
+    assert ensemble.main(command(tmp_path, 1)[2:]) == 0
+    names = [p.name for p in (tmp_path / "weights").glob("nin_cnn.*.h5")]
+    assert len(names) == 1 and ".partial" not in names[0]
