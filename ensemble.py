@@ -205,9 +205,10 @@ def load_members(names, model_input, weights_dir):
         try:
             model.load_weights(str(path))
         except Exception as error:  # h5py, shape and format errors all mean the same
+            first_line = (str(error).strip().splitlines() or [""])[0][:160]
             raise UsageError(
-                f"{path} does not hold {name} weights ({type(error).__name__}: {error}); "
-                "delete it or retrain with --models " + name
+                f"{path} does not hold {name} weights ({type(error).__name__}: {first_line}); "
+                f"delete it or retrain with --models {name} --retrain"
             ) from error
         members[name] = (model, path)
     return members

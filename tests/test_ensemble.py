@@ -14,7 +14,7 @@ from conftest import write_tree
 import data
 import ensemble
 import training
-from models import MODELS, nin_cnn
+from models import MODELS, all_cnn, nin_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_NAME = re.compile(r"^(conv_pool_cnn|all_cnn|nin_cnn)\.\d\d-\d+\.\d\d\.weights\.h5$")
@@ -259,3 +259,18 @@ def test_every_rule_and_an_export_from_the_cli(tmp_path, tree, capsys):
     model = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     assert model.output.shape == (None, 10)
     assert "ensemble exported to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["garbage", "other_architecture"])
+def test_unusable_checkpoint_is_one_line_exit_2(tmp_path, tree, capsys, content):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    path = weights / "nin_cnn.01-2.30.weights.h5"
+    if content == "garbage":
+        path.write_bytes(b"\x89HDF\r\n not really")
+    else:
+        all_cnn(keras.Input(shape=(32, 32, 3))).save_weights(path)
+    assert cli(tmp_path, "--eval-only", "--models", "nin_cnn", "--no-cost") == 2
+    err = capsys.readouterr().err
+    assert "does not hold nin_cnn weights" in err and err.count("\n") == 1
+    assert path.is_file()  # nothing deleted or overwritten
