@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tarfile
 
 import numpy as np
@@ -151,6 +152,8 @@ def test_unsafe_tar_members_are_refused(tmp_path, image_tree, kind):
         ("empty", "is empty"),
         ("truncated", "truncated or corrupt|neither a folder"),
         ("extra_class", "only in one of them"),
+        ("missing_class", "only in one of them: cat"),
+        ("missing_everywhere", "expected 10 class folders, found 9"),
         ("wrong_size", "must be 32x32 RGB"),
         ("grey", "must be 32x32 RGB"),
         ("not_image", "not a PNG or JPEG"),
@@ -173,6 +176,11 @@ def test_bad_sources_give_one_clear_error(tmp_path, image_tree, damage, message)
     elif damage == "extra_class":
         (image_tree / "train" / "unicorn").mkdir()
         Image.fromarray(synthetic_split(1)[0][0]).save(image_tree / "train" / "unicorn" / "0.png")
+    elif damage == "missing_class":
+        shutil.rmtree(image_tree / "test" / "cat")
+    elif damage == "missing_everywhere":
+        shutil.rmtree(image_tree / "test" / "cat")
+        shutil.rmtree(image_tree / "train" / "cat")
     elif damage == "wrong_size":
         Image.new("RGB", (28, 28)).save(image_tree / "test" / "cat" / "0000.png")
     elif damage == "grey":
