@@ -116,3 +116,12 @@ def test_importing_the_modules_does_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env=env)
     assert list(tmp_path.iterdir()) == []  # no weights/, logs/ or downloads
+
+
+def test_evaluate_error_is_the_fraction_of_wrong_top_classes(model_input):
+    model = nin_cnn(model_input)
+    images = np.random.default_rng(2).random((12, 32, 32, 3), dtype=np.float32)
+    predicted = np.argmax(model.predict(images, verbose=0), axis=1)
+    labels = predicted.copy()
+    labels[:3] = (labels[:3] + 1) % 10  # exactly 3 of 12 wrong
+    assert ensemble.evaluate_error(model, images, labels[:, None]) == 0.25
