@@ -261,6 +261,8 @@ def test_every_rule_and_an_export_from_the_cli(tmp_path, tree, capsys):
     assert "ensemble exported to" in capsys.readouterr().out
 
 
+# Keras warns for every layer it cannot match before it gives up on the file.
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")
 @pytest.mark.parametrize("content", ["garbage", "other_architecture"])
 def test_unusable_checkpoint_is_one_line_exit_2(tmp_path, tree, capsys, content):
     weights = tmp_path / "weights"
