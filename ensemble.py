@@ -35,6 +35,7 @@ import report
 from models import MODELS, PAPER_NAMES
 from training import (
     BEST_SUFFIX,
+    MemberLocks,
     StopWhenDead,
     UsageError,
     backup_dir,
@@ -135,13 +136,24 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
             batch_size=settings.batch_size,
             epochs=num_epochs,
             verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in log files
-            callbacks=[*member_callbacks(model, settings, resume=resume), backup, dead_check],
+            callbacks=[
+                *member_callbacks(model, settings, resume=resume),
+                backup,
+                dead_check,
+                keras.callbacks.TerminateOnNaN(),
+            ],
             validation_split=settings.validation_split,
         )
         if not restart_if_dead(model, dead_check, attempt, settings):
             break
     history.attempts = attempt
-    record_best(model.name, logged_losses(model.name, settings), attempt, settings)
+    losses = logged_losses(model.name, settings)
+    history.failed = None
+    if any(np.isnan(losses)) or any(np.isnan(history.history.get("loss", []))):
+        history.failed = f"its loss became NaN in epoch {len(history.history['loss'])}"
+        print(f"{model.name} stopped: {history.failed}; the other members go on")
+        shutil.rmtree(backup_dir(model.name, settings), ignore_errors=True)
+    record_best(model.name, losses, attempt, settings)
     return history
 
 
@@ -234,7 +246,7 @@ def run(settings):
             "images left after the validation split; lower it or raise --limit"
         )
     model_input = keras.Input(shape=x_train.shape[1:])
-    train_seconds, attempts = {}, {}
+    train_seconds, attempts, failed = {}, {}, {}
     if not settings.eval_only:
         if not tensorboard_available():
             print(f"TensorBoard needs tensorflow and tensorboard: CSV logs in {settings.logs_dir}/")
@@ -244,25 +256,36 @@ def run(settings):
                 print(f"{name} is already trained ({settings.weights_dir}/{name}{BEST_SUFFIX}); "
                       "--retrain trains it again")  # fmt: skip
             else:
-                if settings.retrain:
-                    shutil.rmtree(backup_dir(name, settings), ignore_errors=True)
                 to_train.append(name)
-        if settings.joint and to_train:
-            print(f"training {', '.join(to_train)} jointly for {settings.epochs} epochs")
-            start = time.perf_counter()
-            attempts = train_jointly(to_train, model_input, x_train, y_train, settings)
-            train_seconds["joint"] = round(time.perf_counter() - start, 1)
-        for name in () if settings.joint else to_train:
-            print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
-            start = time.perf_counter()
-            model = MODELS[name](model_input)
-            history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
-            train_seconds[name] = round(time.perf_counter() - start, 1)
-            attempts[name] = history.attempts
+        with MemberLocks(settings.weights_dir, to_train):
+            if settings.retrain:
+                for name in to_train:
+                    shutil.rmtree(backup_dir(name, settings), ignore_errors=True)
+            if settings.joint and to_train:
+                print(f"training {', '.join(to_train)} jointly for {settings.epochs} epochs")
+                start = time.perf_counter()
+                attempts = train_jointly(to_train, model_input, x_train, y_train, settings)
+                train_seconds["joint"] = round(time.perf_counter() - start, 1)
+            for name in () if settings.joint else to_train:
+                print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
+                start = time.perf_counter()
+                model = MODELS[name](model_input)
+                history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
+                train_seconds[name] = round(time.perf_counter() - start, 1)
+                attempts[name] = history.attempts
+                if history.failed:
+                    failed[name] = history.failed
+    names = [
+        n for n in settings.models if n not in failed or best_checkpoint(settings.weights_dir, n)
+    ]
+    for name in set(settings.models) - set(names):
+        print(f"{name} is left out of the ensembles: {failed[name]} before any checkpoint")
+    if not names:
+        raise UsageError("every member failed to train; see the messages above")
 
     # As the article: new instances on one shared input, best weights reloaded.
     model_input = keras.Input(shape=x_train.shape[1:])
-    members = load_members(settings.models, model_input, settings.weights_dir)
+    members = load_members(names, model_input, settings.weights_dir)
     # Each member predicts once; every row is scored from these probabilities. The
     # fitted rules learn on the validation split Keras held out, never on the test set.
     test_probs = {
@@ -275,12 +298,11 @@ def run(settings):
         val_probs = {
             n: m.predict(x_val, settings.batch_size, verbose=0) for n, (m, _) in members.items()
         }
-    rows = table_rows(
-        settings.models, settings.combine, test_probs, val_probs, val_labels, y_test[:, 0]
-    )
+    rows = table_rows(names, settings.combine, test_probs, val_probs, val_labels, y_test[:, 0])
     extra = {
         "train_seconds": train_seconds,
         "attempts": attempts,
+        "failed": failed,
         "checkpoints": {name: str(path) for name, (_, path) in members.items()},
     }
     if settings.cost:
@@ -290,7 +312,6 @@ def run(settings):
             val_probs = {
                 n: m.predict(x_val, settings.batch_size, verbose=0) for n, (m, _) in members.items()
             }
-        names = list(settings.models)
         extra["export"] = export.export(
             settings.export,
             [members[n][0] for n in names],

@@ -12,7 +12,11 @@ so that both write the same files under the same rules:
 import csv
 import importlib.util
 import json
+import os
 import re
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -263,3 +267,71 @@ def tensorboard_available():
     # Keras' TensorBoard callback writes through tf.summary, whatever the backend,
     # and TensorFlow 2.21 no longer installs the tensorboard package it needs.
     return all(importlib.util.find_spec(name) for name in ("tensorflow", "tensorboard"))
+
+
+class MemberLocks:
+    """Lock files that keep two runs from training the same member into one folder.
+
+    One file per member (`.<name>.lock`), so that runs training *different* members
+    into a shared folder (one per GPU) go ahead side by side. A lock whose process is
+    gone (same machine, pid no longer alive) is stale and taken over.
+    """
+
+    def __init__(self, weights_dir, names):
+        self.paths = [Path(weights_dir) / f".{name}.lock" for name in names]
+        self.held = []
+
+    def __enter__(self):
+        try:
+            for path in self.paths:
+                self._take(path)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _take(self, path):
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime(),
+                 "command": " ".join(sys.argv)}  # fmt: skip
+        for _ in range(2):
+            try:
+                with open(path, "x") as file:
+                    json.dump(owner, file)
+                self.held.append(path)
+                return
+            except FileExistsError:
+                other = _read_owner(path)
+                if other is not None and _alive(other):
+                    name = path.name.removeprefix(".").removesuffix(".lock")
+                    raise UsageError(
+                        f"{name} is being trained into {path.parent} by another run (pid "
+                        f"{other['pid']} on {other['host']} since {other['since']}: "
+                        f"{other['command']}); wait for it or use another --weights-dir"
+                    ) from None
+                print(f"removing stale lock {path} (its run has ended)")
+                path.unlink(missing_ok=True)
+        raise UsageError(f"could not take the lock {path}; remove it if no run uses the folder")
+
+    def __exit__(self, *exc):
+        for path in self.held:
+            path.unlink(missing_ok=True)
+        self.held = []
+
+
+def _read_owner(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # half-written by a run that died at once: stale
+
+
+def _alive(owner):
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's run: it cannot be checked from here
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True

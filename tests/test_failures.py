@@ -1,0 +1,74 @@
+"""A member whose loss turns NaN, and two runs on one weights folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import write_tree
+
+import ensemble
+from models import nin_cnn
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return write_tree(tmp_path / "tree")
+
+
+def cli(tmp_path, *flags):
+    return ensemble.main(
+        ["--data-dir", str(tmp_path / "tree"), "--weights-dir", str(tmp_path / "weights"),
+         "--logs-dir", str(tmp_path / "logs"), "--no-cost", "--epochs", "1", *flags]
+    )  # fmt: skip
+
+
+def test_a_member_whose_loss_becomes_nan_stops_and_the_others_go_on(
+    tmp_path, tree, capsys, monkeypatch
+):
+    def poisoned_nin(model_input):
+        model = nin_cnn(model_input)
+        # The 10-class map has no ReLU after it (a ReLU would turn NaN into 0).
+        scores = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"][-1]
+        scores.bias.assign(np.full(scores.bias.shape, np.nan, "float32"))
+        return model
+
+    monkeypatch.setitem(ensemble.MODELS, "nin_cnn", poisoned_nin)
+    assert cli(tmp_path, "--models", "all_cnn", "nin_cnn") == 0
+    out = capsys.readouterr().out
+    assert "nin_cnn stopped: its loss became NaN in epoch 1; the other members go on" in out
+    assert "nin_cnn is left out of the ensembles" in out
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert [row["row"] for row in results["results"]] == ["ALL-CNN-C"]
+    assert "nin_cnn" in results["failed"]
+
+
+def test_a_second_run_on_a_member_in_training_fails_fast_naming_the_first(tmp_path, tree, capsys):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    holder = {"pid": os.getpid(), "host": os.uname().nodename, "since": "Thu 10:00",
+              "command": "python ensemble.py --models nin_cnn"}  # fmt: skip
+    (weights / ".nin_cnn.lock").write_text(json.dumps(holder))
+    assert cli(tmp_path, "--models", "nin_cnn") == 2
+    err = capsys.readouterr().err
+    assert f"nin_cnn is being trained into {weights} by another run (pid {os.getpid()}" in err
+    assert err.count("\n") == 1
+    assert (weights / ".nin_cnn.lock").is_file()  # the other run's lock is left alone
+    # A different member in the same folder goes ahead (one member per GPU).
+    assert cli(tmp_path, "--models", "all_cnn") == 0
+    assert not (weights / ".all_cnn.lock").exists()  # released on exit
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, tree, capsys):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)  # fmt: skip
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    holder = {"pid": int(finished.stdout), "host": os.uname().nodename, "since": "-",
+              "command": "-"}  # fmt: skip
+    (weights / ".nin_cnn.lock").write_text(json.dumps(holder))
+    assert cli(tmp_path, "--models", "nin_cnn") == 0
+    assert "removing stale lock" in capsys.readouterr().out
+    assert not (weights / ".nin_cnn.lock").exists()
