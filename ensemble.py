@@ -13,6 +13,7 @@ reports 24.1 / 26.1 / 31.6% test error for the members and 20.5% for all three.
 
 import argparse
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -71,6 +72,8 @@ ARTICLE_ERRORS = {
 }
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
+# Disk full, quota, read-only file system, permission: the user can fix these.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -570,6 +573,16 @@ def main(argv=None):
         path = save_results(settings, rows, extra)
     except (UsageError, data.DataError, export.ExportError) as error:
         print(f"ensemble.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"ensemble.py: error: {error.strerror or error}{where}; free space or fix "
+            "permissions, then run the same command again: it resumes",
+            file=sys.stderr,
+        )
         return 2
     logs_dir = Path(settings.logs_dir)
     print()

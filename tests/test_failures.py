@@ -72,3 +72,29 @@ def test_a_stale_lock_is_taken_over(tmp_path, tree, capsys):
     assert cli(tmp_path, "--models", "nin_cnn") == 0
     assert "removing stale lock" in capsys.readouterr().out
     assert not (weights / ".nin_cnn.lock").exists()
+
+
+def test_a_full_disk_while_saving_is_one_line_exit_2_and_loses_nothing(
+    tmp_path, tree, capsys, monkeypatch
+):
+    import errno
+
+    import keras
+
+    def no_space(self, filepath, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
+
+    monkeypatch.setattr(keras.Model, "save_weights", no_space)
+    assert cli(tmp_path, "--models", "nin_cnn") == 2
+    err = capsys.readouterr().err
+    assert "No space left on device writing" in err and "run the same command again" in err
+    assert err.count("\n") == 1
+    assert not list((tmp_path / "weights").glob("nin_cnn.*.weights.h5"))  # no half checkpoint
+    assert not (tmp_path / "weights" / ".nin_cnn.lock").exists()
+
+
+def test_a_weights_dir_that_is_a_file_is_refused(tmp_path, tree, capsys):
+    (tmp_path / "weights").write_text("not a folder")
+    assert cli(tmp_path) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "weights").read_text() == "not a folder"
