@@ -182,6 +182,7 @@ def train_jointly(names, model_input, x_train, y_train, settings):
             alone = dataclasses.replace(settings, restarts=settings.restarts - 1)
             history = compile_and_train(member, settings.epochs, x_train, y_train, alone)
             attempts[member.name] = 1 + history.attempts
+            # Rewrites the record compile_and_train wrote, counting the joint attempt too.
             record_best(
                 member.name, logged_losses(member.name, settings), attempts[member.name], settings
             )
@@ -291,16 +292,13 @@ def run(settings):
     members = load_members(names, model_input, settings.weights_dir)
     # Each member predicts once; every row is scored from these probabilities. The
     # fitted rules learn on the validation split Keras held out, never on the test set.
-    test_probs = {
-        n: m.predict(x_test, settings.batch_size, verbose=0) for n, (m, _) in members.items()
-    }
+    test_probs = predict_members(members, x_test, settings.batch_size)
     split_at = math.floor(len(x_train) * (1 - settings.validation_split))  # as Keras
     x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
+    fitted_rules = set(settings.combine) | ({settings.export_rule} if settings.export else set())
     val_probs = {}
-    if set(settings.combine) & {"weighted", "stack"}:
-        val_probs = {
-            n: m.predict(x_val, settings.batch_size, verbose=0) for n, (m, _) in members.items()
-        }
+    if fitted_rules & {"weighted", "stack"}:
+        val_probs = predict_members(members, x_val, settings.batch_size)
     rows = table_rows(names, settings.combine, test_probs, val_probs, val_labels, y_test[:, 0])
     extra = {
         "train_seconds": train_seconds,
@@ -311,10 +309,6 @@ def run(settings):
     if settings.cost:
         extra["costs"] = measure_costs(members, model_input, x_test)
     if settings.export:
-        if not val_probs and settings.export_rule != "average":
-            val_probs = {
-                n: m.predict(x_val, settings.batch_size, verbose=0) for n, (m, _) in members.items()
-            }
         extra["export"] = export.export(
             settings.export,
             [members[n][0] for n in names],
@@ -323,6 +317,11 @@ def run(settings):
             val_labels,
         )
     return rows, extra
+
+
+def predict_members(members, images, batch_size):
+    """{name: softmax outputs} for the loaded `members` ({name: (model, path)})."""
+    return {n: m.predict(images, batch_size, verbose=0) for n, (m, _) in members.items()}
 
 
 def measure_costs(members, model_input, x_test):

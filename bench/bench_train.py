@@ -37,7 +37,7 @@ def measure(settings):
     ensemble.save_results(settings, rows, extra)
     print(ensemble.format_table(rows))
     train_seconds = sum(extra["train_seconds"].values())
-    trained = round(settings.limit or 50_000) * (1 - settings.validation_split)
+    trained = (settings.limit or 50_000) * (1 - settings.validation_split)
     images = trained * settings.epochs * len(settings.models)  # member-images seen
     return {
         "train_seconds": round(train_seconds, 1),
