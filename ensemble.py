@@ -31,6 +31,7 @@ import numpy as np
 import data
 import evaluation
 import export
+import fast
 import joint
 import report
 from models import MODELS, PAPER_NAMES
@@ -41,6 +42,7 @@ from training import (
     UsageError,
     backup_dir,
     best_checkpoint,
+    distribution_scope,
     is_finished,
     logged_losses,
     member_callbacks,
@@ -98,6 +100,16 @@ class Settings:
     cost: bool = True  # measure parameters, size, latency and throughput
     export: str | None = None  # write the ensemble of all members as one .keras file
     export_rule: str = "average"  # how the exported file combines its members
+    # The recipe options of fast.py; `--preset fast` sets them together.
+    preset: str = "article"
+    precision: str = "float32"  # or "mixed_bfloat16" (bfloat16 compute, float32 weights)
+    augment: bool = False  # random translations and flips on the device while training
+    label_smoothing: float = 0.0
+    schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to zero
+    warmup_epochs: int = 0
+    ema: bool = False  # checkpoint and evaluate the weights' moving average
+    tta: bool = False  # average each test prediction with its mirror image's
+    distribute: bool = False  # one member's batches split over every device (training.py)
 
 
 # --------------------------------------------------------------------------- the article
@@ -161,35 +173,43 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
 
 
 def train_jointly(names, model_input, x_train, y_train, settings):
-    """`--joint`: every member in one compiled step (joint.py); returns attempts per member.
+    """Every member in one compiled step (joint.py); returns (attempts, failed, seconds).
 
-    A member that dies there is trained again on its own, from fresh weights, by
-    `compile_and_train` (which may restart it again if restarts remain).
+    Members that die are drawn afresh and trained again, together, while restarts
+    remain (`--restarts`); the others keep their finished run. `failed` names the
+    members whose loss became NaN; `seconds` splits the time of each epoch.
     """
     members = [MODELS[name](model_input) for name in names]
-    for name in names:  # the joint path has no backups: unfinished members start afresh
-        prepare_member(name, settings)
-    dead_checks = {}
+    attempts, failed = {}, {}
+    seconds = {"epochs": [], "callbacks": []}
+    pending, dead_checks = members, {}
 
     def callbacks_for(member):
         dead_checks[member.name] = StopWhenDead(x_train)
         return [*member_callbacks(member, settings, tensorboard=False), dead_checks[member.name]]
 
-    joint.train_jointly(members, settings.epochs, x_train, y_train, settings, callbacks_for)
-    attempts = {}
-    for member in members:
-        if restart_if_dead(member, dead_checks[member.name], 1, settings):
-            alone = dataclasses.replace(settings, restarts=settings.restarts - 1)
-            history = compile_and_train(member, settings.epochs, x_train, y_train, alone)
-            attempts[member.name] = 1 + history.attempts
-            # Rewrites the record compile_and_train wrote, counting the joint attempt too.
-            record_best(
-                member.name, logged_losses(member.name, settings), attempts[member.name], settings
-            )
-        else:
-            attempts[member.name] = 1
-            record_best(member.name, logged_losses(member.name, settings), 1, settings)
-    return attempts
+    for attempt in range(1, settings.restarts + 2):
+        for member in pending:  # the joint path has no backups: unfinished members restart
+            shutil.rmtree(backup_dir(member.name, settings), ignore_errors=True)
+            prepare_member(member.name, settings)
+            attempts[member.name] = attempt
+        trained = joint.train_jointly(
+            pending, settings.epochs, x_train, y_train, settings, callbacks_for
+        )
+        failed.update(trained.failed)
+        seconds["epochs"] += [round(s, 2) for s in trained.epoch_seconds]
+        seconds["callbacks"] += [round(s, 2) for s in trained.callback_seconds]
+        pending = [
+            member
+            for member in pending
+            if member.name not in trained.failed
+            and restart_if_dead(member, dead_checks[member.name], attempt, settings)
+        ]
+        if not pending:
+            break
+    for name in names:
+        record_best(name, logged_losses(name, settings), attempts[name], settings)
+    return attempts, failed, seconds
 
 
 def evaluate_error(model, x_test, y_test, batch_size=32):
@@ -203,7 +223,7 @@ def evaluate_error(model, x_test, y_test, batch_size=32):
 def ensemble(models, model_input):
     """One model on the shared input whose output is the mean of the members' softmax."""
     outputs = [model.outputs[0] for model in models]
-    y = keras.layers.Average()(outputs)
+    y = keras.layers.Average(dtype="float32")(outputs)  # float32 under mixed precision too
     return keras.Model(model_input, y, name="ensemble")
 
 
@@ -234,7 +254,16 @@ def load_members(names, model_input, weights_dir):
 
 
 def run(settings):
-    """Trains (unless eval_only), reloads the best weights, ensembles, reports. Returns rows."""
+    """Trains (unless eval_only), reloads the best weights, ensembles, reports. Returns rows.
+
+    Models are built under `settings.precision` (Keras' global dtype policy, restored
+    afterwards).
+    """
+    with fast.DtypePolicy(fast.resolve_precision(settings.precision)):
+        return _run(settings)
+
+
+def _run(settings):
     keras.utils.set_random_seed(settings.seed)
     (x_train, y_train), (x_test, y_test) = data.load_data(
         settings.data_dir, limit=settings.limit, seed=settings.seed
@@ -250,7 +279,7 @@ def run(settings):
             "images left after the validation split; lower it or raise --limit"
         )
     model_input = keras.Input(shape=x_train.shape[1:])
-    train_seconds, attempts, failed = {}, {}, {}
+    train_seconds, attempts, failed, epoch_seconds = {}, {}, {}, {}
     if not settings.eval_only:
         if not tensorboard_available():
             print(f"TensorBoard needs tensorflow and tensorboard: CSV logs in {settings.logs_dir}/")
@@ -265,16 +294,26 @@ def run(settings):
             if settings.retrain:
                 for name in to_train:
                     shutil.rmtree(backup_dir(name, settings), ignore_errors=True)
-            if settings.joint and to_train:
-                print(f"training {', '.join(to_train)} jointly for {settings.epochs} epochs")
+            # The recipe options train inside joint.py's step: without --joint, each
+            # member goes through it on its own.
+            groups = [to_train] if settings.joint else []
+            if not settings.joint and fast.changes_recipe(settings):
+                groups = [[name] for name in to_train]
+            for group in groups:
+                how = "jointly " if len(group) > 1 else ""
+                print(f"training {', '.join(group)} {how}for {settings.epochs} epochs")
                 start = time.perf_counter()
-                attempts = train_jointly(to_train, model_input, x_train, y_train, settings)
-                train_seconds["joint"] = round(time.perf_counter() - start, 1)
-            for name in () if settings.joint else to_train:
+                trained = train_jointly(group, model_input, x_train, y_train, settings)
+                train_seconds["+".join(group)] = round(time.perf_counter() - start, 1)
+                attempts.update(trained[0])
+                failed.update(trained[1])
+                epoch_seconds["+".join(group)] = trained[2]
+            for name in () if groups else to_train:
                 print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
                 start = time.perf_counter()
-                model = MODELS[name](model_input)
-                history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
+                with distribution_scope(settings, settings.batch_size):
+                    model = MODELS[name](model_input)
+                    history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
                 train_seconds[name] = round(time.perf_counter() - start, 1)
                 attempts[name] = history.attempts
                 if history.failed:
@@ -292,13 +331,13 @@ def run(settings):
     members = load_members(names, model_input, settings.weights_dir)
     # Each member predicts once; every row is scored from these probabilities. The
     # fitted rules learn on the validation split Keras held out, never on the test set.
-    test_probs = predict_members(members, x_test, settings.batch_size)
+    test_probs = predict_members(members, x_test, settings)
     split_at = math.floor(len(x_train) * (1 - settings.validation_split))  # as Keras
     x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
     fitted_rules = set(settings.combine) | ({settings.export_rule} if settings.export else set())
     val_probs = {}
     if fitted_rules & {"weighted", "stack"}:
-        val_probs = predict_members(members, x_val, settings.batch_size)
+        val_probs = predict_members(members, x_val, settings)
     rows = table_rows(names, settings.combine, test_probs, val_probs, val_labels, y_test[:, 0])
     extra = {
         "train_seconds": train_seconds,
@@ -306,6 +345,8 @@ def run(settings):
         "failed": failed,
         "checkpoints": {name: str(path) for name, (_, path) in members.items()},
     }
+    if epoch_seconds:  # joint training: where each epoch's time went
+        extra["epoch_seconds"] = epoch_seconds
     if settings.cost:
         extra["costs"] = measure_costs(members, model_input, x_test)
     if settings.export:
@@ -319,9 +360,15 @@ def run(settings):
     return rows, extra
 
 
-def predict_members(members, images, batch_size):
-    """{name: softmax outputs} for the loaded `members` ({name: (model, path)})."""
-    return {n: m.predict(images, batch_size, verbose=0) for n, (m, _) in members.items()}
+def predict_members(members, images, settings):
+    """{name: softmax outputs} for the loaded `members` ({name: (model, path)}).
+
+    With `settings.tta` each output is the mean over the image and its mirror image.
+    """
+    return {
+        n: fast.predict(m, images, settings.batch_size, settings.tta)
+        for n, (m, _) in members.items()
+    }
 
 
 def measure_costs(members, model_input, x_test):
@@ -400,114 +447,142 @@ def save_results(settings, rows, extra):
 
 
 def parse_args(argv=None):
+    """Settings from the command line: the article's defaults, then --preset, then flags."""
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="ensemble.py",
         description="Train the article's three CIFAR-10 ConvNets and evaluate their "
-        "averaged ensembles. Defaults reproduce the article.",
+        "averaged ensembles. Defaults reproduce the article; --preset fast trades the "
+        "recipe for accuracy per minute (see fast.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # absent flags leave the preset's value
     )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per member")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch size")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--preset", choices=list(fast.PRESETS), help="article (default) or fast: sets the "
+        "recipe flags below, which still override it")  # fmt: skip
+    add("--epochs", type=int, help=f"epochs per member (article: {defaults.epochs})")
+    add("--batch-size", type=int, help=f"batch size (article: {defaults.batch_size})")
+    add(
         "--validation-split",
         type=float,
-        default=defaults.validation_split,
-        help="fraction of the training set held out for validation (the last part)",
+        help="fraction of the training set held out for validation, the last part "
+        f"(article: {defaults.validation_split})",
     )
-    parser.add_argument(
-        "--learning-rate", type=float, default=defaults.learning_rate, help="Adam learning rate"
+    add(
+        "--learning-rate",
+        type=float,
+        help=f"Adam learning rate, the peak of a schedule (article: {defaults.learning_rate})",
     )
-    parser.add_argument(
+    add(
         "--models",
         nargs="+",
-        default=list(defaults.models),
         metavar="NAME",
-        help=f"members to train and evaluate, from: {', '.join(MODELS)}",
+        help=f"members to train and evaluate, from: {', '.join(MODELS)} (default: all)",
     )
-    parser.add_argument(
+    add(
         "--data-dir",
-        default=defaults.data_dir,
         help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, or a "
         "train/<class>/ test/<class>/ image tree (folder, .tar or .tar.gz); "
         "default: download with Keras",
     )
-    parser.add_argument(
-        "--limit", type=int, default=defaults.limit, help="keep N train and N test images"
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
-    parser.add_argument("--weights-dir", default=defaults.weights_dir, help="checkpoint folder")
-    parser.add_argument("--logs-dir", default=defaults.logs_dir, help="logs and results folder")
-    parser.add_argument(
+    add("--limit", type=int, help="keep N train and N test images (default: all)")
+    add("--seed", type=int, help=f"random seed (default: {defaults.seed})")
+    add("--weights-dir", help=f"checkpoint folder (default: {defaults.weights_dir})")
+    add("--logs-dir", help=f"logs and results folder (default: {defaults.logs_dir})")
+    add(
         "--eval-only",
         action="store_true",
         help="skip training: ensemble the best checkpoints already in --weights-dir",
     )
-    parser.add_argument(
+    add(
         "--restarts",
         type=int,
-        default=defaults.restarts,
         help="fresh starts for a member whose network dies (same output for every image); "
-        "0 trains each member exactly once, as the article",
+        f"0 trains each member exactly once, as the article (default: {defaults.restarts})",
     )
-    parser.add_argument(
+    add(
         "--joint",
         action="store_true",
         help="train every member in one compiled step: same hyperparameters and "
         "checkpoints, members share the batch order (see joint.py)",
     )
-    parser.add_argument(
+    add(
+        "--distribute",
+        action="store_true",
+        help="split each member's batches over every GPU of this machine (or of several "
+        "machines, see README): DataParallel on JAX, MirroredStrategy on TensorFlow",
+    )
+    add(
         "--retrain",
         action="store_true",
         help="train members again although their finished checkpoints are recorded "
         "(by default a new run skips them and resumes an interrupted one)",
     )
-    parser.add_argument(
+    add(
         "--combine",
         nargs="+",
-        default=list(defaults.combine),
         choices=evaluation.RULES,
         help="combination rules to score; the article's average always comes first",
     )
-    parser.add_argument(
+    add(
         "--cost",
         action=argparse.BooleanOptionalAction,
-        default=defaults.cost,
-        help="measure parameters, weight size, batch-1 latency and batch-256 throughput",
+        help="measure parameters, weight size, batch-1 latency and batch-256 throughput "
+        "(default: on)",
     )
-    parser.add_argument(
+    add(
         "--export",
-        default=defaults.export,
         metavar="PATH.keras",
         help="write the ensemble of all --models as one Keras model file",
     )
-    parser.add_argument(
+    add(
         "--export-rule",
-        default=defaults.export_rule,
         choices=export.EXPORT_RULES,
-        help="combining layer of the exported file",
+        help="combining layer of the exported file (default: average)",
     )
-    args = parser.parse_args(argv)
-    return Settings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_split=args.validation_split,
-        learning_rate=args.learning_rate,
-        models=tuple(args.models),
-        data_dir=args.data_dir,
-        limit=args.limit,
-        seed=args.seed,
-        weights_dir=args.weights_dir,
-        logs_dir=args.logs_dir,
-        eval_only=args.eval_only,
-        restarts=args.restarts,
-        joint=args.joint,
-        retrain=args.retrain,
-        combine=tuple(args.combine),
-        cost=args.cost,
-        export=args.export,
-        export_rule=args.export_rule,
+    recipe = parser.add_argument_group("recipe options (fast.py; --preset fast sets them)")
+    recipe.add_argument(
+        "--precision",
+        choices=fast.PRECISIONS,
+        help="mixed_bfloat16 computes in bfloat16 with float32 weights; auto picks it on "
+        "a GPU or TPU, float32 elsewhere (article: float32)",
     )
+    recipe.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random translations (up to 4 pixels) and horizontal flips while training",
+    )
+    recipe.add_argument("--label-smoothing", type=float, help="e.g. 0.1 (article: 0)")
+    recipe.add_argument(
+        "--schedule",
+        choices=fast.SCHEDULES,
+        help="constant learning rate (article), or warm-up then cosine decay to zero",
+    )
+    recipe.add_argument("--warmup-epochs", type=int, help="linear warm-up of the cosine schedule")
+    recipe.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        help="checkpoint and evaluate the exponential moving average of the weights",
+    )
+    recipe.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="average each test prediction with the prediction for its mirror image",
+    )
+    args = vars(parser.parse_args(argv))
+    return settings_from(args)
+
+
+def settings_from(flags):
+    """Settings from {field: value}: the article's defaults, the preset, then `flags`."""
+    preset = flags.get("preset", "article")
+    values = {**fast.PRESETS[preset], **flags, "preset": preset}
+    for field in ("models", "combine"):
+        if field in values:
+            values[field] = tuple(values[field])
+    if "precision" in values:
+        values["precision"] = fast.resolve_precision(values["precision"])
+    return Settings(**values)
 
 
 def check_settings(settings):
@@ -531,6 +606,22 @@ def check_settings(settings):
         raise UsageError(f"--restarts must be 0 or more, got {settings.restarts}")
     if settings.limit is not None and settings.limit < 1:
         raise UsageError(f"--limit must be a positive number of images, got {settings.limit}")
+    if not 0 <= settings.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must lie in [0, 1), got {settings.label_smoothing}")
+    if settings.warmup_epochs < 0 or (
+        settings.schedule == "cosine" and settings.warmup_epochs >= settings.epochs
+    ):
+        raise UsageError(
+            f"--warmup-epochs must be 0 or more and fewer than --epochs ({settings.epochs}), "
+            f"got {settings.warmup_epochs}"
+        )
+    if settings.distribute and (settings.joint or fast.changes_recipe(settings)):
+        raise UsageError(
+            "--distribute spreads the article's one-member fit over devices; it does not "
+            "combine with --joint or the recipe options of --preset fast"
+        )
+    if settings.precision not in fast.PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(fast.PRECISIONS)}")
     if settings.export is not None and Path(settings.export).suffix != ".keras":
         raise UsageError(f"--export {settings.export} must end in .keras")
     for flag, folder in (

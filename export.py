@@ -2,7 +2,8 @@
 
 The exported model takes one image batch, runs every member (each a nested
 `keras.Model`) and combines their softmax outputs with built-in layers only, so
-`keras.saving.load_model` reads it in safe mode, under any backend:
+`keras.saving.load_model` reads it in safe mode, under any backend. Members built
+under bfloat16 mixed precision stay so; the combining layers are always float32:
 
     average    keras.layers.Average
     weighted   keras.layers.Rescaling(w_i) per member, then keras.layers.Add
@@ -34,19 +35,22 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     outputs = [member(model_input) for member in members]
     fitted = {}
     if rule == "average":
-        combined = keras.layers.Average(name="average")(outputs)
+        combined = keras.layers.Average(name="average", dtype="float32")(outputs)
     elif rule == "weighted":
         weights = evaluation.fit_weights(val_member_probs, val_labels)
         fitted["weights"] = [round(float(w), 6) for w in weights]
         scaled = [
-            keras.layers.Rescaling(float(w), name=f"weight_{member.name}")(output)
+            keras.layers.Rescaling(float(w), name=f"weight_{member.name}", dtype="float32")(output)
             for w, member, output in zip(weights, members, outputs, strict=True)
         ]
-        combined = keras.layers.Add(name="weighted_average")(scaled)
+        combined = keras.layers.Add(name="weighted_average", dtype="float32")(scaled)
     elif rule == "stack":
         stacker = evaluation.fit_stacking(val_member_probs, val_labels)
-        dense = keras.layers.Dense(stacker["bias"].shape[0], activation="softmax", name="stack")
-        combined = dense(keras.layers.Concatenate(name="member_probabilities")(outputs))
+        dense = keras.layers.Dense(
+            stacker["bias"].shape[0], activation="softmax", name="stack", dtype="float32"
+        )
+        concatenated = keras.layers.Concatenate(name="member_probabilities", dtype="float32")
+        combined = dense(concatenated(outputs))
         dense.set_weights([stacker["kernel"].astype("float32"), stacker["bias"].astype("float32")])
     else:
         raise ExportError(

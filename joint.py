@@ -1,12 +1,16 @@
-"""The article's recipe with every member trained in one compiled step (`--joint`).
+"""Every member trained in one compiled step (`--joint`, and `--preset fast`).
 
-Same hyperparameters as `ensemble.compile_and_train`: batch 32, Adam at 1e-3, the
-same epochs, float32, the last `validation_split` of the training set held out, and
-each member checkpointed whenever *its own* training loss improves. The members
-form one multi-output model whose loss is the sum of theirs; they share no
-weights, so each member's gradient is exactly the one it would get alone, and Adam
-updates every weight from its own gradient only. The one difference from training
-them one after another: all members see the same batch order.
+With the article's settings this is the article's recipe: batch 32, Adam at 1e-3,
+the same epochs, float32, the last `validation_split` of the training set held
+out, and each member checkpointed whenever *its own* training loss improves. The
+members form one multi-output model whose loss is the sum of theirs; they share
+no weights, so each member's gradient is exactly the one it would get alone, and
+Adam updates every weight from its own gradient only. The one difference from
+training them one after another: all members see the same batch order.
+
+The recipe options of `fast.py` (augmentation, label smoothing, a schedule, EMA
+weights, bfloat16) live here too: augmentation layers sit between the shared
+input and each member, so the members themselves stay the article's models.
 
 On JAX a whole epoch runs as one compiled call (a `lax.scan` over its steps through
 Keras' stateless API) on data kept on the device; on the other backends the joint
@@ -16,30 +20,53 @@ model goes through `fit`, which still fuses the members into one step.
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
+import fast
+
 # JAX only: run an epoch's steps as one compiled loop. None chooses by device (see
 # _train_scanned); tests set it to compare both ways on the CPU.
 SCAN_EPOCHS = None
+# JAX only: steps per loop iteration of the scanned epoch (lax.scan's `unroll`).
+SCAN_UNROLL = 1
 
 
-def joint_model(members, model_input):
-    """One model with every member's softmax as a named output, nothing shared but the input."""
-    return keras.Model(model_input, [member(model_input) for member in members], name="joint")
+class Trained(NamedTuple):
+    histories: dict  # {name: per-epoch logs}, like History.history
+    failed: dict  # {name: why it stopped}: its loss became NaN
+    epoch_seconds: list  # per epoch: training steps (the first includes compiling)
+    callback_seconds: list  # per epoch: validation, checkpoints, logs, dead checks
+
+
+def joint_model(members, model_input, settings=None):
+    """One model with every member's softmax as a named output, nothing shared but the input.
+
+    With `settings.augment`, each member reads its own randomly translated and
+    flipped copy of the input while training (`fast.Augment`).
+    """
+    inputs = [model_input] * len(members)
+    if settings is not None:
+        inputs = fast.training_inputs(members, model_input, settings)
+    outputs = [member(x) for member, x in zip(members, inputs, strict=True)]
+    return keras.Model(model_input, outputs, name="joint")
 
 
 def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for):
-    """Trains `members` together; returns {name: per-epoch logs} like `History.history`.
+    """Trains `members` together; returns a `Trained` record.
 
     `callbacks_for(member)` gives the Keras callbacks one member would get from
     `fit` (checkpoint, CSV log, dead check); they receive that member's logs at every
-    epoch end, with the member's weights current, exactly as under `fit`.
+    epoch end, with the member's weights current (its moving average with
+    `settings.ema`), exactly as under `fit`. A member whose loss becomes NaN, or
+    whose dead check stops it, gets no further callbacks; training ends early when
+    no member is left. (A NaN member cannot spoil the others: nothing is shared.)
     """
     model_input = members[0].inputs[0]
-    joint = joint_model(members, model_input)
+    joint = joint_model(members, model_input, settings)
     split_at = math.floor(len(x_train) * (1.0 - settings.validation_split))  # as Keras
     train = (x_train[:split_at], y_train[:split_at])
     validation = (x_train[split_at:], y_train[split_at:])
@@ -48,7 +75,8 @@ def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for
         _train_scanned(joint, members, num_epochs, train, validation, settings, dispatch)
     else:
         _train_with_fit(joint, members, num_epochs, train, validation, settings, dispatch)
-    return dispatch.histories
+    return Trained(dispatch.histories, dispatch.failed, dispatch.epoch_seconds,
+                   dispatch.callback_seconds)  # fmt: skip
 
 
 class _MemberDispatch(keras.callbacks.Callback):
@@ -56,58 +84,101 @@ class _MemberDispatch(keras.callbacks.Callback):
 
     def __init__(self, members, callbacks_for):
         super().__init__()
-        self.names = [member.name for member in members]
+        self.members = list(members)
         self.lists = [
             keras.callbacks.CallbackList(callbacks_for(member), model=member) for member in members
         ]
-        self.histories = {name: {} for name in self.names}
+        self.histories = {member.name: {} for member in members}
+        self.failed = {}
+        self.stopped = set()
+        self.epoch_seconds, self.callback_seconds = [], []
+
+    @property
+    def all_stopped(self):
+        return len(self.stopped) == len(self.members)
 
     def on_train_begin(self, logs=None):
         for callbacks in self.lists:
             callbacks.on_train_begin()
 
     def on_epoch_begin(self, epoch, logs=None):
-        for callbacks in self.lists:
-            callbacks.on_epoch_begin(epoch)
+        self._epoch_start = time.perf_counter()
+        for member, callbacks in zip(self.members, self.lists, strict=True):
+            if member.name not in self.stopped:
+                callbacks.on_epoch_begin(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        for name, callbacks in zip(self.names, self.lists, strict=True):
+        start = time.perf_counter()
+        for member, callbacks in zip(self.members, self.lists, strict=True):
+            name = member.name
+            if name in self.stopped:
+                continue
+            # fit names a single output's logs plainly ("loss"), several by output.
+            single = len(self.members) == 1 and f"{name}_loss" not in logs
             member_logs = {
-                "acc": logs[f"{name}_acc"],
-                "loss": logs[f"{name}_loss"],
-                "val_acc": logs[f"val_{name}_acc"],
-                "val_loss": logs[f"val_{name}_loss"],
+                f"{prefix}{key}": float(
+                    logs[f"{prefix}{key}" if single else f"{prefix}{name}_{key}"]
+                )
+                for prefix in ("", "val_")
+                for key in ("acc", "loss")
             }
-            member_logs = {key: float(value) for key, value in member_logs.items()}
             for key, value in member_logs.items():
                 self.histories[name].setdefault(key, []).append(value)
+            member.stop_training = False
             callbacks.on_epoch_end(epoch, member_logs)
+            if math.isnan(member_logs["loss"]):
+                self.failed[name] = f"its loss became NaN in epoch {epoch + 1}"
+                print(f"{name} stopped: {self.failed[name]}; the other members go on")
+                self.stopped.add(name)
+            elif member.stop_training:  # its dead check
+                self.stopped.add(name)
+        if self.model is not None and self.all_stopped:
+            self.model.stop_training = True  # under fit: nothing left to train
+        self.callback_seconds.append(time.perf_counter() - start)
 
     def on_train_end(self, logs=None):
         for callbacks in self.lists:
             callbacks.on_train_end()
 
 
-def _compile(joint, members, settings):
-    joint.compile(
-        loss=[keras.losses.categorical_crossentropy] * len(members),
-        optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
-        metrics=[["acc"]] * len(members),
-    )
+def _steps_per_epoch(num_train, settings):
+    return max(math.ceil(num_train / settings.batch_size), 1)
 
 
 def _train_with_fit(joint, members, num_epochs, train, validation, settings, dispatch):
-    _compile(joint, members, settings)
+    steps = _steps_per_epoch(len(train[0]), settings)
+    joint.compile(
+        loss=[fast.loss_function(settings) for _ in members],
+        optimizer=fast.optimizer(settings, steps),
+        metrics=[["acc"]] * len(members),
+    )
     repeat = len(members)
-    joint.fit(
+    callbacks = [dispatch]
+    if settings.ema:  # the members' callbacks see (and checkpoint) the moving average
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    timer = _EpochTimer(dispatch)
+    history = joint.fit(
         x=train[0],
         y=[train[1]] * repeat,
         batch_size=settings.batch_size,
         epochs=num_epochs,
         verbose=1 if sys.stdout.isatty() else 2,
-        callbacks=[dispatch],
+        callbacks=[timer, *callbacks],
         validation_data=(validation[0], [validation[1]] * repeat),
     )
+    return history
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self, dispatch):
+        super().__init__()
+        self.dispatch = dispatch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.dispatch.epoch_seconds.append(time.perf_counter() - self.start)
 
 
 def _train_scanned(joint, members, num_epochs, train, validation, settings, dispatch):
@@ -115,32 +186,47 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
     import jax.numpy as jnp
 
     names = [member.name for member in members]
-    optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate)
+    num_train, batch_size = len(train[0]), settings.batch_size
+    steps = _steps_per_epoch(num_train, settings)
+    optimizer = fast.optimizer(settings, steps)
     optimizer.build(joint.trainable_variables)
+    label_smoothing = settings.label_smoothing
     x_train, y_train = jnp.asarray(train[0]), jnp.asarray(train[1])  # resident on the device
     x_val, y_val = jnp.asarray(validation[0]), jnp.asarray(validation[1])
 
+    def member_losses(y, outputs, mask):
+        outputs = outputs if len(members) > 1 else [outputs]
+        losses = [
+            ops.sum(
+                mask * keras.losses.categorical_crossentropy(y, o, label_smoothing=label_smoothing)
+            )
+            for o in outputs
+        ]
+        correct = [ops.sum(mask * _matches(y, o)) for o in outputs]
+        return losses, correct
+
     # The data go in as arguments: closed over, a jitted function would embed them
-    # in the compiled program as constants.
-    def step(state, index, x_all, y_all):
+    # in the compiled program as constants. Every batch has the same shape: the last,
+    # smaller one is padded and masked (its loss is still the mean over its images,
+    # as under fit), so that one compiled step serves the whole run.
+    def step(state, batch, x_all, y_all):
         trainable, non_trainable, optimizer_vars, sums = state
+        index, mask = batch
         x, y = x_all[index], y_all[index]
+        count = ops.sum(mask)
 
         def total_loss(trainable):
             outputs, new_non_trainable = joint.stateless_call(
                 trainable, non_trainable, x, training=True
             )
-            outputs = outputs if len(members) > 1 else [outputs]
-            losses = [ops.mean(keras.losses.categorical_crossentropy(y, o)) for o in outputs]
-            return sum(losses), (losses, outputs, new_non_trainable)
+            losses, correct = member_losses(y, outputs, mask)
+            return sum(losses) / count, (losses, correct, new_non_trainable)
 
-        (_, (losses, outputs, non_trainable)), grads = jax.value_and_grad(total_loss, has_aux=True)(
+        (_, (losses, correct, non_trainable)), grads = jax.value_and_grad(total_loss, has_aux=True)(
             trainable
         )
         trainable, optimizer_vars = optimizer.stateless_apply(optimizer_vars, grads, trainable)
-        correct = [_correct(y, o) for o in outputs]
-        batch = y.shape[0]
-        sums = sums + jnp.stack([loss * batch for loss in losses] + correct)
+        sums = sums + jnp.stack(losses + correct)
         return (trainable, non_trainable, optimizer_vars, sums), None
 
     scan = SCAN_EPOCHS if SCAN_EPOCHS is not None else jax.default_backend() != "cpu"
@@ -151,8 +237,8 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
         one_step = jax.jit(step)
 
         def run_steps(state, batches, x_all, y_all):
-            for batch in batches:
-                state = one_step(state, batch, x_all, y_all)[0]
+            for i in range(batches[0].shape[0]):
+                state = one_step(state, (batches[0][i], batches[1][i]), x_all, y_all)[0]
             return state
 
     else:
@@ -160,40 +246,45 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
         # a whole epoch of steps runs as one compiled loop.
         @jax.jit
         def run_steps(state, batches, x_all, y_all):
-            return jax.lax.scan(lambda s, i: step(s, i, x_all, y_all), state, batches)[0]
+            return jax.lax.scan(
+                lambda s, b: step(s, b, x_all, y_all), state, batches, unroll=SCAN_UNROLL
+            )[0]
 
     @jax.jit
     def evaluate(trainable, non_trainable, x, y):
         outputs, _ = joint.stateless_call(trainable, non_trainable, x, training=False)
-        outputs = outputs if len(members) > 1 else [outputs]
-        losses = [ops.sum(keras.losses.categorical_crossentropy(y, o)) for o in outputs]
-        return jnp.stack(losses + [_correct(y, o) for o in outputs])
+        losses, correct = member_losses(y, outputs, jnp.ones(x.shape[0], jnp.float32))
+        return jnp.stack(losses + correct)
 
     trainable = [v.value for v in joint.trainable_variables]
     non_trainable = [v.value for v in joint.non_trainable_variables]
     optimizer_vars = [v.value for v in optimizer.variables]
+    slot = {id(v): i for i, v in enumerate(optimizer.variables)}
+    averages = [slot[id(v)] for v in getattr(optimizer, "_model_variables_moving_average", [])]
     rng = np.random.default_rng(settings.seed)
-    num_train, batch_size = len(train[0]), settings.batch_size
-    full_steps = num_train // batch_size
     dispatch.on_train_begin()
     for epoch in range(num_epochs):
         dispatch.on_epoch_begin(epoch)
         epoch_start = time.perf_counter()
         order = rng.permutation(num_train).astype(np.int32)
+        padded = np.zeros(steps * batch_size, np.int32)
+        padded[:num_train] = order
+        mask = (np.arange(steps * batch_size) < num_train).astype(np.float32)
+        batches = (
+            jnp.asarray(padded.reshape(steps, batch_size)),
+            jnp.asarray(mask.reshape(steps, batch_size)),
+        )
         sums = jnp.zeros(2 * len(members), jnp.float32)
         state = (trainable, non_trainable, optimizer_vars, sums)
-        if full_steps:
-            batches = order[: full_steps * batch_size].reshape(full_steps, batch_size)
-            state = run_steps(state, jnp.asarray(batches), x_train, y_train)
-        if num_train % batch_size:  # Keras trains on the last, smaller batch too
-            last = jnp.asarray(order[full_steps * batch_size :][None])
-            state = run_steps(state, last, x_train, y_train)
-        trainable, non_trainable, optimizer_vars, sums = state
+        trainable, non_trainable, optimizer_vars, sums = run_steps(state, batches, x_train, y_train)
+        # With EMA the members are validated, checkpointed and probed as averages.
+        shown = [optimizer_vars[i] for i in averages] if settings.ema else trainable
         val_sums = sum(
-            evaluate(trainable, non_trainable, x_val[i : i + 1000], y_val[i : i + 1000])
+            evaluate(shown, non_trainable, x_val[i : i + 1000], y_val[i : i + 1000])
             for i in range(0, len(validation[0]), 1000)
         )
         sums, val_sums = np.asarray(sums), np.asarray(val_sums)
+        dispatch.epoch_seconds.append(time.perf_counter() - epoch_start)
         count, val_count = num_train, max(len(validation[0]), 1)
         logs = {}
         for i, name in enumerate(names):
@@ -201,26 +292,26 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
             logs[f"{name}_acc"] = sums[len(names) + i] / count
             logs[f"val_{name}_loss"] = val_sums[i] / val_count
             logs[f"val_{name}_acc"] = val_sums[len(names) + i] / val_count
-        # Members' callbacks save and probe the Keras variables: bring them up to date.
-        for variable, value in zip(joint.trainable_variables, trainable, strict=True):
-            variable.assign(value)
+        # Members' callbacks save and probe the Keras variables. They get copies:
+        # Keras' predict (the dead check) donates the variables' buffers to its
+        # compiled call, which would delete the arrays this loop carries on with.
+        for variable, value in zip(joint.trainable_variables, shown, strict=True):
+            variable.assign(jnp.copy(value))
         for variable, value in zip(joint.non_trainable_variables, non_trainable, strict=True):
-            variable.assign(value)
-        seconds = time.perf_counter() - epoch_start
+            variable.assign(jnp.copy(value))
         print(
-            f"epoch {epoch + 1}/{num_epochs} {seconds:.1f}s: " + _summary(names, logs), flush=True
+            f"epoch {epoch + 1}/{num_epochs} {dispatch.epoch_seconds[-1]:.1f}s: "
+            + _summary([n for n in names if n not in dispatch.stopped], logs),
+            flush=True,
         )
         dispatch.on_epoch_end(epoch, logs)
-        # Keras' predict (the dead check) donates the variables' buffers to its own
-        # compiled call and stores fresh ones: continue from those.
-        trainable = [v.value for v in joint.trainable_variables]
-        non_trainable = [v.value for v in joint.non_trainable_variables]
+        if dispatch.all_stopped:
+            break
     dispatch.on_train_end()
 
 
-def _correct(y, outputs):
-    matches = ops.equal(ops.argmax(y, axis=-1), ops.argmax(outputs, axis=-1))
-    return ops.sum(ops.cast(matches, "float32"))
+def _matches(y, outputs):
+    return ops.cast(ops.equal(ops.argmax(y, axis=-1), ops.argmax(outputs, axis=-1)), "float32")
 
 
 def _summary(names, logs):

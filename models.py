@@ -101,7 +101,9 @@ def _softmax_head(model_input, x, name):
     # before averaging, and the article notes the model then fails to train.
     x = layers.Conv2D(10, (1, 1))(x)
     x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Activation("softmax")(x)
+    # float32 whatever the global policy: under mixed precision a bfloat16 softmax
+    # would round confident probabilities to 1 and its log-loss to 0.
+    x = layers.Activation("softmax", dtype="float32")(x)
     return keras.Model(model_input, x, name=name)
 
 

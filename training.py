@@ -9,6 +9,7 @@ so that both write the same files under the same rules:
     logs/<name>.csv                            one row per epoch
 """
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -261,6 +262,45 @@ def best_checkpoint(weights_dir, name):
             candidates.append((float(match["loss"]), -int(match["epoch"]), path))
     candidates = [c for c in candidates if np.isfinite(c[0])]
     return min(candidates)[2] if candidates else None
+
+
+def distribution_scope(settings, batch_size):
+    """Where one member is built, compiled and fitted: one device, or all (`--distribute`).
+
+    Data parallelism as each backend ships it: Keras' `DataParallel` on JAX (every
+    step's batch split across the devices, gradients averaged: the same update as
+    one device on the whole batch), `tf.distribute.MirroredStrategy` on TensorFlow.
+    Several machines: on JAX set KERAS_DISTRIBUTION_JOB_ADDRESSES,
+    KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID on each
+    (`keras.distribution.initialize` reads them); on TensorFlow set TF_CONFIG, which
+    selects `MultiWorkerMirroredStrategy`.
+    """
+    if not settings.distribute:
+        return contextlib.nullcontext()
+    backend = keras.backend.backend()
+    if backend == "jax":
+        if "KERAS_DISTRIBUTION_NUM_PROCESSES" in os.environ:
+            keras.distribution.initialize()
+        devices = keras.distribution.list_devices()
+        if batch_size % len(devices):
+            raise UsageError(
+                f"--distribute splits each batch over {len(devices)} devices: --batch-size "
+                f"{batch_size} must be a multiple of {len(devices)}"
+            )
+        print(f"--distribute: DataParallel over {len(devices)} devices ({', '.join(devices)})")
+        return keras.distribution.DataParallel(devices=devices).scope()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if "TF_CONFIG" in os.environ:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            strategy = tf.distribute.MirroredStrategy()
+        print(
+            f"--distribute: {type(strategy).__name__} over {strategy.num_replicas_in_sync} devices"
+        )
+        return strategy.scope()
+    raise UsageError(f"--distribute needs the jax or tensorflow backend, not {backend}")
 
 
 def tensorboard_available():

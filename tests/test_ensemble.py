@@ -228,9 +228,12 @@ def test_help_documents_every_flag_with_the_article_default(capsys):
         "--weights-dir",
         "--logs-dir",
         "--eval-only",
+        "--preset",
+        "--augment",
+        "--tta",
     ):
         assert flag in text
-    assert "(default: 20)" in text and "(default: 32)" in text and "(default: 0.2)" in text
+    assert "(article: 20)" in text and "(article: 32)" in text and "(article: 0.2)" in text
 
 
 def test_format_table_aligns_columns():

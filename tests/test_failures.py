@@ -1,4 +1,4 @@
-"""A member whose loss turns NaN, and two runs on one weights folder."""
+"""A member whose loss turns NaN, two runs on one weights folder, folders we cannot write."""
 
 import json
 import os
@@ -25,8 +25,9 @@ def cli(tmp_path, *flags):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("joint", [False, True], ids=["one fit per member", "--joint"])
 def test_a_member_whose_loss_becomes_nan_stops_and_the_others_go_on(
-    tmp_path, tree, capsys, monkeypatch
+    tmp_path, tree, capsys, monkeypatch, joint
 ):
     def poisoned_nin(model_input):
         model = nin_cnn(model_input)
@@ -36,13 +37,17 @@ def test_a_member_whose_loss_becomes_nan_stops_and_the_others_go_on(
         return model
 
     monkeypatch.setitem(ensemble.MODELS, "nin_cnn", poisoned_nin)
-    assert cli(tmp_path, "--models", "all_cnn", "nin_cnn") == 0
+    flags = ["--joint", "--epochs", "2"] if joint else []
+    assert cli(tmp_path, "--models", "all_cnn", "nin_cnn", *flags) == 0
     out = capsys.readouterr().out
     assert "nin_cnn stopped: its loss became NaN in epoch 1; the other members go on" in out
     assert "nin_cnn is left out of the ensembles" in out
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     assert [row["row"] for row in results["results"]] == ["ALL-CNN-C"]
     assert "nin_cnn" in results["failed"]
+    if joint:  # the healthy member trained every epoch; the NaN one was dropped after one
+        assert (tmp_path / "logs" / "all_cnn.csv").read_text().count("\n") == 3
+        assert (tmp_path / "logs" / "nin_cnn.csv").read_text().count("\n") == 2
 
 
 def test_a_second_run_on_a_member_in_training_fails_fast_naming_the_first(tmp_path, tree, capsys):
@@ -98,3 +103,46 @@ def test_a_weights_dir_that_is_a_file_is_refused(tmp_path, tree, capsys):
     assert cli(tmp_path) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "weights").read_text() == "not a folder"
+
+
+def _without_root_privilege():
+    """For a subprocess: file permissions apply even to root (CAP_DAC_OVERRIDE dropped)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) refused")
+
+
+@pytest.mark.parametrize("flag", ["--weights-dir", "--logs-dir"])
+def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, tree, flag):
+    # A real read-only folder, seen by a real process. Root ignores permissions, so
+    # under root (CI, containers) the subprocess first gives up that privilege.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "keep.txt").write_text("untouched")
+    locked.chmod(0o500)
+    preexec = _without_root_privilege if os.geteuid() == 0 else None
+    command = [sys.executable, "ensemble.py", "--data-dir", str(tree), "--epochs", "1",
+               "--weights-dir", str(tmp_path / "weights"), "--logs-dir", str(tmp_path / "logs"),
+               flag, str(locked)]  # fmt: skip
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, preexec_fn=preexec, timeout=300,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )  # fmt: skip
+    except subprocess.SubprocessError as error:
+        if "prctl" in str(error):
+            pytest.skip(f"cannot drop root's file privilege here: {error}")
+        raise
+    finally:
+        locked.chmod(0o700)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if "ensemble.py: error" in line]
+    assert error_lines == [
+        f"ensemble.py: error: {flag} {locked} is not writable; choose another folder"
+    ]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in locked.iterdir()) == ["keep.txt"]
+    assert (locked / "keep.txt").read_text() == "untouched"

@@ -34,7 +34,7 @@ def test_one_joint_step_equals_separate_steps_on_the_same_batch(settings):
         b.set_weights(a.get_weights())
     initial = [member.get_weights() for member in together]
 
-    histories = joint.train_jointly(together, 1, x, y, settings, lambda member: [])
+    histories = joint.train_jointly(together, 1, x, y, settings, lambda member: []).histories
 
     for a, b, start in zip(alone, together, initial, strict=True):
         a.compile(
@@ -67,7 +67,7 @@ def test_joint_cli_run_writes_the_article_files(tmp_path, capsys):
     assert "training conv_pool_cnn, all_cnn, nin_cnn jointly" in capsys.readouterr().out
 
 
-def test_a_member_dying_in_joint_training_is_retrained_alone(
+def test_a_member_dying_in_joint_training_is_retrained_from_fresh_weights(
     tmp_path, settings, monkeypatch, capsys
 ):
     def dead_nin(model_input):
@@ -80,9 +80,10 @@ def test_a_member_dying_in_joint_training_is_retrained_alone(
     monkeypatch.setitem(ensemble.MODELS, "nin_cnn", dead_nin)
     (x_train, y_train), _ = data.load_data(write_tree(tmp_path / "tree"))
     settings = ensemble.Settings(**{**settings.__dict__, "epochs": 1})
-    attempts = ensemble.train_jointly(
+    attempts, failed, _ = ensemble.train_jointly(
         ("all_cnn", "nin_cnn"), keras.Input(shape=(32, 32, 3)), x_train, y_train, settings
     )
+    assert failed == {}
     assert attempts == {"all_cnn": 1, "nin_cnn": 2}
     assert "nin_cnn died in epoch 1" in capsys.readouterr().out
     record = json.loads((tmp_path / "weights" / "nin_cnn.best.json").read_text())
@@ -101,8 +102,8 @@ def test_scanned_epochs_equal_step_by_step_epochs(settings, monkeypatch):
         monkeypatch.setattr(joint, "SCAN_EPOCHS", scan)
         keras.utils.set_random_seed(0)
         member = nin_cnn(keras.Input(shape=(32, 32, 3)))
-        history = joint.train_jointly([member], 2, x, y, settings, lambda member: [])
-        weights[scan] = (member.get_weights(), history["nin_cnn"]["loss"])
+        trained = joint.train_jointly([member], 2, x, y, settings, lambda member: [])
+        weights[scan] = (member.get_weights(), trained.histories["nin_cnn"]["loss"])
     np.testing.assert_allclose(weights[True][1], weights[False][1], rtol=1e-5)
     for scanned, stepped in zip(weights[True][0], weights[False][0], strict=True):
         np.testing.assert_allclose(scanned, stepped, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,66 @@
+"""--distribute: one member's batches split over two (virtual CPU) devices."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two CPU devices for a fresh process: XLA's flag for JAX, logical devices for TensorFlow.
+DRIVER = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+if os.environ["KERAS_BACKEND"] == "tensorflow":
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import ensemble
+sys.exit(ensemble.main(sys.argv[1:]))
+"""
+
+
+def train(tmp_path, tree, name, *flags):
+    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend(),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, "--data-dir", str(tree), "--models", "all_cnn",
+         "--epochs", "2", "--no-cost", "--weights-dir", str(tmp_path / name / "weights"),
+         "--logs-dir", str(tmp_path / name / "logs"), *flags],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / name / "logs" / "all_cnn.csv", newline="") as file:
+        losses = [float(row["loss"]) for row in csv.DictReader(file)]
+    return result.stdout, losses
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() not in ("jax", "tensorflow"), reason="--distribute: JAX or TensorFlow"
+)
+def test_distribute_splits_batches_over_two_devices_and_trains_as_one(tmp_path, image_tree):
+    out, split_losses = train(tmp_path, image_tree, "two", "--distribute")
+    expected = {
+        "jax": "--distribute: DataParallel over 2 devices (cpu:0, cpu:1)",
+        "tensorflow": "--distribute: MirroredStrategy over 2 devices",
+    }[keras.backend.backend()]
+    assert expected in out
+    _, one_device_losses = train(tmp_path, image_tree, "one")
+    # Each device takes half of every batch and the gradients are averaged: the
+    # same updates as one device on the whole batch, up to summation order.
+    np.testing.assert_allclose(split_losses, one_device_losses, rtol=1e-4)
+    assert split_losses[1] != split_losses[0]  # it trained
+
+
+def test_distribute_refuses_the_joint_path(tmp_path, capsys):
+    import ensemble
+
+    code = ensemble.main(["--distribute", "--joint", "--weights-dir", str(tmp_path / "w"),
+                          "--logs-dir", str(tmp_path / "l")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--distribute spreads the article's one-member fit" in err and err.count("\n") == 1

@@ -1,0 +1,219 @@
+"""--preset fast and its options: augmentation, schedule, label smoothing, EMA, TTA."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import write_tree
+
+import ensemble
+import fast
+import joint
+from models import MODELS, conv_pool_cnn
+
+
+@pytest.fixture
+def settings(tmp_path):
+    for folder in ("weights", "logs"):
+        (tmp_path / folder).mkdir()
+    return ensemble.Settings(weights_dir=str(tmp_path / "weights"), logs_dir=str(tmp_path / "logs"))
+
+
+def test_augment_crops_a_shifted_window_and_mirrors_about_half():
+    # Pixel values encode their own (row, column), so each output image tells where
+    # its window came from: any shift in -4..4 each way, mirrored or not.
+    rows, columns = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    image = np.stack([rows + 1, columns + 1, np.ones_like(rows)], axis=-1).astype("float32")
+    images = np.repeat(image[None], 256, axis=0)
+    layer = fast.Augment(pad=4, seed=3)
+    out = keras.ops.convert_to_numpy(layer(images, training=True))
+    assert out.shape == images.shape
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    windows = {
+        (dy, dx, flipped): window[:, ::-1] if flipped else window
+        for dy in range(9)
+        for dx in range(9)
+        for flipped in (False, True)
+        for window in [padded[dy : dy + 32, dx : dx + 32]]
+    }
+    shifts, mirrored = set(), 0
+    for picture in out:
+        matches = [key for key, window in windows.items() if np.array_equal(picture, window)]
+        assert matches, "an output image is not a shifted window of the input"
+        dy, dx, flipped = matches[0]
+        shifts.add((dy, dx))
+        mirrored += flipped
+    assert len(shifts) > 40  # of 81: offsets are drawn per image
+    assert 90 < mirrored < 166  # about half of 256
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images)), images)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(settings):
+    settings = ensemble.Settings(**{**settings.__dict__, "epochs": 10, "schedule": "cosine",
+                                    "warmup_epochs": 2, "learning_rate": 4e-3})  # fmt: skip
+    schedule = fast.learning_rate(settings, steps_per_epoch=100)
+    values = [float(schedule(step)) for step in (0, 100, 200, 600, 1000)]
+    assert values[0] == 0.0
+    assert values[1] == pytest.approx(2e-3)  # half-way through the warm-up
+    assert values[2] == pytest.approx(4e-3)  # the peak
+    assert values[3] == pytest.approx(2e-3)  # half-way down the cosine
+    assert values[4] == pytest.approx(0.0, abs=1e-9)
+    assert fast.learning_rate(ensemble.Settings(), steps_per_epoch=100) == 1e-3
+
+
+def test_preset_sets_the_recipe_and_flags_still_override_it():
+    article = ensemble.parse_args([])
+    assert article == ensemble.Settings()  # no flags: the article, exactly
+    preset = ensemble.parse_args(["--preset", "fast"])
+    assert (preset.batch_size, preset.epochs, preset.joint) == (512, 40, True)
+    assert (preset.augment, preset.label_smoothing, preset.schedule, preset.tta) == (
+        True, 0.1, "cosine", True,
+    )  # fmt: skip
+    # "auto" is resolved before it is printed and saved: bfloat16 only on an accelerator.
+    assert preset.precision == ("mixed_bfloat16" if fast.has_accelerator() else "float32")
+    mixed = ensemble.parse_args(["--preset", "fast", "--epochs", "3", "--no-augment", "--ema"])
+    assert (mixed.epochs, mixed.augment, mixed.ema, mixed.batch_size) == (3, False, True, 512)
+    assert ensemble.parse_args(["--label-smoothing", "0.2"]).label_smoothing == 0.2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--label-smoothing", "1"], "--label-smoothing must lie in [0, 1)"),
+        (["--schedule", "cosine", "--warmup-epochs", "20"], "--warmup-epochs must be"),
+    ],
+)
+def test_bad_recipe_flags_exit_2_with_one_line(tmp_path, capsys, flags, message):
+    code = ensemble.main(
+        [*flags, "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_one_joint_step_with_smoothing_and_schedule_equals_keras_fit(settings):
+    # The recipe options inside the compiled step compute what Keras computes for a
+    # model compiled with the same loss and optimizer, on the same batch.
+    settings = ensemble.Settings(
+        **{
+            **settings.__dict__,
+            "epochs": 2,
+            "label_smoothing": 0.1,
+            "schedule": "cosine",
+            "warmup_epochs": 1,
+            "learning_rate": 3e-3,
+        }
+    )
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    alone = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    together = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    together.set_weights(alone.get_weights())
+
+    trained = joint.train_jointly([together], 2, x, y, settings, lambda member: [])
+
+    alone.compile(loss=fast.loss_function(settings), optimizer=fast.optimizer(settings, 1))
+    losses = [alone.train_on_batch(x[:32], y[:32]) for _ in range(2)]  # one batch an epoch
+    np.testing.assert_allclose(trained.histories["conv_pool_cnn"]["loss"], losses, rtol=1e-5)
+    # Adam divides by the gradient's own scale, so a weight whose gradient is near
+    # zero turns rounding differences into visible ones: the tolerance is 1% of the
+    # 3e-3 step every weight took.
+    for w_alone, w_together in zip(alone.get_weights(), together.get_weights(), strict=True):
+        np.testing.assert_allclose(w_together, w_alone, rtol=1e-4, atol=3e-5)
+
+
+def test_ema_checkpoints_hold_the_moving_average(settings):
+    # One step an epoch. Keras' EMA copies the weights after the first step, then
+    # keeps 0.99 of the average: after two steps it is 0.99 w1 + 0.01 w2.
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    start = conv_pool_cnn(keras.Input(shape=(32, 32, 3))).get_weights()
+    raw = []
+
+    def keep(member):
+        class Keep(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                raw.append(member.get_weights())
+
+        return [Keep()]
+
+    plain = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    plain.set_weights(start)
+    joint.train_jointly([plain], 2, x, y, settings, keep)
+    w1, w2 = raw
+    averaged = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    averaged.set_weights(start)
+    seen = []
+    ema = ensemble.Settings(**{**settings.__dict__, "ema": True})
+    joint.train_jointly(
+        [averaged], 2, x, y, ema, lambda m: [keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: seen.append(m.get_weights()))]
+    )  # fmt: skip
+    for a, b, seen_1, seen_2 in zip(w1, w2, *seen, strict=True):
+        np.testing.assert_allclose(seen_1, a, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(seen_2, 0.99 * a + 0.01 * b, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(w1[0], w2[0])  # the average differs from the last weights
+
+
+def test_tta_averages_an_image_and_its_mirror():
+    member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    x = np.random.default_rng(2).random((6, 32, 32, 3), dtype=np.float32)
+    plain = fast.predict(member, x, 4)
+    mirrored = fast.predict(member, x[:, :, ::-1], 4)
+    np.testing.assert_allclose(fast.predict(member, x, 4, tta=True), (plain + mirrored) / 2,
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert not np.allclose(plain, mirrored)
+
+
+def test_mixed_precision_trains_in_bfloat16_and_keeps_float32_weights(settings):
+    with fast.DtypePolicy("mixed_bfloat16"):
+        member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    assert member.layers[1].compute_dtype == "bfloat16"
+    assert {w.dtype for w in member.get_weights()} == {np.dtype("float32")}
+    assert member.outputs[0].dtype == "float32"  # the softmax stays float32
+    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    before = member.get_weights()[0].copy()
+    trained = joint.train_jointly([member], 1, x, y, settings, lambda m: [])
+    assert np.isfinite(trained.histories["conv_pool_cnn"]["loss"][0])
+    assert not np.allclose(member.get_weights()[0], before)
+
+
+def test_fast_preset_cli_trains_evaluates_and_saves_every_choice(tmp_path, capsys):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    code = ensemble.main(
+        ["--data-dir", str(tmp_path / "tree"), "--preset", "fast", "--epochs", "2",
+         "--batch-size", "16", "--warmup-epochs", "1", "--no-cost",
+         "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "l" / "results.json").read_text())
+    saved = results["settings"]
+    assert saved["preset"] == "fast" and saved["augment"] and saved["tta"]
+    assert (saved["schedule"], saved["label_smoothing"], saved["batch_size"]) == ("cosine", 0.1, 16)
+    assert results["attempts"] == {name: 1 for name in MODELS}
+    assert len(results["epoch_seconds"]["conv_pool_cnn+all_cnn+nin_cnn"]["epochs"]) == 2
+    for name in MODELS:
+        assert (tmp_path / "l" / f"{name}.csv").read_text().count("\n") == 3
+    out = capsys.readouterr().out
+    assert '"preset": "fast"' in out  # the settings line
+
+
+def test_recipe_options_without_joint_train_each_member_on_its_own(tmp_path, capsys):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    code = ensemble.main(
+        ["--data-dir", str(tmp_path / "tree"), "--models", "nin_cnn", "all_cnn", "--augment",
+         "--epochs", "1", "--no-cost", "--weights-dir", str(tmp_path / "w"),
+         "--logs-dir", str(tmp_path / "l")]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "training nin_cnn for 1 epochs" in out and "training all_cnn for 1 epochs" in out
+    results = json.loads((tmp_path / "l" / "results.json").read_text())
+    assert set(results["train_seconds"]) == {"nin_cnn", "all_cnn"}
