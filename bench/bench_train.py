@@ -2,12 +2,16 @@
 
     python bench/bench_train.py --data-dir ../shared/data/cifar10-jpeg.tar.gz
     python bench/bench_train.py --data-dir ... --full      # the whole recipe (GPU)
+    python bench/bench_train.py --data-dir ... --plain-epochs 2 --seeds 0 1
 
 Both paths run in this one process on the same data with the same settings, so
 their ratio holds on a shared, noisy machine. Without a GPU (or --full) it runs a
 small case (2,000 images, 1 epoch) that finishes in minutes; on a GPU it runs the
 article's full recipe. Prints images per second, training and wall time, the test
-errors of every row, and the joint path's speed-up.
+errors of every row, and the joint path's speed-up. `--plain-epochs` shortens the
+plain path to measure its rate only (the speed-up is then a ratio of images per
+second, and its errors are left out); `--seeds` repeats the joint path with other
+seeds, to show how much its errors move from seed to seed.
 """
 
 import argparse
@@ -15,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -39,13 +44,21 @@ def measure(settings):
     train_seconds = sum(extra["train_seconds"].values())
     trained = (settings.limit or 50_000) * (1 - settings.validation_split)
     images = trained * settings.epochs * len(settings.models)  # member-images seen
-    return {
+    result = {
+        "epochs": settings.epochs,
+        "seed": settings.seed,
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(wall, 1),
         "images_per_second": round(images / train_seconds),
         "attempts": extra["attempts"],
         "errors": {row["row"]: row["test_error"] for row in rows},
     }
+    for split in extra.get("epoch_seconds", {}).values():  # joint: where the time went
+        epochs = split["epochs"]
+        result["first_epoch_seconds"] = epochs[0]  # compiles the step
+        result["later_epoch_seconds"] = round(statistics.median(epochs[1:] or epochs), 2)
+        result["callback_seconds"] = round(sum(split["callbacks"]), 1)
+    return result
 
 
 def main(argv=None):
@@ -55,6 +68,11 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="small case even on a GPU")
     parser.add_argument("--out", default="bench/out", help="folder for bench.json and results")
     parser.add_argument("--work", default=None, help="folder for weights and logs (temporary)")
+    parser.add_argument(
+        "--plain-epochs", type=int, help="epochs of the plain path (default: as the joint path)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the joint path")
+    parser.add_argument("--no-plain", action="store_true", help="the joint path only")
     args = parser.parse_args(argv)
 
     devices = keras.distribution.list_devices()
@@ -62,45 +80,65 @@ def main(argv=None):
     full = args.full or (on_gpu and not args.small)
     out, work = Path(args.out), Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     out.mkdir(parents=True, exist_ok=True)
-    base = ensemble.Settings(data_dir=args.data_dir, **({} if full else SMALL))
+    # No cost table: bench_infer.py measures prediction speed on its own.
+    base = ensemble.Settings(data_dir=args.data_dir, cost=False, **({} if full else SMALL))
     print(f"case: {'full recipe' if full else SMALL}; devices {devices}; work in {work}")
 
+    runs = [] if args.no_plain else [("plain", False, base.seed, args.plain_epochs or base.epochs)]
+    runs += [(f"joint seed {seed}" if seed else "joint", True, seed, base.epochs)
+             for seed in args.seeds]  # fmt: skip
     results = {}
-    for path, joint in (("plain", False), ("joint", True)):
+    for path, joint, seed, epochs in runs:
+        folder = path.replace(" ", "_")
         settings = dataclasses.replace(
             base,
             joint=joint,
-            weights_dir=str(work / path / "weights"),
-            logs_dir=str(work / path / "logs"),
+            seed=seed,
+            epochs=epochs,
+            weights_dir=str(work / folder / "weights"),
+            logs_dir=str(work / folder / "logs"),
         )
         ensemble.check_settings(settings)
-        print(f"\n=== {path}: {'all members in one step' if joint else 'one fit per member'}")
+        how = "all members in one step" if joint else "one fit per member"
+        print(f"\n=== {path}: {how}, {epochs} epochs, seed {seed}")
         results[path] = measure(settings)
-        results_file = Path(settings.logs_dir) / ensemble.RESULTS_FILE
-        (out / f"{path}_results.json").write_text(results_file.read_text())
+        if epochs == base.epochs:  # a shortened run's errors mean nothing
+            results_file = Path(settings.logs_dir) / ensemble.RESULTS_FILE
+            (out / f"{folder}_results.json").write_text(results_file.read_text())
 
-    rows = list(results["plain"]["errors"])
-    header = ["path", "train s", "wall s", "images/s", *rows]
-    lines = [
-        [path, f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
-         f"{r['images_per_second']}", *(f"{r['errors'][row]:.4f}" for row in rows)]
-        for path, r in results.items()
-    ]  # fmt: skip
-    speedup = results["plain"]["train_seconds"] / results["joint"]["train_seconds"]
+    rows = list(next(iter(results.values()))["errors"])
+    header = ["path", "epochs", "train s", "wall s", "images/s", *rows]
+    lines = []
+    for path, r in results.items():
+        complete = r["epochs"] == base.epochs  # a shortened run measures speed only
+        errors = [f"{r['errors'][row]:.4f}" if complete else "-" for row in rows]
+        lines.append([path, r["epochs"], f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
+                      f"{r['images_per_second']}", *errors])  # fmt: skip
+    speedup = None
+    if "plain" in results and "joint" in results:
+        speedup = results["joint"]["images_per_second"] / results["plain"]["images_per_second"]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
     print()
     for cells in [header, *lines]:
         print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
+    for path, r in results.items():
+        if "first_epoch_seconds" in r:
+            print(
+                f"{path} epochs: first {r['first_epoch_seconds']:.1f} s (compiling), then "
+                f"{r['later_epoch_seconds']:.2f} s each; callbacks {r['callback_seconds']} s"
+            )
     machine = f"{platform.node()} {platform.machine()}, {devices}"
     versions = f"keras {keras.__version__} on {keras.backend.backend()}"
-    print(f"joint speed-up (training time): {speedup:.2f}x   {versions}   {machine}")
+    if speedup is not None:
+        print(f"joint speed-up (member-images per training second): {speedup:.2f}x")
+    print(f"{versions}   {machine}")
     report = {
         "date": datetime.date.today().isoformat(),
         "case": "full" if full else SMALL,
         "versions": versions,
         "machine": machine,
         "results": results,
-        "speedup": round(speedup, 2),
+        "speedup": speedup and round(speedup, 2),
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -1,0 +1,67 @@
+"""The short table `bench/gpu_check.sh` prints last, from the files its steps wrote.
+
+python bench/summary.py --out bench/out [--fast-wall SECONDS]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROWS = ("ConvPool-CNN-C", "ALL-CNN-C", "NIN", "ensemble of three")
+
+
+def read(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def errors(results):
+    by_row = {row["row"]: row["test_error"] for row in results}
+    return " / ".join(f"{by_row[r]:.4f}" if r in by_row else "-" for r in ROWS)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--fast-wall", type=float, help="end-to-end seconds of the preset run")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    lines = [("step", "seconds", "figures (test error: ConvPool / ALL / NIN / ensemble)")]
+    for bench_file in [out / "bench.json", *sorted(out.glob("*/bench.json"))]:
+        run = read(bench_file) or {}
+        for path, r in run.get("results", {}).items():
+            figures = f"{r['images_per_second']:,} member-images/s"
+            full = read(bench_file.parent / f"{path.replace(' ', '_')}_results.json")
+            if full:  # complete runs only
+                figures += "; " + errors(full["results"])
+            if "first_epoch_seconds" in r:
+                figures += (f"; epoch 1 {r['first_epoch_seconds']:.1f} s, then "
+                            f"{r['later_epoch_seconds']:.2f} s")  # fmt: skip
+            lines.append((f"{path} ({r['epochs']} epochs)", f"{r['train_seconds']:.1f} train",
+                          figures))  # fmt: skip
+        if run.get("speedup"):
+            lines.append(("joint / plain", "", f"{run['speedup']:.2f}x member-images per second"))
+    fast = read(out / "fast_results.json")
+    if fast:
+        wall = f"{args.fast_wall:.1f} wall" if args.fast_wall else f"{fast['total_seconds']} run"
+        attempts = ", ".join(f"{k} {v}" for k, v in fast.get("attempts", {}).items())
+        lines.append((f"--preset fast ({fast['settings']['epochs']} epochs)", wall,
+                      f"{errors(fast['results'])}; attempts {attempts}"))  # fmt: skip
+    infer = read(out / "infer.json")
+    for precision, result in (infer or {}).get("results", {}).items():
+        row = result["rows"]["ensemble"]
+        figures = f"ensemble {row['predict_images_per_s']:,.0f} img/s predict"
+        if "device_images_per_s" in row:
+            figures += f", {row['device_images_per_s']:,.0f} on device"
+        figures += f"; ensemble / members' sum {result['ensemble_vs_members_sum']:.3f}"
+        if "device_ensemble_vs_members_sum" in result:
+            figures += f" ({result['device_ensemble_vs_members_sum']:.3f} on device)"
+        lines.append((f"inference {precision}", "", figures))
+    widths = [max(len(line[i]) for line in lines) for i in range(2)]
+    for line in lines:
+        print(f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
