@@ -33,6 +33,8 @@ import fast
 SCAN_EPOCHS = None
 # JAX only: steps per loop iteration of the scanned epoch (lax.scan's `unroll`).
 SCAN_UNROLL = 1
+# Other backends: fit's own shuffling (tests turn it off to compare batch for batch).
+FIT_SHUFFLE = True
 
 
 class Trained(NamedTuple):
@@ -162,6 +164,7 @@ def _train_with_fit(joint, members, num_epochs, train, validation, settings, dis
         y=[train[1]] * repeat,
         batch_size=settings.batch_size,
         epochs=num_epochs,
+        shuffle=FIT_SHUFFLE,
         verbose=1 if sys.stdout.isatty() else 2,
         callbacks=[timer, *callbacks],
         validation_data=(validation[0], [validation[1]] * repeat),
@@ -266,7 +269,7 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
     for epoch in range(num_epochs):
         dispatch.on_epoch_begin(epoch)
         epoch_start = time.perf_counter()
-        order = rng.permutation(num_train).astype(np.int32)
+        order = epoch_order(rng, num_train).astype(np.int32)
         padded = np.zeros(steps * batch_size, np.int32)
         padded[:num_train] = order
         mask = (np.arange(steps * batch_size) < num_train).astype(np.float32)
@@ -308,6 +311,11 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
         if dispatch.all_stopped:
             break
     dispatch.on_train_end()
+
+
+def epoch_order(rng, num_train):
+    """The order of the training images in one epoch: shuffled, as `fit` does."""
+    return rng.permutation(num_train)
 
 
 def _matches(y, outputs):

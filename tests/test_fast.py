@@ -66,7 +66,8 @@ def test_preset_sets_the_recipe_and_flags_still_override_it():
     article = ensemble.parse_args([])
     assert article == ensemble.Settings()  # no flags: the article, exactly
     preset = ensemble.parse_args(["--preset", "fast"])
-    assert (preset.batch_size, preset.epochs, preset.joint) == (512, 40, True)
+    assert (preset.batch_size, preset.epochs, preset.joint) == (512, 150, True)
+    assert preset.combine == ("average", "weighted")
     assert (preset.augment, preset.label_smoothing, preset.schedule, preset.tta) == (
         True, 0.1, "cosine", True,
     )  # fmt: skip

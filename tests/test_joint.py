@@ -107,3 +107,36 @@ def test_scanned_epochs_equal_step_by_step_epochs(settings, monkeypatch):
     np.testing.assert_allclose(weights[True][1], weights[False][1], rtol=1e-5)
     for scanned, stepped in zip(weights[True][0], weights[False][0], strict=True):
         np.testing.assert_allclose(scanned, stepped, rtol=1e-4, atol=1e-6)
+
+
+def test_joint_epochs_equal_keras_fit_on_the_same_batch_order(settings, monkeypatch):
+    # Three epochs of three steps each (the last one smaller), batches in file order
+    # on both sides: the joint path's losses and weights follow Keras' own fit step
+    # for step, epoch for epoch, so its only difference is the shared batch order.
+    monkeypatch.setattr(joint, "epoch_order", lambda rng, n: np.arange(n))  # JAX
+    monkeypatch.setattr(joint, "FIT_SHUFFLE", False)  # the other backends
+    rng = np.random.default_rng(3)
+    x = rng.random((100, 32, 32, 3), dtype=np.float32)  # 80 to train: 32 + 32 + 16
+    y = keras.utils.to_categorical(rng.integers(0, 10, 100), 10).astype("float32")
+    alone = all_cnn(keras.Input(shape=(32, 32, 3)))
+    together = all_cnn(keras.Input(shape=(32, 32, 3)))
+    together.set_weights(alone.get_weights())
+    start = alone.get_weights()
+
+    trained = joint.train_jointly([together], 3, x, y, settings, lambda member: [])
+
+    alone.compile(loss="categorical_crossentropy", optimizer=keras.optimizers.Adam())
+    history = alone.fit(x, y, batch_size=32, epochs=3, validation_split=0.2, shuffle=False,
+                        verbose=0)  # fmt: skip
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(trained.histories["all_cnn"][key], history.history[key],
+                                   rtol=1e-4)  # fmt: skip
+    # Adam divides each gradient by its own scale, so over nine steps a weight whose
+    # gradient is near zero turns summation-order rounding into a visible difference:
+    # each layer must agree to within 2% of how far training moved it (in norm).
+    for before, w_alone, w_together in zip(
+        start, alone.get_weights(), together.get_weights(), strict=True
+    ):
+        moved = np.linalg.norm(w_alone - before)
+        assert moved > 0
+        assert np.linalg.norm(w_together - w_alone) < 0.02 * moved
