@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One device call, at most 8 minutes on an H100, that measures every speed claim:
+# One device call, at most 8 minutes, that measures every speed claim:
 #   1. the article's recipe: --joint in full, the plain path for 2 epochs (its rate);
 #   2. --preset fast, end to end (target: ensemble error <= 10% within 300 s);
 #   3. inference: members against the one-graph ensemble, float32 and bfloat16;
 #   4. if time is left, --joint again with seed 1 (its seed-to-seed spread);
 # then a short table (bench/summary.py). Each step has its own time limit, and the
-# whole stays under LIMIT seconds (default 540), so that the table always prints.
+# whole stays under LIMIT seconds (default 480), so that the table always prints.
 # Stage first, from the project root:  bash ../shared/tools/device-prep
 # Then run this through the device tool with carry [".device"]; it writes to $OUT
 # (at most 8 files: the device tool's limit).
@@ -24,7 +24,7 @@ small=${1:-}
 mkdir -p "$out"
 log="$out/log.txt"
 start=$(date +%s)
-limit=${LIMIT:-540}
+limit=${LIMIT:-480}
 elapsed() { echo $(($(date +%s) - start)); }
 # At most $1 seconds, and never past the overall limit less $2 kept for later steps.
 budget() {
