@@ -44,9 +44,11 @@ from training import (
     best_checkpoint,
     distribution_scope,
     is_finished,
+    joint_backup_dir,
     logged_losses,
     member_callbacks,
     prepare_member,
+    read_joint_backup,
     record_best,
     restart_if_dead,
     tensorboard_available,
@@ -182,20 +184,32 @@ def train_jointly(names, model_input, x_train, y_train, settings):
     members = [MODELS[name](model_input) for name in names]
     attempts, failed = {}, {}
     seconds = {"epochs": [], "callbacks": []}
-    pending, dead_checks = members, {}
+    pending, dead_checks, resumes = members, {}, {}
+    backup = read_joint_backup(settings)
+    if backup and backup[1] == list(names) and backup[0] > 0:
+        print(f"resuming {', '.join(names)} after epoch {backup[0]} of an interrupted run")
+        resumes = {name: prepare_member(name, settings, done=backup[0]) for name in names}
+    else:  # a backup of other members, or none: these start afresh
+        shutil.rmtree(joint_backup_dir(settings), ignore_errors=True)
 
     def callbacks_for(member):
         dead_checks[member.name] = StopWhenDead(x_train)
-        return [*member_callbacks(member, settings, tensorboard=False), dead_checks[member.name]]
+        callbacks = member_callbacks(
+            member, settings, tensorboard=False, resume=resumes.get(member.name)
+        )
+        return [*callbacks, dead_checks[member.name]]
 
     for attempt in range(1, settings.restarts + 2):
-        for member in pending:  # the joint path has no backups: unfinished members restart
-            shutil.rmtree(backup_dir(member.name, settings), ignore_errors=True)
-            prepare_member(member.name, settings)
+        for member in pending:
             attempts[member.name] = attempt
+            if member.name not in resumes:
+                shutil.rmtree(backup_dir(member.name, settings), ignore_errors=True)
+                prepare_member(member.name, settings)
+        initial_epoch = backup[0] if resumes else 0
         trained = joint.train_jointly(
-            pending, settings.epochs, x_train, y_train, settings, callbacks_for
+            pending, settings.epochs, x_train, y_train, settings, callbacks_for, initial_epoch
         )
+        resumes = {}  # a restart starts from fresh weights
         failed.update(trained.failed)
         seconds["epochs"] += [round(s, 2) for s in trained.epoch_seconds]
         seconds["callbacks"] += [round(s, 2) for s in trained.callback_seconds]
@@ -291,6 +305,11 @@ def _run(settings):
             else:
                 to_train.append(name)
         with MemberLocks(settings.weights_dir, to_train):
+            # A plain run cannot continue --joint's state, and --retrain continues none.
+            plain = not settings.joint and not fast.changes_recipe(settings)
+            in_joint_backup = set((read_joint_backup(settings) or (0, []))[1]) & set(to_train)
+            if settings.retrain or (plain and in_joint_backup):
+                shutil.rmtree(joint_backup_dir(settings), ignore_errors=True)
             if settings.retrain:
                 for name in to_train:
                     shutil.rmtree(backup_dir(name, settings), ignore_errors=True)
@@ -391,7 +410,10 @@ def measure_costs(members, model_input, x_test):
 def table_rows(names, rules, test_probs, val_probs, val_labels, labels):
     """Every non-empty subset of members under every rule; the article's 7 rows first."""
     article = [members for _, members in ARTICLE_ROWS if set(members) <= set(names)]
-    ordered = article + [s for s in evaluation.subsets(names) if s not in article]
+    # Subsets in any member order (--models nin_cnn all_cnn) are still the article's rows.
+    ordered = article + [
+        s for s in evaluation.subsets(names) if set(s) not in [set(a) for a in article]
+    ]
     article_names = {members: row for row, members in ARTICLE_ROWS}
     rows = []
     for rule in ("average", *(r for r in rules if r != "average")):

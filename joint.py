@@ -15,9 +15,16 @@ input and each member, so the members themselves stay the article's models.
 On JAX a whole epoch runs as one compiled call (a `lax.scan` over its steps through
 Keras' stateless API) on data kept on the device; on the other backends the joint
 model goes through `fit`, which still fuses the members into one step.
+
+A killed run resumes after its last completed epoch: at every epoch end, after the
+members' checkpoints and logs, the whole state (weights, optimizer, shuffling
+generator) goes to `weights/backup/joint/`, as one file written then renamed on
+JAX, through Keras' `BackupAndRestore` elsewhere.
 """
 
+import json
 import math
+import shutil
 import sys
 import time
 from typing import NamedTuple
@@ -27,6 +34,7 @@ import numpy as np
 from keras import ops
 
 import fast
+from training import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir
 
 # JAX only: run an epoch's steps as one compiled loop. None chooses by device (see
 # _train_scanned); tests set it to compare both ways on the CPU.
@@ -57,8 +65,12 @@ def joint_model(members, model_input, settings=None):
     return keras.Model(model_input, outputs, name="joint")
 
 
-def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for):
+def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for, initial_epoch=0):
     """Trains `members` together; returns a `Trained` record.
+
+    With `initial_epoch`, continues the interrupted run whose state is in
+    `weights/backup/joint/` (see `training.read_joint_backup`); the backup is
+    removed once training ends.
 
     `callbacks_for(member)` gives the Keras callbacks one member would get from
     `fit` (checkpoint, CSV log, dead check); they receive that member's logs at every
@@ -73,10 +85,9 @@ def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for
     train = (x_train[:split_at], y_train[:split_at])
     validation = (x_train[split_at:], y_train[split_at:])
     dispatch = _MemberDispatch(members, callbacks_for)
-    if keras.backend.backend() == "jax":
-        _train_scanned(joint, members, num_epochs, train, validation, settings, dispatch)
-    else:
-        _train_with_fit(joint, members, num_epochs, train, validation, settings, dispatch)
+    train_with = _train_scanned if keras.backend.backend() == "jax" else _train_with_fit
+    train_with(joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch)
+    shutil.rmtree(joint_backup_dir(settings), ignore_errors=True)
     return Trained(dispatch.histories, dispatch.failed, dispatch.epoch_seconds,
                    dispatch.callback_seconds)  # fmt: skip
 
@@ -147,7 +158,9 @@ def _steps_per_epoch(num_train, settings):
     return max(math.ceil(num_train / settings.batch_size), 1)
 
 
-def _train_with_fit(joint, members, num_epochs, train, validation, settings, dispatch):
+def _train_with_fit(
+    joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch
+):
     steps = _steps_per_epoch(len(train[0]), settings)
     joint.compile(
         loss=[fast.loss_function(settings) for _ in members],
@@ -155,7 +168,12 @@ def _train_with_fit(joint, members, num_epochs, train, validation, settings, dis
         metrics=[["acc"]] * len(members),
     )
     repeat = len(members)
-    callbacks = [dispatch]
+    folder = joint_backup_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / JOINT_MEMBERS).write_text(json.dumps({"members": [m.name for m in members]}))
+    # After the dispatch, so that the backup never runs ahead of checkpoints and logs.
+    backup = keras.callbacks.BackupAndRestore(str(folder), double_checkpoint=True)
+    callbacks = [dispatch, backup]
     if settings.ema:  # the members' callbacks see (and checkpoint) the moving average
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     timer = _EpochTimer(dispatch)
@@ -184,7 +202,9 @@ class _EpochTimer(keras.callbacks.Callback):
         self.dispatch.epoch_seconds.append(time.perf_counter() - self.start)
 
 
-def _train_scanned(joint, members, num_epochs, train, validation, settings, dispatch):
+def _train_scanned(
+    joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch
+):
     import jax
     import jax.numpy as jnp
 
@@ -265,8 +285,17 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
     slot = {id(v): i for i, v in enumerate(optimizer.variables)}
     averages = [slot[id(v)] for v in getattr(optimizer, "_model_variables_moving_average", [])]
     rng = np.random.default_rng(settings.seed)
+    if initial_epoch:
+        saved = load_state(settings)
+        arrays = [jnp.asarray(a) for a in saved["arrays"]]
+        trainable, non_trainable = (
+            arrays[: len(trainable)],
+            arrays[len(trainable) : -len(optimizer_vars)],
+        )
+        optimizer_vars = arrays[-len(optimizer_vars) :]
+        rng.bit_generator.state = saved["rng"]
     dispatch.on_train_begin()
-    for epoch in range(num_epochs):
+    for epoch in range(initial_epoch, num_epochs):
         dispatch.on_epoch_begin(epoch)
         epoch_start = time.perf_counter()
         order = epoch_order(rng, num_train).astype(np.int32)
@@ -308,9 +337,29 @@ def _train_scanned(joint, members, num_epochs, train, validation, settings, disp
             flush=True,
         )
         dispatch.on_epoch_end(epoch, logs)
+        save_state(settings, epoch + 1, names, [*trainable, *non_trainable, *optimizer_vars], rng)
         if dispatch.all_stopped:
             break
     dispatch.on_train_end()
+
+
+def save_state(settings, done, names, arrays, rng):
+    """JAX path: everything needed to continue after epoch `done`, in one renamed file."""
+    folder = joint_backup_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"epoch": done, "members": names, "rng": rng.bit_generator.state}
+    partial = folder / f".{JOINT_STATE}.partial"
+    with open(partial, "wb") as file:
+        np.savez(file, meta=np.array(json.dumps(meta)),
+                 **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})  # fmt: skip
+    partial.replace(folder / JOINT_STATE)
+
+
+def load_state(settings):
+    with np.load(joint_backup_dir(settings) / JOINT_STATE) as saved:
+        meta = json.loads(str(saved["meta"]))
+        arrays = [saved[f"a{i}"] for i in range(len(saved.files) - 1)]
+    return {**meta, "arrays": arrays}
 
 
 def epoch_order(rng, num_train):

@@ -6,6 +6,7 @@ so that both write the same files under the same rules:
     weights/<name>.<epoch>-<loss>.weights.h5   best-so-far checkpoints (the article's)
     weights/<name>.best.json                   which of them has the lowest recorded loss
     weights/backup/<name>/                     Keras' BackupAndRestore state mid-training
+    weights/backup/joint/                      the same for a --joint run (all its members)
     logs/<name>.csv                            one row per epoch
 """
 
@@ -35,6 +36,10 @@ CHECKPOINT_RE = re.compile(r"^(?P<name>\w+)\.(?P<epoch>\d+)-(?P<loss>[\d.]+|nan|
 BEST_SUFFIX = ".best.json"
 PARTIAL_SUFFIX = ".partial.weights.h5"  # Keras insists on the .weights.h5 ending
 BACKUP_FOLDER = "backup"
+JOINT_BACKUP = "joint"  # under BACKUP_FOLDER: not a member name, so never a member's folder
+BACKUP_METADATA = "training_metadata.json"  # Keras' name: {"epoch": epochs completed}
+JOINT_MEMBERS = "members.json"
+JOINT_STATE = "state.npz"
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
@@ -92,20 +97,50 @@ def backup_dir(name, settings):
     return Path(settings.weights_dir) / BACKUP_FOLDER / name
 
 
-def prepare_member(name, settings):
+def joint_backup_dir(settings):
+    return Path(settings.weights_dir) / BACKUP_FOLDER / JOINT_BACKUP
+
+
+def read_joint_backup(settings):
+    """(epochs completed, member names) of an interrupted `--joint` run, or None.
+
+    The JAX path keeps one file (`state.npz`, its `meta` entry); the others keep
+    Keras' BackupAndRestore files beside the list of members.
+    """
+    folder = joint_backup_dir(settings)
+    state = folder / JOINT_STATE
+    if state.is_file():
+        try:
+            with np.load(state) as saved:
+                meta = json.loads(str(saved["meta"]))
+            return int(meta["epoch"]), list(meta["members"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    try:
+        done = int(json.loads((folder / BACKUP_METADATA).read_text())["epoch"])
+        names = list(json.loads((folder / JOINT_MEMBERS).read_text())["members"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return done, names
+
+
+def prepare_member(name, settings, done=None):
     """Makes the files of `name` consistent before training it, and says where to start.
 
-    With a backup left by a killed run (Keras' BackupAndRestore), training resumes
-    after the last epoch it holds: log rows and checkpoints of any later epoch (the
-    run died between writing them and the backup) are dropped. Without one, the
-    member starts afresh and its old checkpoints, record and log are removed so
-    that they cannot mix with the new run.
+    With a backup left by a killed run (Keras' BackupAndRestore in the member's
+    folder, or `done` epochs of a `--joint` run), training resumes after the last
+    epoch it holds: log rows and checkpoints of any later epoch (the run died
+    between writing them and the backup) are dropped. Without one, the member
+    starts afresh and its old checkpoints, record and log are removed so that they
+    cannot mix with the new run.
     """
     weights_dir, log = Path(settings.weights_dir), Path(settings.logs_dir) / f"{name}.csv"
     for partial in weights_dir.glob(f"{name}.*{PARTIAL_SUFFIX}"):
         partial.unlink()
-    metadata = backup_dir(name, settings) / "training_metadata.json"
-    if not metadata.is_file():
+    if done is None:
+        metadata = backup_dir(name, settings) / BACKUP_METADATA
+        done = int(json.loads(metadata.read_text())["epoch"]) if metadata.is_file() else 0
+    if not done:
         for stale in [
             *weights_dir.glob(f"{name}.*.weights.h5"),
             weights_dir / f"{name}{BEST_SUFFIX}",
@@ -113,7 +148,6 @@ def prepare_member(name, settings):
         ]:
             stale.unlink(missing_ok=True)
         return Resume(0, None)
-    done = int(json.loads(metadata.read_text())["epoch"])
     rows = [row for row in _read_log(log) if int(row["epoch"]) < done]
     if rows:
         with open(log, "w", newline="") as file:
@@ -133,6 +167,8 @@ def is_finished(name, settings):
     record_file = Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}"
     if not record_file.is_file() or backup_dir(name, settings).exists():
         return False
+    if name in (read_joint_backup(settings) or (0, []))[1]:
+        return False  # part of an interrupted --joint run
     try:
         record = json.loads(record_file.read_text())
     except ValueError:

@@ -114,3 +114,11 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
 def test_subsets_are_generic_in_the_number_of_members():
     assert len(ev.subsets(["a", "b", "c", "d"])) == 15
     assert ev.subsets(["a", "b"]) == [("a",), ("b",), ("a", "b")]
+
+
+def test_members_named_in_another_order_still_give_each_row_once():
+    names = ("nin_cnn", "all_cnn")  # --models nin_cnn all_cnn
+    test, test_labels = random_members(3)
+    test_probs = {"nin_cnn": test[2], "all_cnn": test[1]}
+    rows = ensemble.table_rows(names, ("average",), test_probs, {}, None, test_labels)
+    assert [r["row"] for r in rows] == ["ALL-CNN-C", "NIN", "pair C"]

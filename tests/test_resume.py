@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import write_tree
 
 import ensemble
@@ -123,3 +124,65 @@ def test_checkpoints_are_published_under_their_final_names(tmp_path):
     assert ensemble.main(command(tmp_path, 1)[2:]) == 0
     names = [p.name for p in (tmp_path / "weights").glob("nin_cnn.*.h5")]
     assert len(names) == 1 and ".partial" not in names[0]
+
+
+def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
+    # Both members of one --joint run continue from the saved joint state. On JAX the
+    # state includes the shuffling generator and dropout seeds, so the resumed run's
+    # losses are exactly those of a run that was never interrupted.
+    import csv
+
+    import keras
+
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
+    epochs, members = 12, ("nin_cnn", "all_cnn")
+
+    def joint_command(folder):
+        return [
+            sys.executable, str(ROOT / "ensemble.py"), "--data-dir", str(tmp_path / "tree"),
+            "--models", *members, "--joint", "--epochs", str(epochs), "--no-cost",
+            "--weights-dir", str(tmp_path / folder / "weights"),
+            "--logs-dir", str(tmp_path / folder / "logs"),
+        ]  # fmt: skip
+
+    def losses(folder, name):
+        with open(tmp_path / folder / "logs" / f"{name}.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        assert [int(row["epoch"]) for row in rows] == list(range(epochs))  # no gap, no repeat
+        return [float(row["loss"]) for row in rows]
+
+    (tmp_path / "killed").mkdir()
+    settings = settings_for(tmp_path / "killed")
+    run = subprocess.Popen(joint_command("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        backup = training.read_joint_backup(settings)
+        if backup and backup[0] >= 3:
+            os.kill(run.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    again = subprocess.run(joint_command("killed"), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming nin_cnn, all_cnn after epoch" in again.stdout
+    for name in members:
+        record = json.loads((tmp_path / "killed" / "weights" / f"{name}.best.json").read_text())
+        assert record["epochs"] == epochs
+        assert (tmp_path / "killed" / "weights" / record["file"]).is_file()
+    assert not (tmp_path / "killed" / "weights" / "backup").exists() or not any(
+        (tmp_path / "killed" / "weights" / "backup").iterdir()
+    )
+    results = json.loads((tmp_path / "killed" / "logs" / "results.json").read_text())
+    assert len(results["results"]) == 3  # both members and their pair
+
+    if keras.backend.backend() == "jax":
+        whole = subprocess.run(joint_command("whole"), cwd=tmp_path, capture_output=True)
+        assert whole.returncode == 0
+        for name in members:
+            assert losses("killed", name) == pytest.approx(losses("whole", name), rel=1e-5)
+    else:
+        for name in members:
+            losses("killed", name)
