@@ -3,7 +3,8 @@
 #   1. the article's recipe: --joint in full, the plain path for 2 epochs (its rate);
 #   2. --preset fast, end to end (target: ensemble error <= 10% within 300 s);
 #   3. inference: members against the one-graph ensemble, float32 and bfloat16;
-#   4. if time is left, --joint again with seed 1 (its seed-to-seed spread);
+#   4. if time is left, augmentation's cost (bench_augment.py), then
+#   5. --joint again with seed 1 (its seed-to-seed spread);
 # then a short table (bench/summary.py). Each step has its own time limit, and the
 # whole stays under LIMIT seconds (default 480), so that the table always prints.
 # Stage first, from the project root:  bash ../shared/tools/device-prep
@@ -54,8 +55,14 @@ infer_flags=()
 timeout "$(budget 100 10)" python3 bench/bench_infer.py --out "$out" --weights-dir "$work/fast/weights" \
   "${infer_flags[@]}" 2>&1 | tee -a "$log"
 
+if [ "$(budget 130 10)" -ge 120 ]; then
+  echo "=== 4. augmentation's cost ($(elapsed) s)" | tee -a "$log"
+  timeout "$(budget 130 10)" python3 bench/bench_augment.py --data-dir "$data" --out "$out" \
+    $([ "$small" = "--small" ] && echo "--limit 600 --epochs 2") 2>&1 | tee -a "$log"
+fi
+
 if [ "$(budget 120 10)" -ge 100 ]; then
-  echo "=== 4. --joint with seed 1 ($(elapsed) s)" | tee -a "$log"
+  echo "=== 5. --joint with seed 1 ($(elapsed) s)" | tee -a "$log"
   timeout "$(budget 120 10)" python3 bench/bench_train.py --data-dir "$data" --out "$out/seed1" \
     --work "$work/seed1" --no-plain --seeds 1 $small 2>&1 | tee -a "$log"
 fi

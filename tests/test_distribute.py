@@ -64,3 +64,24 @@ def test_distribute_refuses_the_joint_path(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "--distribute spreads the article's one-member fit" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="TensorFlow's MirroredStrategy splits uneven batches"
+)
+def test_a_batch_that_does_not_split_over_the_devices_is_one_line_exit_2(tmp_path, image_tree):
+    env = {**os.environ, "KERAS_BACKEND": "jax",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, "--data-dir", str(image_tree), "--models", "nin_cnn",
+         "--batch-size", "7", "--distribute", "--weights-dir", str(tmp_path / "w"),
+         "--logs-dir", str(tmp_path / "l")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "ensemble.py" in line]
+    assert errors == [
+        "ensemble.py: error: --distribute splits each batch over 2 devices: --batch-size 7 "
+        "must be a multiple of 2"
+    ]
+    assert not list((tmp_path / "w").glob("*.weights.h5"))
