@@ -604,6 +604,9 @@ def settings_from(flags):
             values[field] = tuple(values[field])
     if "precision" in values:
         values["precision"] = fast.resolve_precision(values["precision"])
+    if "warmup_epochs" not in flags and "epochs" in values and "warmup_epochs" in values:
+        # The preset's warm-up shrinks for short runs (--preset fast --epochs 2).
+        values["warmup_epochs"] = min(values["warmup_epochs"], max(values["epochs"] - 1, 0))
     return Settings(**values)
 
 
@@ -709,7 +712,8 @@ def main(argv=None):
     print(f"\nresults saved to {path} and {logs_dir / MARKDOWN_FILE}")
     print("plots: " + ", ".join(str(p) for p in plots))
     if "export" in extra:
-        print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']})")
+        tta = "; without flip TTA, which the table used" if settings.tta else ""
+        print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']}{tta})")
     print(f"{extra['total_seconds']} s in all")
     return 0
 

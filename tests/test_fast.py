@@ -76,6 +76,10 @@ def test_preset_sets_the_recipe_and_flags_still_override_it():
     mixed = ensemble.parse_args(["--preset", "fast", "--epochs", "3", "--no-augment", "--ema"])
     assert (mixed.epochs, mixed.augment, mixed.ema, mixed.batch_size) == (3, False, True, 512)
     assert ensemble.parse_args(["--label-smoothing", "0.2"]).label_smoothing == 0.2
+    # A short run keeps a warm-up shorter than itself, unless the flag says otherwise.
+    assert ensemble.parse_args(["--preset", "fast", "--epochs", "2"]).warmup_epochs == 1
+    explicit = ensemble.parse_args(["--preset", "fast", "--epochs", "2", "--warmup-epochs", "2"])
+    assert explicit.warmup_epochs == 2  # and check_settings refuses it
 
 
 @pytest.mark.parametrize(
