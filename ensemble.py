@@ -110,6 +110,7 @@ class Settings:
     schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to zero
     warmup_epochs: int = 0
     ema: bool = False  # checkpoint and evaluate the weights' moving average
+    weight_decay: float = 0.0  # AdamW's decoupled decay (0: the article's Adam)
     tta: bool = False  # average each test prediction with its mirror image's
     distribute: bool = False  # one member's batches split over every device (training.py)
 
@@ -587,6 +588,9 @@ def parse_args(argv=None):
         help="checkpoint and evaluate the exponential moving average of the weights",
     )
     recipe.add_argument(
+        "--weight-decay", type=float, help="AdamW's decoupled weight decay, e.g. 0.05 (article: 0)"
+    )
+    recipe.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="average each test prediction with the prediction for its mirror image",
@@ -633,6 +637,8 @@ def check_settings(settings):
         raise UsageError(f"--limit must be a positive number of images, got {settings.limit}")
     if not 0 <= settings.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must lie in [0, 1), got {settings.label_smoothing}")
+    if settings.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be 0 or more, got {settings.weight_decay}")
     if settings.warmup_epochs < 0 or (
         settings.schedule == "cosine" and settings.warmup_epochs >= settings.epochs
     ):

@@ -87,6 +87,7 @@ def test_preset_sets_the_recipe_and_flags_still_override_it():
     [
         (["--label-smoothing", "1"], "--label-smoothing must lie in [0, 1)"),
         (["--schedule", "cosine", "--warmup-epochs", "20"], "--warmup-epochs must be"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     ],
 )
 def test_bad_recipe_flags_exit_2_with_one_line(tmp_path, capsys, flags, message):
@@ -222,3 +223,22 @@ def test_recipe_options_without_joint_train_each_member_on_its_own(tmp_path, cap
     assert "training nin_cnn for 1 epochs" in out and "training all_cnn for 1 epochs" in out
     results = json.loads((tmp_path / "l" / "results.json").read_text())
     assert set(results["train_seconds"]) == {"nin_cnn", "all_cnn"}
+
+
+def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settings):
+    # A decay strong enough to dominate two steps: the first kernel's norm shrinks by
+    # the decay's factor, far more than Adam's own steps of 1e-3 can move it.
+    decayed = ensemble.Settings(**{**settings.__dict__, "weight_decay": 50.0, "epochs": 2})
+    assert isinstance(fast.optimizer(decayed, 1), keras.optimizers.AdamW)
+    assert type(fast.optimizer(settings, 1)) is keras.optimizers.Adam
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    norms = {}
+    for case in (settings, decayed):
+        keras.utils.set_random_seed(0)
+        member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+        joint.train_jointly([member], 2, x, y, case, lambda m: [])
+        norms[case.weight_decay] = np.linalg.norm(member.get_weights()[0])
+    # Two steps of decay at lr 1e-3 x 50 shrink every weight by about 10%.
+    assert norms[50.0] < 0.93 * norms[0.0]
