@@ -41,11 +41,13 @@ timeout "$(budget 200 330)" python3 bench/bench_train.py --data-dir "$data" --ou
   --plain-epochs 2 $small 2>&1 | tee -a "$log"
 
 echo "=== 2. --preset fast ($(elapsed) s)" | tee -a "$log"
-fast_flags=()
-[ "$small" = "--small" ] && fast_flags=(--limit 2000 --epochs 3 --batch-size 64)
+# FAST_FLAGS adds flags to the preset's run, e.g. FAST_FLAGS="--weight-decay 0.05".
+read -r -a fast_flags <<< "${FAST_FLAGS:-}"
+[ "$small" = "--small" ] && fast_flags+=(--limit 2000 --epochs 3 --batch-size 64)
 t0=$(date +%s.%N)
 timeout "$(budget 320 60)" python3 ensemble.py --preset fast --data-dir "$data" --no-cost \
-  --weights-dir "$work/fast/weights" --logs-dir "$work/fast/logs" "${fast_flags[@]}" 2>&1 | tee -a "$log"
+  --weights-dir "$work/fast/weights" --logs-dir "$work/fast/logs" ${fast_flags[@]+"${fast_flags[@]}"} \
+  2>&1 | tee -a "$log"
 fast_wall=$(python3 -c "import time; print(round(time.time() - $t0, 1))")
 cp "$work/fast/logs/results.json" "$out/fast_results.json" 2>/dev/null
 
@@ -53,7 +55,7 @@ echo "=== 3. inference ($(elapsed) s)" | tee -a "$log"
 infer_flags=()
 [ "$small" = "--small" ] && infer_flags=(--images 512 --batch-size 128 --repeats 2)
 timeout "$(budget 100 10)" python3 bench/bench_infer.py --out "$out" --weights-dir "$work/fast/weights" \
-  "${infer_flags[@]}" 2>&1 | tee -a "$log"
+  ${infer_flags[@]+"${infer_flags[@]}"} 2>&1 | tee -a "$log"
 
 if [ "$(budget 130 10)" -ge 120 ]; then
   echo "=== 4. augmentation's cost ($(elapsed) s)" | tee -a "$log"
