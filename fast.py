@@ -46,8 +46,6 @@ PRESETS = {
 }
 PRECISIONS = ("float32", "mixed_bfloat16", "auto")
 SCHEDULES = ("constant", "cosine")
-# Settings fields that change how members are trained (not only how they are scored).
-RECIPE_FIELDS = ("precision", "augment", "label_smoothing", "schedule", "ema", "weight_decay")
 
 
 def has_accelerator():

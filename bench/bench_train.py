@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 
 import ensemble
+import fast
 
 SMALL = {"limit": 2000, "epochs": 1}
 
@@ -76,8 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     devices = keras.distribution.list_devices()
-    on_gpu = any(device.split(":")[0] in ("gpu", "cuda") for device in devices)
-    full = args.full or (on_gpu and not args.small)
+    full = args.full or (fast.has_accelerator() and not args.small)
     out, work = Path(args.out), Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     out.mkdir(parents=True, exist_ok=True)
     # No cost table: bench_infer.py measures prediction speed on its own.
