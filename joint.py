@@ -115,7 +115,6 @@ class _MemberDispatch(keras.callbacks.Callback):
             callbacks.on_train_begin()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
         for member, callbacks in zip(self.members, self.lists, strict=True):
             if member.name not in self.stopped:
                 callbacks.on_epoch_begin(epoch)
@@ -161,6 +160,7 @@ def _steps_per_epoch(num_train, settings):
 def _train_with_fit(
     joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch
 ):
+    del initial_epoch  # Keras' BackupAndRestore below finds the epoch itself
     steps = _steps_per_epoch(len(train[0]), settings)
     joint.compile(
         loss=[fast.loss_function(settings) for _ in members],
