@@ -12,6 +12,7 @@ so that both write the same files under the same rules:
 
 import contextlib
 import csv
+import functools
 import importlib.util
 import json
 import os
@@ -316,7 +317,7 @@ def distribution_scope(settings, batch_size):
     backend = keras.backend.backend()
     if backend == "jax":
         if "KERAS_DISTRIBUTION_NUM_PROCESSES" in os.environ:
-            keras.distribution.initialize()
+            _join_processes()
         devices = keras.distribution.list_devices()
         if batch_size % len(devices):
             raise UsageError(
@@ -337,6 +338,12 @@ def distribution_scope(settings, batch_size):
         )
         return strategy.scope()
     raise UsageError(f"--distribute needs the jax or tensorflow backend, not {backend}")
+
+
+@functools.cache
+def _join_processes():
+    """Once per process: several members each open a scope, JAX joins the job once."""
+    keras.distribution.initialize()
 
 
 def tensorboard_available():
