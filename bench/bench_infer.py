@@ -31,6 +31,7 @@ import numpy as np
 import ensemble
 import fast
 from models import MODELS
+from report import aligned
 from training import best_checkpoint
 
 
@@ -133,9 +134,7 @@ def main(argv=None):
             if device:
                 cells.append(f"{row['device_images_per_s']:,.0f}")
             lines.append(cells)
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
-    for cells in [header, *lines]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
+    print(aligned(header, lines, right_from=2))
     for precision, result in results.items():
         ratio = result["ensemble_vs_members_sum"]
         line = f"{precision}: ensemble time / sum of members' = {ratio:.3f} (predict)"

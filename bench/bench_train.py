@@ -31,6 +31,7 @@ import keras
 
 import ensemble
 import fast
+from report import aligned
 
 SMALL = {"limit": 2000, "epochs": 1}
 
@@ -112,15 +113,13 @@ def main(argv=None):
     for path, r in results.items():
         complete = r["epochs"] == base.epochs  # a shortened run measures speed only
         errors = [f"{r['errors'][row]:.4f}" if complete else "-" for row in rows]
-        lines.append([path, r["epochs"], f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
-                      f"{r['images_per_second']}", *errors])  # fmt: skip
+        seconds = [f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}"]
+        lines.append([path, str(r["epochs"]), *seconds, f"{r['images_per_second']}", *errors])
     speedup = None
     if "plain" in results and "joint" in results:
         speedup = results["joint"]["images_per_second"] / results["plain"]["images_per_second"]
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
     print()
-    for cells in [header, *lines]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
+    print(aligned(header, lines))
     for path, r in results.items():
         if "first_epoch_seconds" in r:
             print(
