@@ -68,6 +68,21 @@ def main(argv=None):
             f"without: x{augment['ratio']:.3f}"
         )
         lines.append(("augmentation", "", figures))
+    equal = read(out / "equal.json")
+    for steps, r in (equal or {}).get("results", {}).items():
+        d = r["distance"]
+        figures = (
+            f"{equal['model']}: weights' distance from fit: joint {d['joint']:.2e}, "
+            f"fit again {d['again']:.2e}, fit from nudged weights {d['nudged']:.2e}"
+        )
+        lines.append((f"joint loop = fit? {steps} steps", "", figures))
+    step = read(out / "step.json")
+    for name, r in (step or {}).get("results", {}).items():
+        if "failed" in r:
+            lines.append((f"joint step: {name}", "", r["failed"]))
+            continue
+        figures = f"epoch {r['later_epoch_s']:.3f} s, {r['ms_per_step']:.3f} ms a step"
+        lines.append((f"joint step: {name}", f"{r['first_epoch_s']:.1f} first", figures))
     widths = [max(len(line[i]) for line in lines) for i in range(2)]
     for line in lines:
         print(f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]}")
