@@ -1,0 +1,165 @@
+"""Compiler settings against the time of a faithful `--joint` epoch (JAX).
+
+    python bench/bench_step.py                      # every variant, each in a fresh process
+    python bench/bench_step.py --variants baseline "unroll 4"
+
+`--joint` trains the article's recipe in 71.5 s on one H100 against the 60 s that
+issue 5 asks for: 19 epochs of 2.87 s (2.3 ms a step for all three members at batch
+32 in float32) and a 12 s compile. This measures which compiler settings change
+those two figures. Each variant runs in a process of its own (XLA reads its flags
+once, at start-up) on synthetic data of CIFAR-10's shape: random images and labels,
+since the speed of a step does not depend on the values. The settings are the
+article's (batch 32, Adam at 1e-3, float32, validation split 0.2), all three members
+in the joint step, a few epochs. Per variant it prints the first epoch (which
+compiles), the median later epoch, milliseconds per step and the ratio to the
+baseline run in the same invocation, then writes step.json.
+
+- `unroll N`: N steps per iteration of the scanned loop (`joint.SCAN_UNROLL`);
+- `command buffers`: XLA records the loop itself, not just its kernels, as CUDA
+  graphs (`--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`; GPU only);
+- `autotune off`: no timing of convolution algorithms while compiling (GPU only);
+- `tf32` / `fp32`: float32 convolutions on tensor cores at TensorFloat-32, or in
+  full float32 (`JAX_DEFAULT_MATMUL_PRECISION`): which of the two the baseline
+  matches tells what JAX does by default.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COMMAND_BUFFERS = "xla_gpu_enable_command_buffer"
+# name: (environment, joint.SCAN_UNROLL, GPU only)
+VARIANTS = {
+    "baseline": ({}, 1, False),
+    "unroll 4": ({}, 4, False),
+    # Recent XLA records kernels as CUDA graphs but still launches the loop from the host.
+    "command buffers": ({"XLA_FLAGS": f"--{COMMAND_BUFFERS}=+WHILE,+CONDITIONAL"}, 1, True),
+    "autotune off": ({"XLA_FLAGS": "--xla_gpu_autotune_level=0"}, 1, True),
+    "tf32": ({"JAX_DEFAULT_MATMUL_PRECISION": "tensorfloat32"}, 1, False),
+    "fp32": ({"JAX_DEFAULT_MATMUL_PRECISION": "float32"}, 1, False),
+}
+CHILD_ENVIRONMENT = dict(os.environ)  # as given, before main() changes its own
+SMALL = {"images": 400, "epochs": 2}  # a CPU: checks the machinery, not the speed
+FULL = {"images": 50_000, "epochs": 3}
+
+
+def measure(unroll, images, epochs):
+    """This process: epoch seconds of the article's joint step on synthetic data."""
+    import keras
+    import numpy as np
+
+    import ensemble
+    import joint
+    from models import MODELS
+
+    joint.SCAN_UNROLL = unroll
+    rng = np.random.default_rng(0)
+    x = rng.random((images, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, images), 10).astype("float32")
+    with tempfile.TemporaryDirectory() as work:
+        settings = ensemble.Settings(epochs=epochs, weights_dir=work)
+        keras.utils.set_random_seed(0)
+        model_input = keras.Input(shape=x.shape[1:])
+        members = [MODELS[name](model_input) for name in settings.models]
+        trained = joint.train_jointly(members, epochs, x, y, settings, lambda member: [])
+    steps = -(-int(images * (1 - settings.validation_split)) // settings.batch_size)
+    return {"epoch_seconds": [round(s, 3) for s in trained.epoch_seconds], "steps": steps,
+            "devices": keras.distribution.list_devices(),
+            "versions": f"keras {keras.__version__} on {keras.backend.backend()}"}  # fmt: skip
+
+
+def run_variant(name, case, timeout):
+    environment, unroll, _ = VARIANTS[name]
+    env = {**CHILD_ENVIRONMENT, "KERAS_BACKEND": "jax"}
+    for key, value in environment.items():
+        env[key] = f"{env.get(key, '')} {value}".strip() if key == "XLA_FLAGS" else value
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        command = [sys.executable, __file__, "--one", str(unroll), result.name,
+                   str(case["images"]), str(case["epochs"])]  # fmt: skip
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"failed": f"over {timeout} s"}
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"failed": f"exit {done.returncode}: {last[:160]}"}
+        measured = json.loads(Path(result.name).read_text())
+    epochs = measured["epoch_seconds"]
+    later = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
+    return {**measured, "process_seconds": round(wall, 1), "first_epoch_s": epochs[0],
+            "later_epoch_s": round(later, 3),
+            "ms_per_step": round(1000 * later / measured["steps"], 3)}  # fmt: skip
+
+
+def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--one"]:  # a variant's own process
+        unroll, out, images, epochs = sys.argv[2:6]
+        result = measure(int(unroll), int(images), int(epochs))
+        Path(out).write_text(json.dumps(result))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--small", action="store_true", help="the CPU case even on a GPU")
+    parser.add_argument("--timeout", type=int, default=90, help="seconds per variant")
+    parser.add_argument("--out", default="bench/out", help="folder for step.json")
+    args = parser.parse_args(argv)
+
+    # This process only asks which devices there are: it must not take the GPU's
+    # memory (JAX reserves most of it on first use) from the variants' processes.
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import fast
+
+    gpu = fast.has_accelerator()
+    case = SMALL if args.small or not gpu else FULL
+    names = ["baseline", *[n for n in args.variants if n != "baseline"]]
+    print(f"case: {case}, the article's settings, all three members in the joint step")
+    results = {}
+    for name in names:
+        if VARIANTS[name][2] and not gpu:
+            results[name] = {"failed": "skipped: GPU only"}
+        else:
+            results[name] = run_variant(name, case, args.timeout)
+        r = results[name]
+        shown = r.get("failed") or f"epochs {r['epoch_seconds']}; {r['ms_per_step']} ms a step"
+        print(f"{name}: {shown}", flush=True)
+
+    from report import aligned
+
+    base = results["baseline"]
+    lines = []
+    for name, r in results.items():
+        if "failed" in r:
+            lines.append([name, "-", "-", "-", "-", r["failed"]])
+            continue
+        ratio = (f"{r['later_epoch_s'] / base['later_epoch_s']:.3f}"
+                 if "failed" not in base else "-")  # fmt: skip
+        lines.append([name, f"{r['first_epoch_s']:.1f}", f"{r['later_epoch_s']:.3f}",
+                      f"{r['ms_per_step']:.3f}", ratio, ""])  # fmt: skip
+    header = ["variant", "first epoch s", "later epoch s", "ms/step", "vs baseline", "note"]
+    print()
+    print(aligned(header, lines))
+    found = next((r for r in results.values() if "versions" in r), {})
+    print(f"{found.get('versions', '')}   {found.get('devices', '')}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.date.today().isoformat(), "case": case, "results": results}
+    (out / "step.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
