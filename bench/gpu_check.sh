@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One device call, at most 8 minutes, that measures every speed claim:
-#   1. the article's recipe: --joint in full, the plain path for 2 epochs (its rate);
-#   2. --preset fast, end to end (target: ensemble error <= 10% within 300 s);
-#   3. inference: members against the one-graph ensemble, float32 and bfloat16;
-#   4. if time is left, augmentation's cost (bench_augment.py), then
-#   5. --joint again with seed 1 (its seed-to-seed spread);
-# then a short table (bench/summary.py). Each step has its own time limit, and the
-# whole stays under LIMIT seconds (default 480), so that the table always prints.
+# One device call, at most 8 minutes, that measures every speed claim. Steps, in order
+# (STEPS="equal step ..." picks and orders them; default: the first five):
+#   joint    the article's recipe: --joint in full, the plain path for 2 epochs (its rate);
+#   preset   --preset fast, end to end (target: ensemble error <= 10% within 300 s);
+#   infer    inference: members against the one-graph ensemble, float32 and bfloat16;
+#   augment  augmentation's cost (bench_augment.py);
+#   seed1    --joint again with seed 1 (its seed-to-seed spread);
+#   equal    the joint loop against Keras' fit on the same batches (bench_equal.py);
+#   step     compiler settings against the joint epoch's time (bench_step.py);
+# then a short table (bench/summary.py). Each step has its own time limit and is skipped
+# when too little of LIMIT seconds (default 480) is left, so that the table always prints.
 # Stage first, from the project root:  bash ../shared/tools/device-prep
 # Then run this through the device tool with carry [".device"]; it writes to $OUT
 # (at most 8 files: the device tool's limit).
-# Try it on a CPU first:  OUT=/tmp/out bash bench/gpu_check.sh --small
+# Try it on a CPU first:  OUT=/tmp/out STEPS="joint equal step" bash bench/gpu_check.sh --small
 set -uo pipefail
 if [ -d .device/whl ] && ! python3 -c 'import keras' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -27,47 +30,75 @@ log="$out/log.txt"
 start=$(date +%s)
 limit=${LIMIT:-480}
 elapsed() { echo $(($(date +%s) - start)); }
-# At most $1 seconds, and never past the overall limit less $2 kept for later steps.
+# At most $1 seconds, and never past the overall limit less 10 s for the table.
 budget() {
-  local left=$((limit - $(elapsed) - $2))
+  local left=$((limit - $(elapsed) - 10))
   left=$((left < $1 ? left : $1))
-  echo $((left > 1 ? left : 1))
+  echo $((left > 1 ? left : 1))  # timeout 0 would mean no limit at all
 }
+is_small() { [ "$small" = "--small" ]; }
+
+step_joint() {
+  timeout "$1" python3 bench/bench_train.py --data-dir "$data" --out "$out" --work "$work/train" \
+    --plain-epochs 2 $small
+}
+step_preset() {
+  # FAST_FLAGS adds flags to the preset's run, e.g. FAST_FLAGS="--weight-decay 0.05".
+  local flags
+  read -r -a flags <<< "${FAST_FLAGS:-}"
+  is_small && flags+=(--limit 2000 --epochs 3 --batch-size 64)
+  local t0
+  t0=$(date +%s.%N)
+  timeout "$1" python3 ensemble.py --preset fast --data-dir "$data" --no-cost \
+    --weights-dir "$work/fast/weights" --logs-dir "$work/fast/logs" ${flags[@]+"${flags[@]}"}
+  # A file, not a variable: the step runs in a pipeline's subshell.
+  python3 -c "import time; print(round(time.time() - $t0, 1))" > "$work/fast_wall"
+  cp "$work/fast/logs/results.json" "$out/fast_results.json" 2>/dev/null
+}
+step_infer() {
+  local flags=()
+  is_small && flags=(--images 512 --batch-size 128 --repeats 2)
+  # The preset's checkpoints when that step ran, random weights otherwise.
+  timeout "$1" python3 bench/bench_infer.py --out "$out" --weights-dir "$work/fast/weights" \
+    ${flags[@]+"${flags[@]}"}
+}
+step_augment() {
+  timeout "$1" python3 bench/bench_augment.py --data-dir "$data" --out "$out" \
+    $(is_small && echo "--limit 600 --epochs 2")
+}
+step_seed1() {
+  timeout "$1" python3 bench/bench_train.py --data-dir "$data" --out "$out/seed1" \
+    --work "$work/seed1" --no-plain --seeds 1 $small
+}
+step_equal() {
+  timeout "$1" python3 bench/bench_equal.py --data-dir "$data" --out "$out" \
+    $(is_small && echo "--limit 400 --epochs 1")
+}
+step_step() {
+  timeout "$1" python3 bench/bench_step.py --out "$out" $small
+}
+# Most seconds each step may take, and the least worth starting it with.
+declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [seed1]=120 [equal]=120
+                 [step]=240)
+declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [seed1]=100 [equal]=90
+                  [step]=150)
+
 nvidia-smi -L 2>/dev/null || echo "no NVIDIA GPU visible"
 python3 -c 'import keras, jax; print("keras", keras.__version__, "jax", jax.__version__, jax.devices())'
-
-echo "=== 1. article recipe: --joint, and the plain path's rate ($(elapsed) s)" | tee -a "$log"
-timeout "$(budget 200 330)" python3 bench/bench_train.py --data-dir "$data" --out "$out" --work "$work/train" \
-  --plain-epochs 2 $small 2>&1 | tee -a "$log"
-
-echo "=== 2. --preset fast ($(elapsed) s)" | tee -a "$log"
-# FAST_FLAGS adds flags to the preset's run, e.g. FAST_FLAGS="--weight-decay 0.05".
-read -r -a fast_flags <<< "${FAST_FLAGS:-}"
-[ "$small" = "--small" ] && fast_flags+=(--limit 2000 --epochs 3 --batch-size 64)
-t0=$(date +%s.%N)
-timeout "$(budget 320 60)" python3 ensemble.py --preset fast --data-dir "$data" --no-cost \
-  --weights-dir "$work/fast/weights" --logs-dir "$work/fast/logs" ${fast_flags[@]+"${fast_flags[@]}"} \
-  2>&1 | tee -a "$log"
-fast_wall=$(python3 -c "import time; print(round(time.time() - $t0, 1))")
-cp "$work/fast/logs/results.json" "$out/fast_results.json" 2>/dev/null
-
-echo "=== 3. inference ($(elapsed) s)" | tee -a "$log"
-infer_flags=()
-[ "$small" = "--small" ] && infer_flags=(--images 512 --batch-size 128 --repeats 2)
-timeout "$(budget 100 10)" python3 bench/bench_infer.py --out "$out" --weights-dir "$work/fast/weights" \
-  ${infer_flags[@]+"${infer_flags[@]}"} 2>&1 | tee -a "$log"
-
-if [ "$(budget 130 10)" -ge 120 ]; then
-  echo "=== 4. augmentation's cost ($(elapsed) s)" | tee -a "$log"
-  timeout "$(budget 130 10)" python3 bench/bench_augment.py --data-dir "$data" --out "$out" \
-    $([ "$small" = "--small" ] && echo "--limit 600 --epochs 2") 2>&1 | tee -a "$log"
-fi
-
-if [ "$(budget 120 10)" -ge 100 ]; then
-  echo "=== 5. --joint with seed 1 ($(elapsed) s)" | tee -a "$log"
-  timeout "$(budget 120 10)" python3 bench/bench_train.py --data-dir "$data" --out "$out/seed1" \
-    --work "$work/seed1" --no-plain --seeds 1 $small 2>&1 | tee -a "$log"
-fi
+for name in ${STEPS:-joint preset infer augment seed1}; do
+  if [ -z "${most[$name]:-}" ]; then
+    echo "unknown step $name; choose from ${!most[*]}" >&2
+    exit 2
+  fi
+  seconds=$(budget "${most[$name]}")
+  if [ "$seconds" -lt "${least[$name]}" ] && ! is_small; then
+    echo "=== $name skipped: $seconds s left of LIMIT=$limit" | tee -a "$log"
+    continue
+  fi
+  echo "=== $name (at $(elapsed) s, at most $seconds s)" | tee -a "$log"
+  "step_$name" "$seconds" 2>&1 | tee -a "$log"
+done
 
 echo "=== summary ($(elapsed) s in all)" | tee -a "$log"
-python3 bench/summary.py --out "$out" --fast-wall "$fast_wall" 2>&1 | tee -a "$log"
+fast_wall=$(cat "$work/fast_wall" 2>/dev/null)
+python3 bench/summary.py --out "$out" ${fast_wall:+--fast-wall "$fast_wall"} 2>&1 | tee -a "$log"
