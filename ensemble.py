@@ -581,7 +581,9 @@ def parse_args(argv=None):
         choices=fast.SCHEDULES,
         help="constant learning rate (article), or warm-up then cosine decay to zero",
     )
-    recipe.add_argument("--warmup-epochs", type=int, help="linear warm-up of the cosine schedule")
+    recipe.add_argument(
+        "--warmup-epochs", type=int, help="linear warm-up to the learning rate, then the schedule"
+    )
     recipe.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
@@ -639,9 +641,7 @@ def check_settings(settings):
         raise UsageError(f"--label-smoothing must lie in [0, 1), got {settings.label_smoothing}")
     if settings.weight_decay < 0:
         raise UsageError(f"--weight-decay must be 0 or more, got {settings.weight_decay}")
-    if settings.warmup_epochs < 0 or (
-        settings.schedule == "cosine" and settings.warmup_epochs >= settings.epochs
-    ):
+    if not 0 <= settings.warmup_epochs < settings.epochs:  # else it never reaches the rate
         raise UsageError(
             f"--warmup-epochs must be 0 or more and fewer than --epochs ({settings.epochs}), "
             f"got {settings.warmup_epochs}"

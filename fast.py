@@ -71,6 +71,7 @@ def changes_recipe(settings):
         or settings.augment
         or settings.label_smoothing > 0
         or settings.schedule != "constant"
+        or settings.warmup_epochs > 0
         or settings.ema
         or settings.weight_decay > 0
     )
@@ -151,15 +152,21 @@ def loss_function(settings):
 
 
 def learning_rate(settings, steps_per_epoch):
-    """The article's constant rate, or a schedule warming up to it and decaying along a cosine."""
+    """The article's constant rate; with `warmup_epochs`, a linear warm-up to it first.
+
+    After the warm-up the cosine schedule decays the rate to zero at the last step;
+    the constant one keeps it (Keras' CosineDecay with alpha=1 decays to the rate
+    itself, so both are the one schedule Keras ships).
+    """
     rate = settings.learning_rate
-    if settings.schedule != "cosine":
-        return rate
     warmup = settings.warmup_epochs * steps_per_epoch
+    if settings.schedule != "cosine" and not warmup:
+        return rate
     total = settings.epochs * steps_per_epoch
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else rate,
         decay_steps=max(total - warmup, 1),
+        alpha=0.0 if settings.schedule == "cosine" else 1.0,
         warmup_target=rate if warmup else None,
         warmup_steps=warmup,
     )

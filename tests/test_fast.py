@@ -62,6 +62,16 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(settings):
     assert fast.learning_rate(ensemble.Settings(), steps_per_epoch=100) == 1e-3
 
 
+def test_warm_up_also_leads_into_the_constant_rate(settings):
+    # --warmup-epochs without --schedule cosine: once silently ignored, now a warm-up.
+    settings = ensemble.Settings(**{**settings.__dict__, "epochs": 10, "warmup_epochs": 2,
+                                    "learning_rate": 4e-3})  # fmt: skip
+    schedule = fast.learning_rate(settings, steps_per_epoch=100)
+    values = [float(schedule(step)) for step in (0, 100, 200, 600, 999)]
+    assert values == pytest.approx([0.0, 2e-3, 4e-3, 4e-3, 4e-3])
+    assert fast.changes_recipe(settings)  # so it trains through the path that applies it
+
+
 def test_preset_sets_the_recipe_and_flags_still_override_it():
     article = ensemble.parse_args([])
     assert article == ensemble.Settings()  # no flags: the article, exactly
@@ -87,6 +97,7 @@ def test_preset_sets_the_recipe_and_flags_still_override_it():
     [
         (["--label-smoothing", "1"], "--label-smoothing must lie in [0, 1)"),
         (["--schedule", "cosine", "--warmup-epochs", "20"], "--warmup-epochs must be"),
+        (["--warmup-epochs", "20"], "--warmup-epochs must be"),
         (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     ],
 )
