@@ -653,6 +653,13 @@ def check_settings(settings):
         )
     if settings.precision not in fast.PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(fast.PRECISIONS)}")
+    if settings.export is None and settings.export_rule != "average":
+        raise UsageError(
+            f"--export-rule {settings.export_rule} chooses how an exported file combines its "
+            "members; add --export PATH.keras"
+        )
+    if settings.eval_only and settings.retrain:
+        raise UsageError("--retrain trains the members again and --eval-only trains none; pick one")
     if settings.export is not None and Path(settings.export).suffix != ".keras":
         raise UsageError(f"--export {settings.export} must end in .keras")
     for flag, folder in (

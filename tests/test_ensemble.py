@@ -185,6 +185,9 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (["--limit", "0"], "--limit must be a positive number"),
         (["--restarts", "-1"], "--restarts must be 0 or more"),
         (["--export", "ensemble.h5"], "must end in .keras"),
+        # Flags that would otherwise be ignored without a word.
+        (["--export-rule", "stack"], "add --export PATH.keras"),
+        (["--eval-only", "--retrain"], "pick one"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, tree, capsys, flags, message):
