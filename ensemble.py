@@ -107,8 +107,8 @@ class Settings:
     precision: str = "float32"  # or "mixed_bfloat16" (bfloat16 compute, float32 weights)
     augment: bool = False  # random translations and flips on the device while training
     label_smoothing: float = 0.0
-    schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to zero
-    warmup_epochs: int = 0
+    schedule: str = "constant"  # or "cosine": decay to zero along a cosine
+    warmup_epochs: int = 0  # linear warm-up from zero to the learning rate, either schedule
     ema: bool = False  # checkpoint and evaluate the weights' moving average
     weight_decay: float = 0.0  # AdamW's decoupled decay (0: the article's Adam)
     tta: bool = False  # average each test prediction with its mirror image's
@@ -579,7 +579,7 @@ def parse_args(argv=None):
     recipe.add_argument(
         "--schedule",
         choices=fast.SCHEDULES,
-        help="constant learning rate (article), or warm-up then cosine decay to zero",
+        help="constant learning rate (article), or cosine decay to zero after any warm-up",
     )
     recipe.add_argument(
         "--warmup-epochs", type=int, help="linear warm-up to the learning rate, then the schedule"
