@@ -7,7 +7,7 @@
 so far (bench/RESULTS.md). If both paths compute the same thing, that gap is chance:
 a member's error then depends only on its initial weights and its batch order, and
 both are drawn the same way on both paths. This checks "the same thing" on the
-device itself, in about a minute on a GPU. One member is trained for a given number
+device itself, in about a minute and a half on a GPU. One member is trained for a given number
 of steps (one epoch of 32 x steps images, real data, the article's settings), from
 the same initial weights and on the same batches, four ways:
 
@@ -17,9 +17,9 @@ the same initial weights and on the same batches, four ways:
   1 + 6e-8 r, r standard normal): how fast rounding alone grows into different
   weights, which under Adam is fast (a weight with a near-zero gradient moves by
   the full step either way, depending on the gradient's sign);
-- `joint`: the member alone through `joint.train_jointly`: on a GPU with JAX the
-  scanned loop that `--joint` runs (`--scan` forces it on a CPU), elsewhere `fit` on
-  the joint model.
+- `joint`: the member inside `--joint`'s own program, `joint.train_jointly` with all
+  three members (the other two from fixed initial weights): on a GPU with JAX the
+  scanned loop (`--scan` forces it on a CPU), elsewhere `fit` on the joint model.
 
 For each number of steps it prints the training loss of each run and how far the
 weights of `again`, `nudged` and `joint` end from `fit`'s, relative to how far `fit`
@@ -91,15 +91,20 @@ class Fit:
 
 
 def train_joint(name, start, x_train, y_train, settings):
-    model = build(name, start, x_train.shape[1:])
+    """`name` from `start` inside the program `--joint` runs: every member in one step."""
+    keras.utils.set_random_seed(settings.seed)  # the other members start alike every time
+    model_input = keras.Input(shape=x_train.shape[1:])
+    members = [MODELS[other](model_input) for other in MODELS]
+    member = next(m for m in members if m.name == name)
+    member.set_weights(start)
     keep = joint.epoch_order, joint.FIT_SHUFFLE
     # File order, as fit's shuffle=False: the scanned loop on JAX, fit elsewhere.
     joint.epoch_order, joint.FIT_SHUFFLE = (lambda rng, n: np.arange(n)), False
     try:
-        trained = joint.train_jointly([model], 1, x_train, y_train, settings, lambda m: [])
+        trained = joint.train_jointly(members, 1, x_train, y_train, settings, lambda m: [])
     finally:
         joint.epoch_order, joint.FIT_SHUFFLE = keep
-    return model.get_weights(), trained.histories[name]["loss"][-1]
+    return member.get_weights(), trained.histories[name]["loss"][-1]
 
 
 def distance(weights, reference):

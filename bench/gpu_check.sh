@@ -78,9 +78,9 @@ step_step() {
   timeout "$1" python3 bench/bench_step.py --out "$out" $small
 }
 # Most seconds each step may take, and the least worth starting it with.
-declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [seed1]=120 [equal]=120
+declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [seed1]=120 [equal]=150
                  [step]=240)
-declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [seed1]=100 [equal]=90
+declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [seed1]=100 [equal]=100
                   [step]=150)
 
 nvidia-smi -L 2>/dev/null || echo "no NVIDIA GPU visible"
