@@ -72,7 +72,7 @@ step_seed1() {
 }
 step_equal() {
   timeout "$1" python3 bench/bench_equal.py --data-dir "$data" --out "$out" \
-    $(is_small && echo "--limit 400 --epochs 1")
+    $(is_small && echo "--steps 1 10")
 }
 step_step() {
   timeout "$1" python3 bench/bench_step.py --out "$out" $small
