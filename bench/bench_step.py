@@ -54,7 +54,7 @@ class Variant(NamedTuple):
 VARIANTS = {
     "baseline": Variant({}),
     "unroll 4": Variant({}, unroll=4),
-    # Recent XLA records kernels as CUDA graphs but still launches the loop from the host.
+    # XLA's defaults (as of early 2025) put runs of kernels into CUDA graphs, not loops.
     "command buffers": Variant(
         {"XLA_FLAGS": f"--{COMMAND_BUFFERS}=+WHILE,+CONDITIONAL"}, gpu_only=True
     ),
@@ -147,9 +147,9 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/out", help="folder for step.json")
     args = parser.parse_args(argv)
 
-    # This process only asks which devices there are: it must not take the GPU's
+    # This process only asks which devices JAX sees: it must not take the GPU's
     # memory (JAX reserves most of it on first use) from the variants' processes.
-    os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ["KERAS_BACKEND"] = "jax"
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import fast
 
