@@ -73,10 +73,10 @@ def measure(unroll, images, epochs):
     """This process: epoch seconds of the article's joint step on synthetic data."""
     import keras
     import numpy as np
+    from bench_augment import epoch_seconds  # the same joint run, timed the same way
 
     import ensemble
     import joint
-    from models import MODELS
 
     joint.SCAN_UNROLL = unroll
     rng = np.random.default_rng(0)
@@ -85,11 +85,9 @@ def measure(unroll, images, epochs):
     with tempfile.TemporaryDirectory() as work:
         settings = ensemble.Settings(epochs=epochs, weights_dir=work)
         keras.utils.set_random_seed(0)
-        model_input = keras.Input(shape=x.shape[1:])
-        members = [MODELS[name](model_input) for name in settings.models]
-        trained = joint.train_jointly(members, epochs, x, y, settings, lambda member: [])
+        seconds = epoch_seconds(settings, x, y)
     steps = -(-int(images * (1 - settings.validation_split)) // settings.batch_size)
-    return {"epoch_seconds": [round(s, 3) for s in trained.epoch_seconds], "steps": steps,
+    return {"epoch_seconds": [round(s, 3) for s in seconds], "steps": steps,
             "devices": keras.distribution.list_devices(),
             "versions": f"keras {keras.__version__} on {keras.backend.backend()}"}  # fmt: skip
 
