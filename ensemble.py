@@ -458,7 +458,7 @@ def save_results(settings, rows, extra):
             "backend": keras.backend.backend(),
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "devices": keras.distribution.list_devices(),
+            "devices": fast.devices(),
         },
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -651,6 +651,12 @@ def check_settings(settings):
             "--distribute spreads the article's one-member fit over devices; it does not "
             "combine with --joint or the recipe options of --preset fast"
         )
+    if settings.distribute and keras.backend.backend() not in ("jax", "tensorflow"):
+        # Refused here, before the data loads; training.distribution_scope agrees.
+        raise UsageError(
+            f"--distribute needs the jax or tensorflow backend, not {keras.backend.backend()}; "
+            "set KERAS_BACKEND=jax or drop --distribute"
+        )
     if settings.precision not in fast.PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(fast.PRECISIONS)}")
     if settings.export is None and settings.export_rule != "average":
@@ -718,7 +724,7 @@ def main(argv=None):
     print("\nevery combination (NLL, ECE and Brier need probabilities: none for votes)")
     print(report.full_table(rows))
     if "costs" in extra:
-        print("\ncost on " + ", ".join(keras.distribution.list_devices()))
+        print("\ncost on " + ", ".join(fast.devices()))
         print(report.cost_table(extra["costs"]))
     plots = report.plot_training_curves(logs_dir, settings.models)
     plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))

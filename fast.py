@@ -48,9 +48,23 @@ PRECISIONS = ("float32", "mixed_bfloat16", "auto")
 SCHEDULES = ("constant", "cosine")
 
 
+def devices():
+    """The devices Keras' backend computes on, as "kind:index" strings.
+
+    `keras.distribution.list_devices` has no PyTorch implementation in Keras 3.15
+    (it raises AttributeError there), so on torch ask torch itself, which is how
+    Keras' torch backend picks its device: CUDA when available, else the CPU.
+    """
+    if keras.backend.backend() != "torch":
+        return keras.distribution.list_devices()
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu:0"]
+
+
 def has_accelerator():
     """True when Keras' backend sees a GPU or TPU."""
-    kinds = {device.split(":")[0].lower() for device in keras.distribution.list_devices()}
+    kinds = {device.split(":")[0].lower() for device in devices()}
     return bool(kinds & {"gpu", "cuda", "tpu"})
 
 

@@ -64,7 +64,7 @@ def main(argv=None):
         }
     ratio = results["augment"]["later_epoch_s"] / results["plain"]["later_epoch_s"]
     images = len(x_train) * (1 - settings.validation_split)
-    devices = keras.distribution.list_devices()
+    devices = fast.devices()
     for case, r in results.items():
         rate = images * len(settings.models) / r["later_epoch_s"]
         print(f"{case:>8}: epoch {r['later_epoch_s']:.3f} s after a first of "

@@ -175,7 +175,7 @@ def main(argv=None):
     print(f"\n{args.model}, batch {base.batch_size}, Adam {base.learning_rate}; distances are "
           "relative to how far fit moved the weights")  # fmt: skip
     print(aligned(header, lines))
-    devices = keras.distribution.list_devices()
+    devices = fast.devices()
     versions = f"keras {keras.__version__} on {keras.backend.backend()}"
     print(f"{versions}   {devices}")
     out = Path(args.out)

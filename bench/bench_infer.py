@@ -120,7 +120,7 @@ def main(argv=None):
     precisions = ["float32", "mixed_bfloat16"] if on_accelerator else ["float32"]
     # Random pixels, not zeros: some kernels run faster on zeros than on real data.
     x = np.random.default_rng(0).random((images, 32, 32, 3), dtype=np.float32)
-    devices = keras.distribution.list_devices()
+    devices = fast.devices()
     print(f"{images} images, batch {batch_size}, {args.repeats} timed passes; devices {devices}")
 
     results = {p: measure(p, x, batch_size, args.repeats, args.weights_dir) for p in precisions}

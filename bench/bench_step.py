@@ -76,6 +76,7 @@ def measure(unroll, images, epochs):
     from bench_augment import epoch_seconds  # the same joint run, timed the same way
 
     import ensemble
+    import fast
     import joint
 
     joint.SCAN_UNROLL = unroll
@@ -88,7 +89,7 @@ def measure(unroll, images, epochs):
         seconds = epoch_seconds(settings, x, y)
     steps = -(-int(images * (1 - settings.validation_split)) // settings.batch_size)
     return {"epoch_seconds": [round(s, 3) for s in seconds], "steps": steps,
-            "devices": keras.distribution.list_devices(),
+            "devices": fast.devices(),
             "versions": f"keras {keras.__version__} on {keras.backend.backend()}"}  # fmt: skip
 
 

@@ -79,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--no-plain", action="store_true", help="the joint path only")
     args = parser.parse_args(argv)
 
-    devices = keras.distribution.list_devices()
+    devices = fast.devices()
     full = args.full or (fast.has_accelerator() and not args.small)
     out, work = Path(args.out), Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     out.mkdir(parents=True, exist_ok=True)

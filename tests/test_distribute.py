@@ -66,6 +66,20 @@ def test_distribute_refuses_the_joint_path(tmp_path, capsys):
     assert "--distribute spreads the article's one-member fit" in err and err.count("\n") == 1
 
 
+def test_distribute_on_pytorch_is_one_line_exit_2_before_any_data(tmp_path, capsys, monkeypatch):
+    import ensemble
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")  # on every backend
+    folders = ["--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]
+    code = ensemble.main(["--distribute", "--data-dir", str(tmp_path / "absent"), *folders])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "ensemble.py: error: --distribute needs the jax or tensorflow backend, not torch; "
+        "set KERAS_BACKEND=jax or drop --distribute\n"
+    )
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="TensorFlow's MirroredStrategy splits uneven batches"
 )

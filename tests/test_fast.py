@@ -170,9 +170,14 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
         [averaged], 2, x, y, ema, lambda m: [keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: seen.append(m.get_weights()))]
     )  # fmt: skip
+    # Two trainings, the same on JAX and TensorFlow. PyTorch's CPU kernels round
+    # differently from run to run (even on one thread), and Adam turns that into up
+    # to a step (1e-3) on a weight whose gradient is near zero: 0.01 of it is under
+    # 3e-5. No average at all misses by ~1e-3; a momentum of 0.98, by ~1e-5.
+    atol = 3e-5 if keras.backend.backend() == "torch" else 1e-6
     for a, b, seen_1, seen_2 in zip(w1, w2, *seen, strict=True):
-        np.testing.assert_allclose(seen_1, a, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(seen_2, 0.99 * a + 0.01 * b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(seen_1, a, rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(seen_2, 0.99 * a + 0.01 * b, rtol=1e-4, atol=atol)
     assert not np.allclose(w1[0], w2[0])  # the average differs from the last weights
 
 
@@ -241,7 +246,10 @@ def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settin
     # the decay's factor, far more than Adam's own steps of 1e-3 can move it.
     decayed = ensemble.Settings(**{**settings.__dict__, "weight_decay": 50.0, "epochs": 2})
     assert isinstance(fast.optimizer(decayed, 1), keras.optimizers.AdamW)
-    assert type(fast.optimizer(settings, 1)) is keras.optimizers.Adam
+    # Plain Adam without the flag (PyTorch's backend hands out a subclass of Adam).
+    plain = fast.optimizer(settings, 1)
+    assert isinstance(plain, keras.optimizers.Adam)
+    assert not isinstance(plain, keras.optimizers.AdamW)
     rng = np.random.default_rng(0)
     x = rng.random((40, 32, 32, 3), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
