@@ -58,7 +58,8 @@ def measure(settings):
     for split in extra.get("epoch_seconds", {}).values():  # joint: where the time went
         epochs = split["epochs"]
         result["first_epoch_seconds"] = epochs[0]  # compiles the step
-        result["later_epoch_seconds"] = round(statistics.median(epochs[1:] or epochs), 2)
+        if len(epochs) > 1:  # one epoch (the CPU's small case) has no later ones
+            result["later_epoch_seconds"] = round(statistics.median(epochs[1:]), 2)
         result["callback_seconds"] = round(sum(split["callbacks"]), 1)
         # The first epoch's include compiling the dead checks' predict functions.
         result["first_callback_seconds"] = round(split["callbacks"][0], 2)
@@ -124,9 +125,11 @@ def main(argv=None):
     print(aligned(header, lines))
     for path, r in results.items():
         if "first_epoch_seconds" in r:
+            later = r.get("later_epoch_seconds")
             print(
-                f"{path} epochs: first {r['first_epoch_seconds']:.1f} s (compiling), then "
-                f"{r['later_epoch_seconds']:.2f} s each; callbacks {r['callback_seconds']} s "
+                f"{path} epochs: first {r['first_epoch_seconds']:.1f} s (compiling)"
+                + (f", then {later:.2f} s each" if later is not None else "")
+                + f"; callbacks {r['callback_seconds']} s "
                 f"({r['first_callback_seconds']} s after the first epoch)"
             )
     machine = f"{platform.node()} {platform.machine()}, {devices}"

@@ -35,8 +35,9 @@ def main(argv=None):
             if full:  # complete runs only
                 figures += "; " + errors(full["results"])
             if "first_epoch_seconds" in r:
-                figures += (f"; epoch 1 {r['first_epoch_seconds']:.1f} s, then "
-                            f"{r['later_epoch_seconds']:.2f} s")  # fmt: skip
+                figures += f"; epoch 1 {r['first_epoch_seconds']:.1f} s"
+                if "later_epoch_seconds" in r:
+                    figures += f", then {r['later_epoch_seconds']:.2f} s"
             lines.append((f"{path} ({r['epochs']} epochs)", f"{r['train_seconds']:.1f} train",
                           figures))  # fmt: skip
         if run.get("speedup"):
