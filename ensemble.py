@@ -288,7 +288,7 @@ def _run(settings):
         f"y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}"
     )
     train_images = int(len(x_train) * (1 - settings.validation_split))
-    if settings.batch_size > train_images:
+    if settings.batch_size > train_images and not settings.eval_only:
         raise UsageError(
             f"--batch-size {settings.batch_size} exceeds the {train_images} training "
             "images left after the validation split; lower it or raise --limit"
