@@ -1,5 +1,6 @@
 """The article's pipeline end to end on tiny synthetic data, and the CLI's promises."""
 
+import csv
 import json
 import re
 import subprocess
@@ -283,3 +284,30 @@ def test_unusable_checkpoint_is_one_line_exit_2(tmp_path, tree, capsys, content)
     err = capsys.readouterr().err
     assert "does not hold nin_cnn weights" in err and err.count("\n") == 1
     assert path.is_file()  # nothing deleted or overwritten
+
+
+def test_the_same_seed_repeats_a_cpu_run(tmp_path, tree):
+    # --seed fixes the shuffling, the initial weights and the dropout masks.
+    def run(folder):
+        folders = ["--weights-dir", str(tmp_path / folder / "w"), "--logs-dir",
+                   str(tmp_path / folder / "l")]  # fmt: skip
+        flags = ["--data-dir", str(tree), "--models", "nin_cnn", "all_cnn", "--epochs", "2"]
+        assert ensemble.main([*flags, "--no-cost", *folders]) == 0
+        logs = tmp_path / folder / "l"
+        curves = [
+            float(row[key])
+            for name in ("nin_cnn", "all_cnn")
+            for row in csv.DictReader((logs / f"{name}.csv").read_text().splitlines())
+            for key in ("loss", "val_loss")
+        ]
+        errors = [
+            r["test_error"] for r in json.loads((logs / "results.json").read_text())["results"]
+        ]
+        return curves, errors
+
+    (curves, errors), (curves_again, errors_again) = run("first"), run("second")
+    assert len(curves) == 8
+    if keras.backend.backend() == "torch":  # its CPU kernels round differently each run
+        assert curves_again == pytest.approx(curves, rel=1e-5)
+    else:
+        assert curves_again == curves and errors_again == errors
