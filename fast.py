@@ -52,8 +52,8 @@ def devices():
     """The devices Keras' backend computes on, as "kind:index" strings.
 
     `keras.distribution.list_devices` has no PyTorch implementation in Keras 3.15
-    (it raises AttributeError there), so on torch ask torch itself, which is how
-    Keras' torch backend picks its device: CUDA when available, else the CPU.
+    (it raises AttributeError there), so on torch ask torch itself: its CUDA
+    devices, which Keras' torch backend uses by default, else the CPU.
     """
     if keras.backend.backend() != "torch":
         return keras.distribution.list_devices()

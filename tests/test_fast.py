@@ -1,6 +1,7 @@
 """--preset fast and its options: augmentation, schedule, label smoothing, EMA, TTA."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -18,6 +19,15 @@ def settings(tmp_path):
     for folder in ("weights", "logs"):
         (tmp_path / folder).mkdir()
     return ensemble.Settings(weights_dir=str(tmp_path / "weights"), logs_dir=str(tmp_path / "logs"))
+
+
+def test_devices_are_named_kind_and_index_on_every_backend():
+    # Keras' own list has no PyTorch implementation; results.json and the cost table
+    # name the devices on every backend all the same.
+    devices = fast.devices()
+    assert devices and all(re.fullmatch(r"[a-z]+:\d+", d.lower()) for d in devices), devices
+    kinds = {d.split(":")[0].lower() for d in devices}
+    assert fast.has_accelerator() == bool(kinds - {"cpu"})
 
 
 def test_augment_crops_a_shifted_window_and_mirrors_about_half():
