@@ -12,7 +12,11 @@ since the speed of a step does not depend on the values. The settings are the
 article's (batch 32, Adam at 1e-3, float32, validation split 0.2), all three members
 in the joint step, a few epochs. Per variant it prints the first epoch (which
 compiles), the median later epoch, milliseconds per step and the ratio to the
-baseline run in the same invocation, then writes step.json.
+baseline run in the same invocation; step.json is rewritten after every variant,
+so a run stopped from outside keeps what it measured. The baseline runs first and,
+time allowing, again last: their ratio shows how far the machine drifted, and the
+variants are compared with the mean of the two. `--budget S` skips the variants
+that would not finish within S seconds (estimated from the slowest process so far).
 
 - `unroll N`: N steps per iteration of the scanned loop (`joint.SCAN_UNROLL`);
 - `command buffers`: XLA records the loop itself, not just its kernels, as CUDA
@@ -143,6 +147,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--small", action="store_true", help="the CPU case even on a GPU")
     parser.add_argument("--timeout", type=int, default=90, help="seconds per variant")
+    parser.add_argument("--budget", type=float, help="seconds for all variants (default: none)")
     parser.add_argument("--out", default="bench/out", help="folder for step.json")
     args = parser.parse_args(argv)
 
@@ -154,28 +159,41 @@ def main(argv=None):
 
     gpu = fast.has_accelerator()
     case = SMALL if args.small or not gpu else FULL
-    names = ["baseline", *[n for n in args.variants if n != "baseline"]]
+    # "baseline again" reruns the baseline last: the machine's drift over the run.
+    runs = [("baseline", "baseline")]
+    runs += [(n, n) for n in args.variants if n != "baseline"] + [("baseline again", "baseline")]
     print(f"case: {case}, the article's settings, all three members in the joint step")
-    results = {}
-    for name in names:
-        if VARIANTS[name].gpu_only and not gpu:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.date.today().isoformat(), "case": case, "results": {}}
+    results, start, slowest = report["results"], time.perf_counter(), 0.0
+    for name, variant in runs:
+        left = None if args.budget is None else args.budget - (time.perf_counter() - start)
+        processes = 2 if VARIANTS[variant].warm else 1
+        if VARIANTS[variant].gpu_only and not gpu:
             results[name] = {"failed": "skipped: GPU only"}
+        elif left is not None and left < processes * 1.1 * slowest + 5:
+            results[name] = {"failed": f"skipped: {left:.0f} s left of --budget {args.budget:g}"}
         else:
-            results[name] = run_variant(name, case, args.timeout)
+            timeout = args.timeout if left is None else max(1, min(args.timeout, int(left)))
+            results[name] = run_variant(variant, case, timeout)
+            slowest = max(slowest, results[name].get("process_seconds", 0.0))
+        (out / "step.json").write_text(json.dumps(report, indent=2) + "\n")
         r = results[name]
         shown = r.get("failed") or f"epochs {r['epoch_seconds']}; {r['ms_per_step']} ms a step"
         print(f"{name}: {shown}", flush=True)
 
     from report import aligned
 
-    base = results["baseline"]
+    baselines = [results[n]["later_epoch_s"] for n in ("baseline", "baseline again")
+                 if "failed" not in results[n]]  # fmt: skip
+    base = statistics.mean(baselines) if baselines else None
     lines = []
     for name, r in results.items():
         if "failed" in r:
             lines.append([name, "-", "-", "-", "-", r["failed"]])
             continue
-        ratio = (f"{r['later_epoch_s'] / base['later_epoch_s']:.3f}"
-                 if "failed" not in base else "-")  # fmt: skip
+        ratio = f"{r['later_epoch_s'] / base:.3f}" if base else "-"
         note = (f"first epoch {r['cold_first_epoch_s']:.1f} s with the cache empty"
                 if "cold_first_epoch_s" in r else "")  # fmt: skip
         lines.append([name, f"{r['first_epoch_s']:.1f}", f"{r['later_epoch_s']:.3f}",
@@ -183,12 +201,11 @@ def main(argv=None):
     header = ["variant", "first epoch s", "later epoch s", "ms/step", "vs baseline", "note"]
     print()
     print(aligned(header, lines))
+    if len(baselines) == 2:
+        print(f"baseline drift: the last run's epoch / the first's = "
+              f"{baselines[1] / baselines[0]:.3f}; ratios are against their mean")  # fmt: skip
     found = next((r for r in results.values() if "versions" in r), {})
     print(f"{found.get('versions', '')}   {found.get('devices', '')}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"date": datetime.date.today().isoformat(), "case": case, "results": results}
-    (out / "step.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
