@@ -141,7 +141,13 @@ def main(argv=None):
     settings = ensemble.Settings(epochs=1, seed=args.seed, weights_dir=work)
     fit = Fit(args.model, start, settings, shape)
 
-    results = {}
+    devices = fast.devices()
+    versions = f"keras {keras.__version__} on {keras.backend.backend()}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.date.today().isoformat(), "versions": versions,
+              "devices": devices, "model": args.model, "results": {}}  # fmt: skip
+    results = report["results"]
     for steps in horizons:
         x, y = x_all[: per_step * steps], y_all[: per_step * steps]
         runs = {
@@ -156,6 +162,8 @@ def main(argv=None):
         del distances["fit"]
         losses = {label: float(loss) for label, (_, loss) in runs.items()}
         results[steps] = {"loss": losses, "distance": distances}
+        # After every horizon: a run stopped from outside keeps the ones it finished.
+        (out / "equal.json").write_text(json.dumps(report, indent=2) + "\n")
         print(
             f"{steps} steps: loss fit {losses['fit']:.6f}, joint {losses['joint']:.6f}; distance "
             f"from fit: again {distances['again']:.2e}, nudged {distances['nudged']:.2e}, "
@@ -175,14 +183,7 @@ def main(argv=None):
     print(f"\n{args.model}, batch {base.batch_size}, Adam {base.learning_rate}; distances are "
           "relative to how far fit moved the weights")  # fmt: skip
     print(aligned(header, lines))
-    devices = fast.devices()
-    versions = f"keras {keras.__version__} on {keras.backend.backend()}"
     print(f"{versions}   {devices}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"date": datetime.date.today().isoformat(), "versions": versions,
-              "devices": devices, "model": args.model, "results": results}  # fmt: skip
-    (out / "equal.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
