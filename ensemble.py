@@ -11,18 +11,15 @@ and their softmax outputs are averaged: all three, and each pair. The article
 reports 24.1 / 26.1 / 31.6% test error for the members and 20.5% for all three.
 """
 
-import argparse
 import dataclasses
 import errno
 import itertools
 import json
 import math
-import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -34,6 +31,7 @@ import export
 import fast
 import joint
 import report
+from config import Settings, check_settings, parse_args
 from models import MODELS, PAPER_NAMES
 from training import (
     BEST_SUFFIX,
@@ -78,41 +76,6 @@ RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
 # Disk full, quota, read-only file system, permission: the user can fix these.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every knob of a run. Defaults are the article's; saved with the results."""
-
-    epochs: int = 20  # per member
-    batch_size: int = 32  # images per step, training and prediction
-    validation_split: float = 0.2  # last fraction of the training set, never trained on
-    learning_rate: float = 1e-3  # Adam's default, as the article uses Adam()
-    models: tuple = tuple(MODELS)  # members to train and evaluate
-    data_dir: str | None = None  # None downloads with Keras
-    limit: int | None = None  # keep this many train and test images (quick runs)
-    seed: int = 0  # data shuffle, subset and weight initialisation
-    weights_dir: str = "weights"
-    logs_dir: str = "logs"
-    eval_only: bool = False  # skip training, ensemble existing checkpoints
-    restarts: int = 2  # fresh starts allowed for a member whose ReLUs all died
-    joint: bool = False  # train all members in one compiled step (joint.py)
-    retrain: bool = False  # train members again even if a finished run is recorded
-    combine: tuple = ("average",)  # rules scored besides the article's average
-    cost: bool = True  # measure parameters, size, latency and throughput
-    export: str | None = None  # write the ensemble of all members as one .keras file
-    export_rule: str = "average"  # how the exported file combines its members
-    # The recipe options of fast.py; `--preset fast` sets them together.
-    preset: str = "article"
-    precision: str = "float32"  # or "mixed_bfloat16" (bfloat16 compute, float32 weights)
-    augment: bool = False  # random translations and flips on the device while training
-    label_smoothing: float = 0.0
-    schedule: str = "constant"  # or "cosine": decay to zero along a cosine
-    warmup_epochs: int = 0  # linear warm-up from zero to the learning rate, either schedule
-    ema: bool = False  # checkpoint and evaluate the weights' moving average
-    weight_decay: float = 0.0  # AdamW's decoupled decay (0: the article's Adam)
-    tta: bool = False  # average each test prediction with its mirror image's
-    distribute: bool = False  # one member's batches split over every device (training.py)
 
 
 # --------------------------------------------------------------------------- the article
@@ -467,230 +430,6 @@ def save_results(settings, rows, extra):
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def parse_args(argv=None):
-    """Settings from the command line: the article's defaults, then --preset, then flags."""
-    defaults = Settings()
-    parser = argparse.ArgumentParser(
-        prog="ensemble.py",
-        description="Train the article's three CIFAR-10 ConvNets and evaluate their "
-        "averaged ensembles. Defaults reproduce the article; --preset fast trades the "
-        "recipe for accuracy per minute (see fast.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,  # absent flags leave the preset's value
-    )
-    add = parser.add_argument
-    add("--preset", choices=list(fast.PRESETS), help="article (default) or fast: sets the "
-        "recipe flags below, which still override it")  # fmt: skip
-    add("--epochs", type=int, help=f"epochs per member (article: {defaults.epochs})")
-    add("--batch-size", type=int, help=f"batch size (article: {defaults.batch_size})")
-    add(
-        "--validation-split",
-        type=float,
-        help="fraction of the training set held out for validation, the last part "
-        f"(article: {defaults.validation_split})",
-    )
-    add(
-        "--learning-rate",
-        type=float,
-        help=f"Adam learning rate, the peak of a schedule (article: {defaults.learning_rate})",
-    )
-    add(
-        "--models",
-        nargs="+",
-        metavar="NAME",
-        help=f"members to train and evaluate, from: {', '.join(MODELS)} (default: all)",
-    )
-    add(
-        "--data-dir",
-        help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, or a "
-        "train/<class>/ test/<class>/ image tree (folder, .tar or .tar.gz); "
-        "default: download with Keras",
-    )
-    add("--limit", type=int, help="keep N train and N test images (default: all)")
-    add("--seed", type=int, help=f"random seed (default: {defaults.seed})")
-    add("--weights-dir", help=f"checkpoint folder (default: {defaults.weights_dir})")
-    add("--logs-dir", help=f"logs and results folder (default: {defaults.logs_dir})")
-    add(
-        "--eval-only",
-        action="store_true",
-        help="skip training: ensemble the best checkpoints already in --weights-dir",
-    )
-    add(
-        "--restarts",
-        type=int,
-        help="fresh starts for a member whose network dies (same output for every image); "
-        f"0 trains each member exactly once, as the article (default: {defaults.restarts})",
-    )
-    add(
-        "--joint",
-        action="store_true",
-        help="train every member in one compiled step: same hyperparameters and "
-        "checkpoints, members share the batch order (see joint.py)",
-    )
-    add(
-        "--distribute",
-        action="store_true",
-        help="split each member's batches over every GPU of this machine (or of several "
-        "machines, see README): DataParallel on JAX, MirroredStrategy on TensorFlow",
-    )
-    add(
-        "--retrain",
-        action="store_true",
-        help="train members again although their finished checkpoints are recorded "
-        "(by default a new run skips them and resumes an interrupted one)",
-    )
-    add(
-        "--combine",
-        nargs="+",
-        choices=evaluation.RULES,
-        help="combination rules to score; the article's average always comes first",
-    )
-    add(
-        "--cost",
-        action=argparse.BooleanOptionalAction,
-        help="measure parameters, weight size, batch-1 latency and batch-256 throughput "
-        "(default: on)",
-    )
-    add(
-        "--export",
-        metavar="PATH.keras",
-        help="write the ensemble of all --models as one Keras model file",
-    )
-    add(
-        "--export-rule",
-        choices=export.EXPORT_RULES,
-        help="combining layer of the exported file (default: average)",
-    )
-    recipe = parser.add_argument_group("recipe options (fast.py; --preset fast sets them)")
-    recipe.add_argument(
-        "--precision",
-        choices=fast.PRECISIONS,
-        help="mixed_bfloat16 computes in bfloat16 with float32 weights; auto picks it on "
-        "a GPU or TPU, float32 elsewhere (article: float32)",
-    )
-    recipe.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        help="random translations (up to 4 pixels) and horizontal flips while training",
-    )
-    recipe.add_argument("--label-smoothing", type=float, help="e.g. 0.1 (article: 0)")
-    recipe.add_argument(
-        "--schedule",
-        choices=fast.SCHEDULES,
-        help="constant learning rate (article), or cosine decay to zero after any warm-up",
-    )
-    recipe.add_argument(
-        "--warmup-epochs", type=int, help="linear warm-up to the learning rate, then the schedule"
-    )
-    recipe.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        help="checkpoint and evaluate the exponential moving average of the weights",
-    )
-    recipe.add_argument(
-        "--weight-decay", type=float, help="AdamW's decoupled weight decay, e.g. 0.05 (article: 0)"
-    )
-    recipe.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        help="average each test prediction with the prediction for its mirror image",
-    )
-    args = vars(parser.parse_args(argv))
-    return settings_from(args)
-
-
-def settings_from(flags):
-    """Settings from {field: value}: the article's defaults, the preset, then `flags`."""
-    preset = flags.get("preset", "article")
-    values = {**fast.PRESETS[preset], **flags, "preset": preset}
-    for field in ("models", "combine"):
-        if field in values:
-            values[field] = tuple(values[field])
-    if "precision" in values:
-        values["precision"] = fast.resolve_precision(values["precision"])
-    if "warmup_epochs" not in flags and "epochs" in values and "warmup_epochs" in values:
-        # The preset's warm-up shrinks for short runs (--preset fast --epochs 2).
-        values["warmup_epochs"] = min(values["warmup_epochs"], max(values["epochs"] - 1, 0))
-    return Settings(**values)
-
-
-def check_settings(settings):
-    """Refuses settings that cannot work, before any data is read or file written."""
-    unknown = [name for name in settings.models if name not in MODELS]
-    if unknown:
-        raise UsageError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
-    if len(set(settings.models)) != len(settings.models):
-        raise UsageError("--models lists a model twice; name each once")
-    if settings.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {settings.epochs}")
-    if settings.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {settings.batch_size}")
-    if not 0 < settings.validation_split < 1:
-        raise UsageError(
-            f"--validation-split must lie strictly between 0 and 1, got {settings.validation_split}"
-        )
-    if not settings.learning_rate > 0:
-        raise UsageError(f"--learning-rate must be positive, got {settings.learning_rate}")
-    if settings.restarts < 0:
-        raise UsageError(f"--restarts must be 0 or more, got {settings.restarts}")
-    if settings.limit is not None and settings.limit < 1:
-        raise UsageError(f"--limit must be a positive number of images, got {settings.limit}")
-    if not 0 <= settings.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must lie in [0, 1), got {settings.label_smoothing}")
-    if settings.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be 0 or more, got {settings.weight_decay}")
-    if not 0 <= settings.warmup_epochs < settings.epochs:  # else it never reaches the rate
-        raise UsageError(
-            f"--warmup-epochs must be 0 or more and fewer than --epochs ({settings.epochs}), "
-            f"got {settings.warmup_epochs}"
-        )
-    if settings.distribute and (settings.joint or fast.changes_recipe(settings)):
-        raise UsageError(
-            "--distribute spreads the article's one-member fit over devices; it does not "
-            "combine with --joint or the recipe options of --preset fast"
-        )
-    if settings.distribute and keras.backend.backend() not in ("jax", "tensorflow"):
-        # Refused here, before the data loads; training.distribution_scope agrees.
-        raise UsageError(
-            f"--distribute needs the jax or tensorflow backend, not {keras.backend.backend()}; "
-            "set KERAS_BACKEND=jax or drop --distribute"
-        )
-    if settings.precision not in fast.PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(fast.PRECISIONS)}")
-    if settings.export is None and settings.export_rule != "average":
-        raise UsageError(
-            f"--export-rule {settings.export_rule} chooses how an exported file combines its "
-            "members; add --export PATH.keras"
-        )
-    if settings.eval_only and settings.retrain:
-        raise UsageError("--retrain trains the members again and --eval-only trains none; pick one")
-    if settings.export is not None and Path(settings.export).suffix != ".keras":
-        raise UsageError(f"--export {settings.export} must end in .keras")
-    for flag, folder in (
-        ("--weights-dir", settings.weights_dir),
-        ("--logs-dir", settings.logs_dir),
-    ):
-        path = Path(folder)
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{flag} {folder} is a file, not a folder; choose a folder")
-        if settings.eval_only and flag == "--weights-dir":
-            if not path.is_dir():
-                raise UsageError(f"--weights-dir {folder} does not exist; train first")
-            continue
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"cannot create {flag} {folder} ({error.strerror})") from error
-        if not os.access(path, os.W_OK):
-            raise UsageError(f"{flag} {folder} is not writable; choose another folder")
-    if settings.export is not None:  # after the folders above exist: it may be in one
-        parent = Path(settings.export).parent
-        if not parent.is_dir():
-            raise UsageError(f"--export {settings.export}: folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"--export {settings.export}: folder {parent} is not writable")
 
 
 def main(argv=None):

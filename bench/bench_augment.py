@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras
 
+import config
 import data
-import ensemble
 import fast
 import joint
 from models import MODELS
@@ -49,7 +49,7 @@ def main(argv=None):
 
     on_accelerator = fast.has_accelerator()
     limit = args.limit or (None if on_accelerator else 2_000)
-    settings = ensemble.settings_from(
+    settings = config.settings_from(
         {"preset": "fast", "epochs": args.epochs, "limit": limit, "data_dir": args.data_dir}
     )
     keras.utils.set_random_seed(settings.seed)
