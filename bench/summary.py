@@ -62,12 +62,16 @@ def main(argv=None):
             figures += f" ({result['device_ensemble_vs_members_sum']:.3f} on device)"
         lines.append((f"inference {precision}", "", figures))
     augment = read(out / "augment.json")
-    if augment:
+    if augment and "ratio" in augment:
         plain, augmented = augment["results"]["plain"], augment["results"]["augment"]
         figures = (
             f"epoch {augmented['later_epoch_s']:.3f} s against {plain['later_epoch_s']:.3f} s "
             f"without: x{augment['ratio']:.3f}"
         )
+        lines.append(("augmentation", "", figures))
+    elif augment:  # stopped after the plain case
+        plain = augment["results"]["plain"]
+        figures = f"epoch {plain['later_epoch_s']:.3f} s without; the augmented case did not end"
         lines.append(("augmentation", "", figures))
     equal = read(out / "equal.json")
     for steps, r in (equal or {}).get("results", {}).items():
