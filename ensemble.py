@@ -431,12 +431,31 @@ def save_results(settings, rows, extra):
 
 # --------------------------------------------------------------------------- CLI
 
+INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT (128 + 2)
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:
-        return export.predict_main(argv[1:])
+        try:
+            return export.predict_main(argv[1:])
+        except KeyboardInterrupt:
+            print("\nensemble.py predict: interrupted", file=sys.stderr)
+            return INTERRUPTED
     settings = parse_args(argv)
+    try:
+        return _train_and_report(settings)
+    except KeyboardInterrupt:
+        # Ctrl-C is how runs are stopped on purpose: say how to go on, not where Python was.
+        print(
+            "\nensemble.py: interrupted; run the same command again: trained members are "
+            "kept and training resumes after its last completed epoch",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+
+
+def _train_and_report(settings):
     try:
         check_settings(settings)
         print("settings:", json.dumps(dataclasses.asdict(settings)))

@@ -25,26 +25,31 @@ def command(tmp_path, epochs, *extra):
     ]  # fmt: skip
 
 
-def test_a_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    epochs = 60
+def stop_after_epoch(tmp_path, epochs, epoch, sig):
+    """Starts training NIN for `epochs`, sends `sig` once `epoch` epochs are backed up."""
     metadata = tmp_path / "weights" / "backup" / "nin_cnn" / "training_metadata.json"
     run = subprocess.Popen(command(tmp_path, epochs), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)  # fmt: skip
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 240
-    done = 0
     while time.monotonic() < deadline and run.poll() is None:
         try:
             done = json.loads(metadata.read_text())["epoch"]
         except (OSError, ValueError, KeyError):
             done = 0
-        if done >= 3:
-            os.kill(run.pid, signal.SIGKILL)
+        if done >= epoch:
+            os.kill(run.pid, sig)
             break
         time.sleep(0.02)
-    run.wait()
-    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (tmp_path / "weights" / "nin_cnn.best.json").exists()
+    _, stderr = run.communicate()
+    assert not (tmp_path / "weights" / "nin_cnn.best.json").exists(), "it ended before the signal"
+    return run.returncode, stderr
+
+
+def test_a_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
+    epochs = 60
+    returncode, _ = stop_after_epoch(tmp_path, epochs, 3, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
 
     again = subprocess.run(command(tmp_path, epochs), cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -61,6 +66,22 @@ def test_a_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     assert not (tmp_path / "weights" / "backup" / "nin_cnn").exists()
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     assert [row["row"] for row in results["results"]] == ["NIN"]
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130_and_the_same_command_resumes(tmp_path):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
+    epochs = 40
+    returncode, stderr = stop_after_epoch(tmp_path, epochs, 2, signal.SIGINT)
+    assert returncode == ensemble.INTERRUPTED == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("ensemble.py: interrupted; run the same")
+    assert not list((tmp_path / "weights").glob(".*.lock"))  # released on the way out
+
+    again = subprocess.run(command(tmp_path, epochs), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming nin_cnn after epoch" in again.stdout
+    log = (tmp_path / "logs" / "nin_cnn.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in log[1:]] == list(range(epochs))
 
 
 def test_finished_members_are_skipped_unless_retrain(tmp_path, capsys):
