@@ -459,6 +459,13 @@ def _train_and_report(settings):
     try:
         check_settings(settings)
         print("settings:", json.dumps(dataclasses.asdict(settings)))
+        # Said before hours of training, not after: a GPU that CUDA failed to find
+        # otherwise shows only as a run a hundred times slower.
+        print(f"keras {keras.__version__} on {keras.backend.backend()}, devices: "
+              + ", ".join(fast.devices()))  # fmt: skip
+        if not settings.eval_only and not fast.has_accelerator():
+            print("no GPU found: training runs on the CPU, hours for the full recipe "
+                  "(see the README's GPU set-up)")  # fmt: skip
         start = time.perf_counter()
         rows, extra = run(settings)
         extra["total_seconds"] = round(time.perf_counter() - start, 1)

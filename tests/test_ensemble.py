@@ -14,6 +14,7 @@ from conftest import write_tree
 
 import data
 import ensemble
+import fast
 import training
 from models import MODELS, all_cnn, nin_cnn
 
@@ -42,6 +43,8 @@ def tree(tmp_path):
 def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
     assert cli(tmp_path, "--epochs", "1") == 0
     out = capsys.readouterr().out
+    assert f"on {keras.backend.backend()}, devices: " in out.splitlines()[1]
+    assert ("no GPU found: training runs on the CPU" in out) != fast.has_accelerator()
 
     weights = sorted(p.name for p in (tmp_path / "weights").glob("*.weights.h5"))
     assert len(weights) == 3 and all(CHECKPOINT_NAME.match(name) for name in weights)
