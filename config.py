@@ -8,6 +8,7 @@ file is written.
 """
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,16 +219,22 @@ def check_settings(settings):
         raise UsageError(
             f"--validation-split must lie strictly between 0 and 1, got {settings.validation_split}"
         )
-    if not settings.learning_rate > 0:
-        raise UsageError(f"--learning-rate must be positive, got {settings.learning_rate}")
+    if not 0 < settings.learning_rate < math.inf:  # NaN fails too
+        raise UsageError(
+            f"--learning-rate must be a positive finite number, got {settings.learning_rate}"
+        )
+    if not 0 <= settings.seed < 2**32:  # what NumPy's legacy seeding, under Keras', takes
+        raise UsageError(f"--seed must lie between 0 and {2**32 - 1}, got {settings.seed}")
     if settings.restarts < 0:
         raise UsageError(f"--restarts must be 0 or more, got {settings.restarts}")
     if settings.limit is not None and settings.limit < 1:
         raise UsageError(f"--limit must be a positive number of images, got {settings.limit}")
     if not 0 <= settings.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must lie in [0, 1), got {settings.label_smoothing}")
-    if settings.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be 0 or more, got {settings.weight_decay}")
+    if not 0 <= settings.weight_decay < math.inf:
+        raise UsageError(
+            f"--weight-decay must be 0 or more and finite, got {settings.weight_decay}"
+        )
     if not 0 <= settings.warmup_epochs < settings.epochs:  # else it never reaches the rate
         raise UsageError(
             f"--warmup-epochs must be 0 or more and fewer than --epochs ({settings.epochs}), "

@@ -189,6 +189,11 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (["--eval-only"], "does not exist; train first"),
         (["--limit", "0"], "--limit must be a positive number"),
         (["--restarts", "-1"], "--restarts must be 0 or more"),
+        (["--seed", "-1"], "--seed must lie between 0 and 4294967295"),
+        (["--seed", str(2**32)], "--seed must lie between 0 and 4294967295"),
+        (["--learning-rate", "0"], "--learning-rate must be a positive finite number"),
+        (["--learning-rate", "inf"], "--learning-rate must be a positive finite number"),
+        (["--learning-rate", "nan"], "--learning-rate must be a positive finite number"),
         (["--export", "ensemble.h5"], "must end in .keras"),
         # Flags that would otherwise be ignored without a word.
         (["--export-rule", "stack"], "add --export PATH.keras"),

@@ -109,6 +109,7 @@ def test_preset_sets_the_recipe_and_flags_still_override_it():
         (["--schedule", "cosine", "--warmup-epochs", "20"], "--warmup-epochs must be"),
         (["--warmup-epochs", "20"], "--warmup-epochs must be"),
         (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+        (["--weight-decay", "nan"], "--weight-decay must be 0 or more and finite"),
     ],
 )
 def test_bad_recipe_flags_exit_2_with_one_line(tmp_path, capsys, flags, message):
