@@ -71,12 +71,31 @@ def export(path, members, rule, val_member_probs=None, val_labels=None):
 def load(path):
     """Loads an exported ensemble in safe mode; one clear error for anything unreadable."""
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"--model {path} is a folder; give the .keras file written by --export")
     if not path.is_file():
         raise ExportError(f"--model {path} does not exist; export one with --export PATH.keras")
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        model = keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike
-        raise ExportError(f"--model {path} is not a loadable .keras model ({error})") from error
+        why = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise ExportError(f"--model {path} is not a loadable .keras model ({why})") from error
+    # Any Keras classifier may be given; it must read CIFAR-10 images and score 10 classes.
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if inputs and outputs:
+        shapes = [tuple(inputs[0].shape[1:]), tuple(outputs[0].shape[1:])]
+        expected = [data.IMAGE_SHAPE, (data.NUM_CLASSES,)]
+        if len(inputs) != 1 or len(outputs) != 1 or shapes != expected:
+            raise ExportError(
+                f"--model {path} maps {_shapes(inputs)} to {_shapes(outputs)}; predict needs one "
+                f"{'x'.join(map(str, data.IMAGE_SHAPE))} image input and one "
+                f"{data.NUM_CLASSES}-class output"
+            )
+    return model
+
+
+def _shapes(tensors):
+    return ", ".join("x".join(str(d) for d in t.shape[1:]) for t in tensors)
 
 
 def read_image(path):

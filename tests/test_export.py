@@ -97,8 +97,17 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         assert probabilities == sorted(probabilities, reverse=True)
 
 
-@pytest.mark.parametrize("problem", ["missing", "not_an_image", "bad_model"])
-def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys, problem):
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", "nowhere.png does not exist"),
+        ("not_an_image", "notes.png is not a readable PNG or JPEG"),
+        ("bad_model", "broken.keras is not a loadable .keras model"),
+        ("folder", "is a folder; give the .keras file"),
+        ("other_shapes", "maps 28x28x1 to 5; predict needs one 32x32x3 image input"),
+    ],
+)
+def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys, problem, message):
     export.export(tmp_path / "e.keras", members, "average")
     image = tmp_path / "cat.png"
     Image.new("RGB", (32, 32)).save(image)
@@ -108,9 +117,17 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
     elif problem == "not_an_image":
         image = tmp_path / "notes.png"
         image.write_text("not an image")
-    else:
+    elif problem == "bad_model":
         model = tmp_path / "broken.keras"
         model.write_bytes(b"PK\x03\x04 truncated")
+    elif problem == "folder":
+        model = tmp_path
+    else:  # a loadable classifier of other images (MNIST-like, 5 classes)
+        model = tmp_path / "other.keras"
+        keras.Sequential(
+            [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5)]
+        ).save(model)
     assert export.predict_main(["--model", str(model), str(image)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1
+    assert message in err
