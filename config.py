@@ -18,6 +18,7 @@ import keras
 import evaluation
 import export
 import fast
+import training
 from models import MODELS
 from training import UsageError
 
@@ -279,6 +280,11 @@ def check_settings(settings):
             raise UsageError(f"cannot create {flag} {folder} ({error.strerror})") from error
         if not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {folder} is not writable; choose another folder")
+    if not settings.eval_only and not settings.retrain:
+        for name in settings.models:
+            conflict = training.recipe_conflict(name, settings)
+            if conflict:
+                raise UsageError(conflict)
     if settings.export is not None:  # after the folders above exist: it may be in one
         parent = Path(settings.export).parent
         if not parent.is_dir():

@@ -48,6 +48,7 @@ from training import (
     prepare_member,
     read_joint_backup,
     record_best,
+    recorded_recipe,
     restart_if_dead,
     tensorboard_available,
 )
@@ -327,6 +328,8 @@ def _run(settings):
         "attempts": attempts,
         "failed": failed,
         "checkpoints": {name: str(path) for name, (_, path) in members.items()},
+        # What the checkpoints were trained with, which --eval-only's settings need not say.
+        "trained_with": {name: recorded_recipe(name, settings) for name in members},
     }
     if epoch_seconds:  # joint training: where each epoch's time went
         extra["epoch_seconds"] = epoch_seconds

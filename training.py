@@ -7,6 +7,7 @@ so that both write the same files under the same rules:
     weights/<name>.best.json                   which of them has the lowest recorded loss
     weights/backup/<name>/                     Keras' BackupAndRestore state mid-training
     weights/backup/joint/                      the same for a --joint run (all its members)
+    weights/backup/<name>.recipe.json          the flags that run trains with (see RECIPE_FLAGS)
     logs/<name>.csv                            one row per epoch
 """
 
@@ -44,6 +45,14 @@ JOINT_STATE = "state.npz"
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
+# The settings that decide what a member's training computes. A run asking for other
+# values must neither pass off nor continue a member trained under these: it is
+# refused (`recipe_conflict`) unless --retrain says to replace it. --data-dir is left
+# out (the same data may move), and so are flags that change no weight (--restarts,
+# --distribute) or act after training (--tta, --combine).
+RECIPE_FLAGS = ("epochs", "batch_size", "validation_split", "learning_rate", "seed", "limit",
+                "joint", "precision", "augment", "label_smoothing", "schedule",
+                "warmup_epochs", "ema", "weight_decay")  # fmt: skip
 
 
 def member_callbacks(model, settings, tensorboard=True, resume=None):
@@ -148,6 +157,7 @@ def prepare_member(name, settings, done=None):
             log,
         ]:
             stale.unlink(missing_ok=True)
+        _write_json(recipe_file(name, settings), recipe(settings))
         return Resume(0, None)
     rows = [row for row in _read_log(log) if int(row["epoch"]) < done]
     if rows:
@@ -206,11 +216,85 @@ def record_best(name, losses, attempts, settings):
         "loss": float(losses[best_epoch]),
         "epochs": len(losses),
         "attempts": attempts,
+        "recipe": recipe(settings),
     }
-    record_file = Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}"
-    temporary = record_file.with_suffix(".partial")
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    temporary.replace(record_file)
+    _write_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}", record)
+    recipe_file(name, settings).unlink(missing_ok=True)  # the record holds it now
+
+
+def recipe(settings):
+    return {flag: getattr(settings, flag) for flag in RECIPE_FLAGS}
+
+
+def recipe_file(name, settings):
+    return Path(settings.weights_dir) / BACKUP_FOLDER / f"{name}.recipe.json"
+
+
+def recorded_recipe(name, settings):
+    """The recipe `name`'s finished checkpoints were trained with, or None if unrecorded."""
+    return (_read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}).get("recipe")
+
+
+def recipe_conflict(name, settings):
+    """Why this run may not continue or reuse `name`'s files, or None if it may.
+
+    An interrupted run of `name` continues only under the recipe it started with; a
+    finished one is reused only if it was trained under this run's recipe. Records
+    written before recipes were recorded are trusted (their epochs are still checked).
+    """
+    done = 0
+    metadata = backup_dir(name, settings) / BACKUP_METADATA
+    if metadata.is_file():
+        done = int((_read_json(metadata) or {}).get("epoch", 0))
+    joint = read_joint_backup(settings)
+    if joint and name in joint[1]:
+        done = max(done, joint[0])
+    wanted = recipe(settings)
+    if done:
+        stored = _read_json(recipe_file(name, settings))
+        fix = "run it with the same flags to resume it, or add --retrain to start over"
+        what = f"an interrupted run of {name} in {settings.weights_dir} ({done} epochs done)"
+        what += " started"
+    else:
+        stored = recorded_recipe(name, settings)
+        fix = "add --retrain to train it again, replacing its checkpoints"
+        what = f"{name} in {settings.weights_dir} was trained"
+    if not isinstance(stored, dict):
+        return None
+    differ = [flag for flag in RECIPE_FLAGS if flag in stored and stored[flag] != wanted[flag]]
+    if not differ:
+        return None
+    return (
+        f"{what} with {_flags(stored, differ)}, this run asks for "
+        f"{_flags(wanted, differ)}; {fix}, or use another --weights-dir"
+    )
+
+
+def _flags(values, flags):
+    words = []
+    for flag in flags:
+        option = "--" + flag.replace("_", "-")
+        value = values[flag]
+        if isinstance(value, bool):
+            words.append(option if value else f"no {option}")
+        else:
+            words.append(f"{option} {'all' if value is None else value}")
+    return ", ".join(words)
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path, content):
+    """Written under a temporary name, then renamed: never half a file under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".partial")
+    temporary.write_text(json.dumps(content, indent=2) + "\n")
+    temporary.replace(path)
 
 
 def restart_if_dead(model, dead_check, attempt, settings):

@@ -1,5 +1,6 @@
 """Resume after a crash: a killed run continues; finished members are not retrained."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -207,3 +208,51 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     else:
         for name in members:
             losses("killed", name)
+
+
+def test_a_member_trained_with_other_flags_is_neither_reused_nor_replaced(tmp_path, capsys):
+    # Before, --learning-rate 1e-4 reported the old 1e-3 checkpoints under the new
+    # settings, and --epochs 2 deleted a finished 1-epoch run to train afresh.
+    write_tree(tmp_path / "tree")
+    argv = command(tmp_path, 1)[2:]
+    assert ensemble.main(argv) == 0
+    weights = tmp_path / "weights"
+    before = {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()}
+    for flags, asked in [
+        (["--learning-rate", "0.0001"], "asks for --learning-rate 0.0001"),
+        (["--epochs", "2"], "asks for --epochs 2"),
+        (["--joint"], "asks for --joint"),
+    ]:
+        capsys.readouterr()
+        assert ensemble.main([*argv, *flags]) == 2
+        err = capsys.readouterr().err
+        assert asked in err and "add --retrain" in err and err.count("\n") == 1, err
+        assert {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()} == before
+
+    # --eval-only scores them as they are, and results.json says how they were trained.
+    assert ensemble.main([*argv, "--eval-only", "--learning-rate", "0.0001"]) == 0
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert results["trained_with"]["nin_cnn"]["learning_rate"] == 0.001
+    assert ensemble.main([*argv, "--learning-rate", "0.0001", "--retrain"]) == 0
+    record = json.loads((weights / "nin_cnn.best.json").read_text())
+    assert record["recipe"]["learning_rate"] == 0.0001
+    assert not training.recipe_file("nin_cnn", settings_for(tmp_path)).exists()
+
+
+@pytest.mark.parametrize("how", ["plain", "joint"])
+def test_an_interrupted_member_resumes_only_with_the_flags_it_started_with(tmp_path, how):
+    settings = dataclasses.replace(settings_for(tmp_path), models=["nin_cnn"], epochs=20)
+    training.prepare_member("nin_cnn", settings)  # a fresh start records its recipe
+    if how == "plain":
+        folder = training.backup_dir("nin_cnn", settings)
+        folder.mkdir(parents=True)
+    else:
+        folder = training.joint_backup_dir(settings)
+        folder.mkdir(parents=True)
+        (folder / training.JOINT_MEMBERS).write_text(json.dumps({"members": ["nin_cnn"]}))
+    (folder / training.BACKUP_METADATA).write_text(json.dumps({"epoch": 3, "batch": 0}))
+    assert training.recipe_conflict("nin_cnn", settings) is None
+    expected = r"interrupted run of nin_cnn .*\(3 epochs done\) started with --epochs 20"
+    with pytest.raises(training.UsageError, match=expected):
+        ensemble.check_settings(dataclasses.replace(settings, epochs=5))
+    ensemble.check_settings(dataclasses.replace(settings, epochs=5, retrain=True))
