@@ -127,8 +127,9 @@ def parse_args(argv=None):
     add(
         "--retrain",
         action="store_true",
-        help="train members again although their finished checkpoints are recorded "
-        "(by default a new run skips them and resumes an interrupted one)",
+        help="train members afresh, replacing finished or interrupted runs (by default a "
+        "new run skips finished members, resumes an interrupted one, and refuses to do "
+        "either under other training flags)",
     )
     add(
         "--combine",
