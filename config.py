@@ -15,12 +15,12 @@ from pathlib import Path
 
 import keras
 
+import checkpoints
 import evaluation
 import export
 import fast
-import training
+from checkpoints import UsageError
 from models import MODELS
-from training import UsageError
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def check_settings(settings):
             raise UsageError(f"{flag} {folder} is not writable; choose another folder")
     if not settings.eval_only and not settings.retrain:
         for name in settings.models:
-            conflict = training.recipe_conflict(name, settings)
+            conflict = checkpoints.recipe_conflict(name, settings)
             if conflict:
                 raise UsageError(conflict)
     if settings.export is not None:  # after the folders above exist: it may be in one

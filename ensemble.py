@@ -16,7 +16,6 @@ import errno
 import itertools
 import json
 import math
-import platform
 import shutil
 import sys
 import time
@@ -31,24 +30,26 @@ import export
 import fast
 import joint
 import report
-from config import Settings, check_settings, parse_args
-from models import MODELS, PAPER_NAMES
-from training import (
+from checkpoints import (
     BEST_SUFFIX,
     MemberLocks,
-    StopWhenDead,
     UsageError,
     backup_dir,
     best_checkpoint,
-    distribution_scope,
     is_finished,
     joint_backup_dir,
     logged_losses,
-    member_callbacks,
     prepare_member,
     read_joint_backup,
     record_best,
     recorded_recipe,
+)
+from config import Settings, check_settings, parse_args
+from models import MODELS, PAPER_NAMES
+from training import (
+    StopWhenDead,
+    distribution_scope,
+    member_callbacks,
     restart_if_dead,
     tensorboard_available,
 )
@@ -73,8 +74,6 @@ ARTICLE_ERRORS = {
     "pair B": 0.2282,
     "pair C": 0.2447,
 }
-RESULTS_FILE = "results.json"
-MARKDOWN_FILE = "results.md"
 # Disk full, quota, read-only file system, permission: the user can fix these.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -413,25 +412,6 @@ def format_table(rows):
     return report.aligned(header, lines, right_from=2)
 
 
-def save_results(settings, rows, extra):
-    path = Path(settings.logs_dir) / RESULTS_FILE
-    payload = {
-        "settings": dataclasses.asdict(settings),
-        "results": rows,
-        **extra,
-        "environment": {
-            "keras": keras.__version__,
-            "backend": keras.backend.backend(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "devices": fast.devices(),
-        },
-    }
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    (path.parent / MARKDOWN_FILE).write_text(report.markdown_table(rows))
-    return path
-
-
 # --------------------------------------------------------------------------- CLI
 
 INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT (128 + 2)
@@ -472,7 +452,7 @@ def _train_and_report(settings):
         start = time.perf_counter()
         rows, extra = run(settings)
         extra["total_seconds"] = round(time.perf_counter() - start, 1)
-        path = save_results(settings, rows, extra)
+        path = report.save_results(settings, rows, extra)
     except (UsageError, data.DataError, export.ExportError) as error:
         print(f"ensemble.py: error: {error}", file=sys.stderr)
         return 2
@@ -496,7 +476,7 @@ def _train_and_report(settings):
         print(report.cost_table(extra["costs"]))
     plots = report.plot_training_curves(logs_dir, settings.models)
     plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
-    print(f"\nresults saved to {path} and {logs_dir / MARKDOWN_FILE}")
+    print(f"\nresults saved to {path} and {logs_dir / report.MARKDOWN_FILE}")
     print("plots: " + ", ".join(str(p) for p in plots))
     if "export" in extra:
         tta = "; without flip TTA, which the table used" if settings.tta else ""

@@ -34,7 +34,7 @@ import numpy as np
 from keras import ops
 
 import fast
-from training import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir
+from checkpoints import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir
 
 # JAX only: run an epoch's steps as one compiled loop. None chooses by device (see
 # _train_scanned); tests set it to compare both ways on the CPU.
@@ -69,7 +69,7 @@ def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for
     """Trains `members` together; returns a `Trained` record.
 
     With `initial_epoch`, continues the interrupted run whose state is in
-    `weights/backup/joint/` (see `training.read_joint_backup`); the backup is
+    `weights/backup/joint/` (see `checkpoints.read_joint_backup`); the backup is
     removed once training ends.
 
     `callbacks_for(member)` gives the Keras callbacks one member would get from

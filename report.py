@@ -12,11 +12,20 @@ costs        parameters, bytes of float32 weights and of the checkpoint files
 """
 
 import csv
+import dataclasses
+import json
+import platform
 import statistics
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
+
+import fast
+
+RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
 
 COLUMNS = (
     ("test_error", "test error"),
@@ -159,3 +168,23 @@ def cost_table(costs):
             ]
         )
     return aligned(header, lines)
+
+
+def save_results(settings, rows, extra):
+    """results.json (settings, every row, `extra`, the environment) and results.md."""
+    path = Path(settings.logs_dir) / RESULTS_FILE
+    payload = {
+        "settings": dataclasses.asdict(settings),
+        "results": rows,
+        **extra,
+        "environment": {
+            "keras": keras.__version__,
+            "backend": keras.backend.backend(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "devices": fast.devices(),
+        },
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    (path.parent / MARKDOWN_FILE).write_text(markdown_table(rows))
+    return path

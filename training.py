@@ -1,58 +1,23 @@
-"""Training helpers: checkpoints, their records, resuming, and dead members.
+"""What runs inside `fit` for each member: the article's checkpoint and logs, the
+dead-member check and restart, and where a member trains (one device or all).
 
-`ensemble.compile_and_train` (the article's function) and `--joint` share these,
-so that both write the same files under the same rules:
-
-    weights/<name>.<epoch>-<loss>.weights.h5   best-so-far checkpoints (the article's)
-    weights/<name>.best.json                   which of them has the lowest recorded loss
-    weights/backup/<name>/                     Keras' BackupAndRestore state mid-training
-    weights/backup/joint/                      the same for a --joint run (all its members)
-    weights/backup/<name>.recipe.json          the flags that run trains with (see RECIPE_FLAGS)
-    logs/<name>.csv                            one row per epoch
+The files these write, and the rules for reusing them, are in `checkpoints.py`.
 """
 
 import contextlib
-import csv
 import functools
 import importlib.util
-import json
 import os
-import re
-import socket
-import sys
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 import keras
 import numpy as np
 
+from checkpoints import PARTIAL_SUFFIX, Resume, UsageError, checkpoint_pattern
 
-class UsageError(ValueError):
-    """A flag or file the user chose cannot work; the message says what to do instead."""
-
-
-# The article's checkpoint name, with Keras 3's mandatory `.weights.h5` suffix.
-CHECKPOINT_PATTERN = "{name}.{{epoch:02d}}-{{loss:.2f}}.weights.h5"
-CHECKPOINT_RE = re.compile(r"^(?P<name>\w+)\.(?P<epoch>\d+)-(?P<loss>[\d.]+|nan|inf)\.weights\.h5$")
-BEST_SUFFIX = ".best.json"
-PARTIAL_SUFFIX = ".partial.weights.h5"  # Keras insists on the .weights.h5 ending
-BACKUP_FOLDER = "backup"
-JOINT_BACKUP = "joint"  # under BACKUP_FOLDER: not a member name, so never a member's folder
-BACKUP_METADATA = "training_metadata.json"  # Keras' name: {"epoch": epochs completed}
-JOINT_MEMBERS = "members.json"
-JOINT_STATE = "state.npz"
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
-# The settings that decide what a member's training computes. A run asking for other
-# values must neither pass off nor continue a member trained under these: it is
-# refused (`recipe_conflict`) unless --retrain says to replace it. --data-dir is left
-# out (the same data may move), and so are flags that change no weight (--restarts,
-# --distribute) or act after training (--tta, --combine).
-RECIPE_FLAGS = ("epochs", "batch_size", "validation_split", "learning_rate", "seed", "limit",
-                "joint", "precision", "augment", "label_smoothing", "schedule",
-                "warmup_epochs", "ema", "weight_decay")  # fmt: skip
 
 
 def member_callbacks(model, settings, tensorboard=True, resume=None):
@@ -96,205 +61,6 @@ class PublishCheckpoints(keras.callbacks.Callback):
         for partial in self.weights_dir.glob(f"{self.name}.*{PARTIAL_SUFFIX}"):
             final = partial.name.removesuffix(PARTIAL_SUFFIX) + ".weights.h5"
             partial.replace(self.weights_dir / final)  # atomic on one file system
-
-
-class Resume(NamedTuple):
-    epoch: int  # epochs already completed (0: a fresh start)
-    best_loss: float | None  # lowest training loss among them
-
-
-def backup_dir(name, settings):
-    return Path(settings.weights_dir) / BACKUP_FOLDER / name
-
-
-def joint_backup_dir(settings):
-    return Path(settings.weights_dir) / BACKUP_FOLDER / JOINT_BACKUP
-
-
-def read_joint_backup(settings):
-    """(epochs completed, member names) of an interrupted `--joint` run, or None.
-
-    The JAX path keeps one file (`state.npz`, its `meta` entry); the others keep
-    Keras' BackupAndRestore files beside the list of members.
-    """
-    folder = joint_backup_dir(settings)
-    state = folder / JOINT_STATE
-    if state.is_file():
-        try:
-            with np.load(state) as saved:
-                meta = json.loads(str(saved["meta"]))
-            return int(meta["epoch"]), list(meta["members"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    try:
-        done = int(json.loads((folder / BACKUP_METADATA).read_text())["epoch"])
-        names = list(json.loads((folder / JOINT_MEMBERS).read_text())["members"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return done, names
-
-
-def prepare_member(name, settings, done=None):
-    """Makes the files of `name` consistent before training it, and says where to start.
-
-    With a backup left by a killed run (Keras' BackupAndRestore in the member's
-    folder, or `done` epochs of a `--joint` run), training resumes after the last
-    epoch it holds: log rows and checkpoints of any later epoch (the run died
-    between writing them and the backup) are dropped. Without one, the member
-    starts afresh and its old checkpoints, record and log are removed so that they
-    cannot mix with the new run.
-    """
-    weights_dir, log = Path(settings.weights_dir), Path(settings.logs_dir) / f"{name}.csv"
-    for partial in weights_dir.glob(f"{name}.*{PARTIAL_SUFFIX}"):
-        partial.unlink()
-    if done is None:
-        metadata = backup_dir(name, settings) / BACKUP_METADATA
-        done = int(json.loads(metadata.read_text())["epoch"]) if metadata.is_file() else 0
-    if not done:
-        for stale in [
-            *weights_dir.glob(f"{name}.*.weights.h5"),
-            weights_dir / f"{name}{BEST_SUFFIX}",
-            log,
-        ]:
-            stale.unlink(missing_ok=True)
-        _write_json(recipe_file(name, settings), recipe(settings))
-        return Resume(0, None)
-    rows = [row for row in _read_log(log) if int(row["epoch"]) < done]
-    if rows:
-        with open(log, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    for path in weights_dir.glob(f"{name}.*.weights.h5"):
-        match = CHECKPOINT_RE.match(path.name)
-        if match and match["name"] == name and int(match["epoch"]) > done:
-            path.unlink()
-    losses = [float(row["loss"]) for row in rows]
-    return Resume(done, min(losses) if losses else None)
-
-
-def is_finished(name, settings):
-    """True when `name` completed `settings.epochs` epochs and its best checkpoint exists."""
-    record_file = Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}"
-    if not record_file.is_file() or backup_dir(name, settings).exists():
-        return False
-    if name in (read_joint_backup(settings) or (0, []))[1]:
-        return False  # part of an interrupted --joint run
-    try:
-        record = json.loads(record_file.read_text())
-    except ValueError:
-        return False
-    best = Path(settings.weights_dir) / str(record.get("file"))
-    return record.get("epochs") == settings.epochs and best.is_file()
-
-
-def logged_losses(name, settings):
-    """Training loss of every epoch, from the CSV log (which survives a resume)."""
-    return [float(row["loss"]) for row in _read_log(Path(settings.logs_dir) / f"{name}.csv")]
-
-
-def _read_log(log):
-    if not log.is_file():
-        return []
-    with open(log, newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def checkpoint_pattern(name, settings):
-    return str(Path(settings.weights_dir) / CHECKPOINT_PATTERN.format(name=name))
-
-
-def record_best(name, losses, attempts, settings):
-    """Writes `<name>.best.json`: the file ModelCheckpoint wrote for the lowest loss."""
-    if not losses or np.all(np.isnan(losses)):
-        return
-    best_epoch = int(np.nanargmin(losses))
-    pattern = checkpoint_pattern(name, settings)
-    record = {
-        "file": Path(pattern.format(epoch=best_epoch + 1, loss=losses[best_epoch])).name,
-        "epoch": best_epoch + 1,
-        "loss": float(losses[best_epoch]),
-        "epochs": len(losses),
-        "attempts": attempts,
-        "recipe": recipe(settings),
-    }
-    _write_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}", record)
-    recipe_file(name, settings).unlink(missing_ok=True)  # the record holds it now
-
-
-def recipe(settings):
-    return {flag: getattr(settings, flag) for flag in RECIPE_FLAGS}
-
-
-def recipe_file(name, settings):
-    return Path(settings.weights_dir) / BACKUP_FOLDER / f"{name}.recipe.json"
-
-
-def recorded_recipe(name, settings):
-    """The recipe `name`'s finished checkpoints were trained with, or None if unrecorded."""
-    return (_read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}).get("recipe")
-
-
-def recipe_conflict(name, settings):
-    """Why this run may not continue or reuse `name`'s files, or None if it may.
-
-    An interrupted run of `name` continues only under the recipe it started with; a
-    finished one is reused only if it was trained under this run's recipe. Records
-    written before recipes were recorded are trusted (their epochs are still checked).
-    """
-    done = 0
-    metadata = backup_dir(name, settings) / BACKUP_METADATA
-    if metadata.is_file():
-        done = int((_read_json(metadata) or {}).get("epoch", 0))
-    joint = read_joint_backup(settings)
-    if joint and name in joint[1]:
-        done = max(done, joint[0])
-    wanted = recipe(settings)
-    if done:
-        stored = _read_json(recipe_file(name, settings))
-        fix = "run it with the same flags to resume it, or add --retrain to start over"
-        what = f"an interrupted run of {name} in {settings.weights_dir} ({done} epochs done)"
-        what += " started"
-    else:
-        stored = recorded_recipe(name, settings)
-        fix = "add --retrain to train it again, replacing its checkpoints"
-        what = f"{name} in {settings.weights_dir} was trained"
-    if not isinstance(stored, dict):
-        return None
-    differ = [flag for flag in RECIPE_FLAGS if flag in stored and stored[flag] != wanted[flag]]
-    if not differ:
-        return None
-    return (
-        f"{what} with {_flags(stored, differ)}, this run asks for "
-        f"{_flags(wanted, differ)}; {fix}, or use another --weights-dir"
-    )
-
-
-def _flags(values, flags):
-    words = []
-    for flag in flags:
-        option = "--" + flag.replace("_", "-")
-        value = values[flag]
-        if isinstance(value, bool):
-            words.append(option if value else f"no {option}")
-        else:
-            words.append(f"{option} {'all' if value is None else value}")
-    return ", ".join(words)
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path, content):
-    """Written under a temporary name, then renamed: never half a file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".partial")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    temporary.replace(path)
 
 
 def restart_if_dead(model, dead_check, attempt, settings):
@@ -356,35 +122,6 @@ def reinitialize(model, seed):
             variable.assign(fresh(variable.shape, dtype=variable.dtype))
 
 
-def best_checkpoint(weights_dir, name):
-    """Path of `name`'s best weights in `weights_dir`, or None if it has none.
-
-    The record written after training names the epoch with the lowest recorded
-    loss. Without it (weights copied from elsewhere) the file names decide: the
-    lowest loss, and among equal rounded losses the latest epoch, since a
-    best-only checkpoint is written only when the loss improves.
-    """
-    weights_dir = Path(weights_dir)
-    record_file = weights_dir / f"{name}{BEST_SUFFIX}"
-    if record_file.is_file():
-        try:
-            record = json.loads(record_file.read_text())
-            path = weights_dir / record["file"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise UsageError(
-                f"{record_file} is unreadable ({error}); delete it to choose by file name"
-            ) from error
-        if path.is_file():
-            return path
-    candidates = []
-    for path in weights_dir.glob(f"{name}.*.weights.h5"):
-        match = CHECKPOINT_RE.match(path.name)
-        if match and match["name"] == name:
-            candidates.append((float(match["loss"]), -int(match["epoch"]), path))
-    candidates = [c for c in candidates if np.isfinite(c[0])]
-    return min(candidates)[2] if candidates else None
-
-
 def distribution_scope(settings, batch_size):
     """Where one member is built, compiled and fitted: one device, or all (`--distribute`).
 
@@ -434,71 +171,3 @@ def tensorboard_available():
     # Keras' TensorBoard callback writes through tf.summary, whatever the backend,
     # and TensorFlow 2.21 no longer installs the tensorboard package it needs.
     return all(importlib.util.find_spec(name) for name in ("tensorflow", "tensorboard"))
-
-
-class MemberLocks:
-    """Lock files that keep two runs from training the same member into one folder.
-
-    One file per member (`.<name>.lock`), so that runs training *different* members
-    into a shared folder (one per GPU) go ahead side by side. A lock whose process is
-    gone (same machine, pid no longer alive) is stale and taken over.
-    """
-
-    def __init__(self, weights_dir, names):
-        self.paths = [Path(weights_dir) / f".{name}.lock" for name in names]
-        self.held = []
-
-    def __enter__(self):
-        try:
-            for path in self.paths:
-                self._take(path)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _take(self, path):
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime(),
-                 "command": " ".join(sys.argv)}  # fmt: skip
-        for _ in range(2):
-            try:
-                with open(path, "x") as file:
-                    json.dump(owner, file)
-                self.held.append(path)
-                return
-            except FileExistsError:
-                other = _read_owner(path)
-                if other is not None and _alive(other):
-                    name = path.name.removeprefix(".").removesuffix(".lock")
-                    raise UsageError(
-                        f"{name} is being trained into {path.parent} by another run (pid "
-                        f"{other['pid']} on {other['host']} since {other['since']}: "
-                        f"{other['command']}); wait for it or use another --weights-dir"
-                    ) from None
-                print(f"removing stale lock {path} (its run has ended)")
-                path.unlink(missing_ok=True)
-        raise UsageError(f"could not take the lock {path}; remove it if no run uses the folder")
-
-    def __exit__(self, *exc):
-        for path in self.held:
-            path.unlink(missing_ok=True)
-        self.held = []
-
-
-def _read_owner(path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # half-written by a run that died at once: stale
-
-
-def _alive(owner):
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine's run: it cannot be checked from here
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True

@@ -30,9 +30,9 @@ import numpy as np
 
 import ensemble
 import fast
+from checkpoints import best_checkpoint
 from models import MODELS
 from report import aligned
-from training import best_checkpoint
 
 
 def timed(function, repeats):

@@ -31,6 +31,7 @@ import keras
 
 import ensemble
 import fast
+import report
 from report import aligned
 
 SMALL = {"limit": 2000, "epochs": 1}
@@ -41,7 +42,7 @@ def measure(settings):
     rows, extra = ensemble.run(settings)
     wall = time.perf_counter() - start
     extra["total_seconds"] = round(wall, 1)
-    ensemble.save_results(settings, rows, extra)
+    report.save_results(settings, rows, extra)
     print(ensemble.format_table(rows))
     train_seconds = sum(extra["train_seconds"].values())
     trained = (settings.limit or 50_000) * (1 - settings.validation_split)
@@ -107,7 +108,7 @@ def main(argv=None):
         print(f"\n=== {path}: {how}, {epochs} epochs, seed {seed}")
         results[path] = measure(settings)
         if epochs == base.epochs:  # a shortened run's errors mean nothing
-            results_file = Path(settings.logs_dir) / ensemble.RESULTS_FILE
+            results_file = Path(settings.logs_dir) / report.RESULTS_FILE
             (out / f"{folder}_results.json").write_text(results_file.read_text())
 
     rows = list(next(iter(results.values()))["errors"])
@@ -139,7 +140,7 @@ def main(argv=None):
         note = f" (plain: {results['plain']['epochs']} epochs, compile included)" if short else ""
         print(f"joint speed-up (member-images per training second): {speedup:.2f}x{note}")
     print(f"{versions}   {machine}")
-    report = {
+    summary = {
         "date": datetime.date.today().isoformat(),
         "case": "full" if full else SMALL,
         "versions": versions,
@@ -147,7 +148,7 @@ def main(argv=None):
         "results": results,
         "speedup": speedup and round(speedup, 2),
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

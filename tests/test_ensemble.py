@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import write_tree
 
+import checkpoints
 import data
 import ensemble
 import fast
@@ -98,7 +99,7 @@ def test_reloaded_best_weights_reproduce_the_trained_model(tmp_path, tree):
     record = json.loads((tmp_path / "weights" / "nin_cnn.best.json").read_text())
     assert record["loss"] == pytest.approx(history.history["loss"][0])
 
-    path = training.best_checkpoint(settings.weights_dir, "nin_cnn")
+    path = checkpoints.best_checkpoint(settings.weights_dir, "nin_cnn")
     reloaded = nin_cnn(keras.Input(shape=(32, 32, 3)))
     reloaded.load_weights(str(path))
     np.testing.assert_allclose(
@@ -166,15 +167,15 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (tmp_path / name).write_bytes(b"")
     # Without a record, the lowest loss in the names wins (not the last in sort order).
     (tmp_path / "nin_cnn.09-0.50.weights.h5").write_bytes(b"")
-    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.10-0.12.weights.h5"
+    assert checkpoints.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.10-0.12.weights.h5"
     # Equal rounded losses: the later epoch was written because it improved.
     (tmp_path / "nin_cnn.11-0.12.weights.h5").write_bytes(b"")
-    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.11-0.12.weights.h5"
+    assert checkpoints.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.11-0.12.weights.h5"
     # The record written after training decides when present.
     record = {"file": "nin_cnn.03-0.90.weights.h5", "epoch": 3, "loss": 0.9}
     (tmp_path / "nin_cnn.best.json").write_text(json.dumps(record))
-    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.03-0.90.weights.h5"
-    assert training.best_checkpoint(tmp_path, "all_cnn") is None
+    assert checkpoints.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.03-0.90.weights.h5"
+    assert checkpoints.best_checkpoint(tmp_path, "all_cnn") is None
 
 
 @pytest.mark.parametrize(

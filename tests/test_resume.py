@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import write_tree
 
+import checkpoints
 import ensemble
-import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,8 +117,8 @@ def test_resume_drops_what_ran_ahead_of_the_backup(tmp_path):
     for name in ("nin_cnn.01-2.00.weights.h5", "nin_cnn.02-1.50.weights.h5",
                  "nin_cnn.03-1.20.weights.h5", "nin_cnn.03-1.20.partial.weights.h5"):  # fmt: skip
         (weights / name).write_bytes(b"x")
-    resume = training.prepare_member("nin_cnn", settings)
-    assert resume == training.Resume(2, 1.5)
+    resume = checkpoints.prepare_member("nin_cnn", settings)
+    assert resume == checkpoints.Resume(2, 1.5)
     assert sorted(p.name for p in weights.glob("nin_cnn.*")) == [
         "nin_cnn.01-2.00.weights.h5",
         "nin_cnn.02-1.50.weights.h5",
@@ -131,14 +131,14 @@ def test_a_fresh_start_clears_the_old_files_of_that_member_only(tmp_path):
     weights = tmp_path / "weights"
     for name in ("nin_cnn.05-0.50.weights.h5", "nin_cnn.best.json", "all_cnn.05-0.50.weights.h5"):
         (weights / name).write_bytes(b"x")
-    assert training.prepare_member("nin_cnn", settings) == training.Resume(0, None)
+    assert checkpoints.prepare_member("nin_cnn", settings) == checkpoints.Resume(0, None)
     assert [p.name for p in weights.iterdir() if p.is_file()] == ["all_cnn.05-0.50.weights.h5"]
 
 
 def test_a_half_written_checkpoint_is_never_taken(tmp_path):
     (tmp_path / "nin_cnn.04-0.90.weights.h5").write_bytes(b"x")
     (tmp_path / "nin_cnn.05-0.10.partial.weights.h5").write_bytes(b"truncated")
-    assert training.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.04-0.90.weights.h5"
+    assert checkpoints.best_checkpoint(tmp_path, "nin_cnn").name == "nin_cnn.04-0.90.weights.h5"
 
 
 def test_checkpoints_are_published_under_their_final_names(tmp_path):
@@ -179,7 +179,7 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
                            stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and run.poll() is None:
-        backup = training.read_joint_backup(settings)
+        backup = checkpoints.read_joint_backup(settings)
         if backup and backup[0] >= 3:
             os.kill(run.pid, signal.SIGKILL)
             break
@@ -236,23 +236,23 @@ def test_a_member_trained_with_other_flags_is_neither_reused_nor_replaced(tmp_pa
     assert ensemble.main([*argv, "--learning-rate", "0.0001", "--retrain"]) == 0
     record = json.loads((weights / "nin_cnn.best.json").read_text())
     assert record["recipe"]["learning_rate"] == 0.0001
-    assert not training.recipe_file("nin_cnn", settings_for(tmp_path)).exists()
+    assert not checkpoints.recipe_file("nin_cnn", settings_for(tmp_path)).exists()
 
 
 @pytest.mark.parametrize("how", ["plain", "joint"])
 def test_an_interrupted_member_resumes_only_with_the_flags_it_started_with(tmp_path, how):
     settings = dataclasses.replace(settings_for(tmp_path), models=["nin_cnn"], epochs=20)
-    training.prepare_member("nin_cnn", settings)  # a fresh start records its recipe
+    checkpoints.prepare_member("nin_cnn", settings)  # a fresh start records its recipe
     if how == "plain":
-        folder = training.backup_dir("nin_cnn", settings)
+        folder = checkpoints.backup_dir("nin_cnn", settings)
         folder.mkdir(parents=True)
     else:
-        folder = training.joint_backup_dir(settings)
+        folder = checkpoints.joint_backup_dir(settings)
         folder.mkdir(parents=True)
-        (folder / training.JOINT_MEMBERS).write_text(json.dumps({"members": ["nin_cnn"]}))
-    (folder / training.BACKUP_METADATA).write_text(json.dumps({"epoch": 3, "batch": 0}))
-    assert training.recipe_conflict("nin_cnn", settings) is None
+        (folder / checkpoints.JOINT_MEMBERS).write_text(json.dumps({"members": ["nin_cnn"]}))
+    (folder / checkpoints.BACKUP_METADATA).write_text(json.dumps({"epoch": 3, "batch": 0}))
+    assert checkpoints.recipe_conflict("nin_cnn", settings) is None
     expected = r"interrupted run of nin_cnn .*\(3 epochs done\) started with --epochs 20"
-    with pytest.raises(training.UsageError, match=expected):
+    with pytest.raises(checkpoints.UsageError, match=expected):
         ensemble.check_settings(dataclasses.replace(settings, epochs=5))
     ensemble.check_settings(dataclasses.replace(settings, epochs=5, retrain=True))
