@@ -419,11 +419,14 @@ INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT (128 + 2)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["predict"]:
+    if argv[:1] in (["predict"], ["combine"]):
+        import combine  # imports this module: loaded only when asked for
+
+        command = {"predict": export.predict_main, "combine": combine.main}[argv[0]]
         try:
-            return export.predict_main(argv[1:])
+            return command(argv[1:])
         except KeyboardInterrupt:
-            print("\nensemble.py predict: interrupted", file=sys.stderr)
+            print(f"\nensemble.py {argv[0]}: interrupted", file=sys.stderr)
             return INTERRUPTED
     settings = parse_args(argv)
     try:
@@ -476,7 +479,7 @@ def _train_and_report(settings):
         print(report.cost_table(extra["costs"]))
     plots = report.plot_training_curves(logs_dir, settings.models)
     plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
-    print(f"\nresults saved to {path} and {logs_dir / report.MARKDOWN_FILE}")
+    print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
     print("plots: " + ", ".join(str(p) for p in plots))
     if "export" in extra:
         tta = "; without flip TTA, which the table used" if settings.tta else ""

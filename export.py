@@ -68,18 +68,22 @@ def export(path, members, rule, val_member_probs=None, val_labels=None):
     return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
 
 
-def load(path):
-    """Loads an exported ensemble in safe mode; one clear error for anything unreadable."""
+def load(path, what="--model", written_by="written by --export"):
+    """Loads a CIFAR-10 classifier (an exported ensemble, or any) in safe mode.
+
+    One clear error for anything unreadable, or for a model that does not take
+    32x32x3 images to 10 classes; `what` names the file in it.
+    """
     path = Path(path)
     if path.is_dir():
-        raise ExportError(f"--model {path} is a folder; give the .keras file written by --export")
+        raise ExportError(f"{what} {path} is a folder; give the .keras file {written_by}")
     if not path.is_file():
-        raise ExportError(f"--model {path} does not exist; export one with --export PATH.keras")
+        raise ExportError(f"{what} {path} does not exist; give the .keras file {written_by}")
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike
         why = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise ExportError(f"--model {path} is not a loadable .keras model ({why})") from error
+        raise ExportError(f"{what} {path} is not a loadable .keras model ({why})") from error
     # Any Keras classifier may be given; it must read CIFAR-10 images and score 10 classes.
     inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
     if inputs and outputs:
@@ -87,7 +91,7 @@ def load(path):
         expected = [data.IMAGE_SHAPE, (data.NUM_CLASSES,)]
         if len(inputs) != 1 or len(outputs) != 1 or shapes != expected:
             raise ExportError(
-                f"--model {path} maps {_shapes(inputs)} to {_shapes(outputs)}; predict needs one "
+                f"{what} {path} maps {_shapes(inputs)} to {_shapes(outputs)}; this needs one "
                 f"{'x'.join(map(str, data.IMAGE_SHAPE))} image input and one "
                 f"{data.NUM_CLASSES}-class output"
             )

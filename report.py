@@ -24,8 +24,7 @@ import numpy as np
 
 import fast
 
-RESULTS_FILE = "results.json"
-MARKDOWN_FILE = "results.md"
+RESULTS_FILE = "results.json"  # and results.md beside it
 
 COLUMNS = (
     ("test_error", "test error"),
@@ -170,11 +169,16 @@ def cost_table(costs):
     return aligned(header, lines)
 
 
-def save_results(settings, rows, extra):
-    """results.json (settings, every row, `extra`, the environment) and results.md."""
-    path = Path(settings.logs_dir) / RESULTS_FILE
+def save_results(settings, rows, extra, stem="results"):
+    """<stem>.json (settings, every row, `extra`, the environment) and <stem>.md.
+
+    `settings` is a dataclass (ensemble.py's) or a dict (the combine command's), with
+    `logs_dir`, the folder both files go to.
+    """
+    settings = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+    path = Path(settings["logs_dir"]) / f"{stem}.json"
     payload = {
-        "settings": dataclasses.asdict(settings),
+        "settings": settings,
         "results": rows,
         **extra,
         "environment": {
@@ -186,5 +190,5 @@ def save_results(settings, rows, extra):
         },
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    (path.parent / MARKDOWN_FILE).write_text(markdown_table(rows))
+    path.with_suffix(".md").write_text(markdown_table(rows))
     return path

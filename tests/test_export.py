@@ -104,7 +104,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("not_an_image", "notes.png is not a readable PNG or JPEG"),
         ("bad_model", "broken.keras is not a loadable .keras model"),
         ("folder", "is a folder; give the .keras file"),
-        ("other_shapes", "maps 28x28x1 to 5; predict needs one 32x32x3 image input"),
+        ("other_shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
     ],
 )
 def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys, problem, message):

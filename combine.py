@@ -1,0 +1,137 @@
+"""`python ensemble.py combine A.keras B.keras ...`: any saved CIFAR-10 classifiers, ensembled.
+
+The article's members are not the only ones worth combining. Each file is loaded in
+safe mode and must take 32x32x3 images scaled to [0, 1] (the article's x / 255) to
+10 class probabilities, whatever its architecture. Every model predicts the test set
+once, and every subset of models is scored under every `--combine` rule with the
+full report's metrics, exactly as `ensemble.py` scores its own members; `--export`
+writes the chosen combination as one `.keras` file.
+
+The fitted rules (`weighted`, `stack`) learn on the last `--validation-split` of the
+training set, never on the test set; they are fair only if the models did not train
+on those images (the article's members hold them out).
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import data
+import evaluation
+import export
+import fast
+import report
+from ensemble import table_rows
+
+RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="ensemble.py combine",
+        description="Score every combination of saved CIFAR-10 classifiers (.keras files) "
+        "and optionally export one as a single model.",
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL.keras",
+                        help="two or more classifiers of 32x32x3 images in [0, 1] to 10 classes; "
+                        "each is named after its file")  # fmt: skip
+    parser.add_argument("--data-dir", help="offline CIFAR-10, as for ensemble.py "
+                        "(default: download with Keras)")  # fmt: skip
+    parser.add_argument("--limit", type=int, help="keep N train and N test images")
+    parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")
+    parser.add_argument("--validation-split", type=float, default=0.2,
+                        help="last fraction of the training set the fitted rules learn on "
+                        "(default: 0.2, the article's)")  # fmt: skip
+    parser.add_argument("--combine", nargs="+", choices=evaluation.RULES, default=["average"],
+                        help="rules to score; the average always comes first")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
+    parser.add_argument("--tta", action="store_true", help="average with the mirror image's")
+    parser.add_argument("--export", metavar="PATH.keras", help="write the combination as one model")
+    parser.add_argument("--export-rule", choices=export.EXPORT_RULES, default="average",
+                        help="combining layer of the exported file (default: average)")  # fmt: skip
+    parser.add_argument("--logs-dir", default="logs", help=f"where {RESULTS_STEM}.json and "
+                        f"{RESULTS_STEM}.md go (default: logs)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def check(args):
+    """The names the models go by (their file names), or an ExportError saying what to fix."""
+    if len(args.models) < 2:
+        raise export.ExportError("combine needs at least two models to ensemble")
+    names = [Path(path).stem for path in args.models]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise export.ExportError(
+            f"two models are both named {twice[0]!r} (the file name names each); rename one"
+        )
+    if not 0 < args.validation_split < 1:
+        raise export.ExportError(
+            f"--validation-split must lie strictly between 0 and 1, got {args.validation_split}"
+        )
+    if not 0 <= args.seed < 2**32:
+        raise export.ExportError(f"--seed must lie between 0 and {2**32 - 1}, got {args.seed}")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise export.ExportError(f"{flag} must be at least 1, got {value}")
+    if Path(args.logs_dir).exists() and not Path(args.logs_dir).is_dir():
+        raise export.ExportError(f"--logs-dir {args.logs_dir} is a file, not a folder")
+    if args.export is not None and Path(args.export).suffix != ".keras":
+        raise export.ExportError(f"--export {args.export} must end in .keras")
+    if args.export is None and args.export_rule != "average":
+        raise export.ExportError(f"--export-rule {args.export_rule} needs --export PATH.keras")
+    return names
+
+
+def run(args):
+    """Loads, predicts once, scores every subset under every rule; returns (rows, extra)."""
+    names = check(args)
+    models = {}
+    for name, path in zip(names, args.models, strict=True):
+        model = export.load(path, what="model", written_by="(keras.Model.save)")
+        model.name = name  # nested models need distinct names in an exported file
+        models[name] = model
+    Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
+    (x_train, y_train), (x_test, y_test) = data.load_data(args.data_dir, args.limit, args.seed)
+    split_at = math.floor(len(x_train) * (1 - args.validation_split))  # as Keras' split
+    x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
+    print(f"{len(names)} models, {len(x_test)} test images, {len(x_val)} validation images")
+
+    def predict(images):
+        return {n: fast.predict(m, images, args.batch_size, args.tta) for n, m in models.items()}
+
+    test_probs = predict(x_test)
+    fitted = set(args.combine) | ({args.export_rule} if args.export else set())
+    val_probs = predict(x_val) if fitted & {"weighted", "stack"} else {}
+    rows = table_rows(names, args.combine, test_probs, val_probs, val_labels, y_test[:, 0])
+    extra = {"models": dict(zip(names, args.models, strict=True))}
+    if args.export:
+        extra["export"] = export.export(
+            args.export,
+            list(models.values()),
+            args.export_rule,
+            [val_probs[n] for n in names] if val_probs else None,
+            val_labels,
+        )
+    return rows, extra
+
+
+def main(argv):
+    args = parse_args(argv)
+    try:
+        rows, extra = run(args)
+        path = report.save_results(vars(args), rows, extra, stem=RESULTS_STEM)
+    except (export.ExportError, data.DataError) as error:
+        print(f"ensemble.py combine: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # --logs-dir or --export unwritable, the disk full
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"ensemble.py combine: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+    print(report.full_table(rows))
+    print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
+    if "export" in extra:
+        print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']})")
+    return 0

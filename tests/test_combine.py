@@ -1,0 +1,105 @@
+"""`ensemble.py combine`: any saved classifiers scored and exported like the article's."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import write_tree
+
+import data
+import ensemble
+from models import nin_cnn
+
+
+def small_classifier(classes=10, shape=(32, 32, 3)):
+    """Not one of the article's: combine takes any classifier of the right shapes."""
+    return keras.Sequential(
+        [
+            keras.Input(shape),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Two saved classifiers, both named 'sequential'-like by Keras, and a data tree."""
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    (tmp_path / "mine").mkdir()
+    paths = [tmp_path / "mine" / "nin.keras", tmp_path / "mine" / "small.keras"]
+    nin_cnn(keras.Input(shape=(32, 32, 3))).save(paths[0])
+    small_classifier().save(paths[1])
+    return paths
+
+
+def combine(tmp_path, *args):
+    return ensemble.main(
+        ["combine", *map(str, args), "--data-dir", str(tmp_path / "tree"),
+         "--logs-dir", str(tmp_path / "logs")]
+    )  # fmt: skip
+
+
+def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, saved, capsys):
+    exported = tmp_path / "ensemble.keras"
+    assert combine(tmp_path, *saved, "--combine", "weighted", "vote", "--export", exported) == 0
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    rows = {row["row"]: row for row in results["results"]}
+    assert list(rows) == ["nin", "small", "nin+small", "nin+small (weighted)", "nin+small (vote)"]
+    markdown = (tmp_path / "logs" / "combine.md").read_text().splitlines()
+    assert len([line for line in markdown if line.startswith("| nin+small")]) == 3
+    assert "nin+small (weighted)" in capsys.readouterr().out
+
+    # The average row is the error of the mean of the two models' outputs, and the
+    # exported file computes that mean.
+    _, (x_test, y_test) = data.load_data(tmp_path / "tree")
+    models = [keras.saving.load_model(path) for path in saved]
+    mean = np.mean([m.predict(x_test, verbose=0) for m in models], axis=0)
+    assert rows["nin+small"]["test_error"] == pytest.approx(
+        np.mean(mean.argmax(axis=1) != y_test[:, 0])
+    )
+    reloaded = keras.saving.load_model(exported)
+    np.testing.assert_allclose(reloaded.predict(x_test, verbose=0), mean, atol=1e-6)
+    assert [layer.name for layer in reloaded.layers][1:3] == ["nin", "small"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("one model", "combine needs at least two models"),
+        ("same file name", "two models are both named 'nin'"),
+        ("other shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
+        ("missing", "model MISSING does not exist"),
+        ("not .keras", "--export ensemble.h5 must end in .keras"),
+        ("negative seed", "--seed must lie between 0 and 4294967295"),
+        ("logs-dir is a file", "logs is a file, not a folder"),
+    ],
+)
+def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, message):
+    args = list(saved)
+    if case == "one model":
+        args = saved[:1]
+    elif case == "same file name":
+        (tmp_path / "other").mkdir()
+        args.append(tmp_path / "other" / "nin.keras")
+        nin_cnn(keras.Input(shape=(32, 32, 3))).save(args[-1])
+    elif case == "other shapes":
+        args.append(tmp_path / "mnist.keras")
+        small_classifier(5, (28, 28, 1)).save(args[-1])
+    elif case == "missing":
+        args.append(tmp_path / "gone.keras")
+        message = message.replace("MISSING", str(args[-1]))
+    elif case == "not .keras":
+        args += ["--export", "ensemble.h5"]
+    elif case == "negative seed":
+        args += ["--seed", "-1"]
+    else:
+        (tmp_path / "logs").write_text("a file where the folder should be")
+    assert combine(tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ensemble.py combine: error:") and message in err, err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "logs" / "combine.json").exists()
+    assert case != "logs-dir is a file" or (tmp_path / "logs").is_file()  # left as it was
