@@ -45,8 +45,8 @@ JOINT_STATE = "state.npz"
 # The settings that decide what a member's training computes. A run asking for other
 # values must neither pass off nor continue a member trained under these: it is
 # refused (`recipe_conflict`) unless --retrain says to replace it. --data-dir is left
-# out (the same data may move), and so are flags that change no weight (--restarts,
-# --distribute) or act after training (--tta, --combine).
+# out (the same data may move), and so are flags that do not change what a healthy
+# run computes (--restarts, --distribute) or that act after training (--tta, --combine).
 RECIPE_FLAGS = ("epochs", "batch_size", "validation_split", "learning_rate", "seed", "limit",
                 "joint", "precision", "augment", "label_smoothing", "schedule",
                 "warmup_epochs", "ema", "weight_decay")  # fmt: skip

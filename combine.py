@@ -90,7 +90,7 @@ def run(args):
     names = check(args)
     models = {}
     for name, path in zip(names, args.models, strict=True):
-        model = export.load(path, what="model", written_by="(keras.Model.save)")
+        model = export.load(path, what="model", written_by="saved by model.save")
         model.name = name  # nested models need distinct names in an exported file
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
