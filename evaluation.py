@@ -16,6 +16,7 @@ Nothing is ever fitted on the test set: fitting functions only take validation d
 """
 
 import itertools
+import math
 
 import numpy as np
 
@@ -68,6 +69,25 @@ def oracle_error(member_probs, labels):
     return float(1.0 - np.mean(right))
 
 
+def mcnemar_p(correct_a, correct_b):
+    """Two-sided exact McNemar test of two classifiers on the same images.
+
+    Only the images exactly one of them gets right count: if both were equally
+    accurate, each such image would be a fair coin. Returns the chance of a split
+    at least as uneven as the one seen (1 when they never disagree).
+    """
+    a_only = int(np.sum(correct_a & ~correct_b))
+    b_only = int(np.sum(~correct_a & correct_b))
+    n, k = a_only + b_only, min(a_only, b_only)
+    if n == 0:
+        return 1.0
+    # P(X <= k) for X ~ Binomial(n, 1/2), summed in log space: n reaches thousands.
+    logs = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                     for i in range(k + 1)]) - n * math.log(2)  # fmt: skip
+    top = logs.max()
+    return float(min(1.0, 2 * math.exp(top) * np.sum(np.exp(logs - top))))
+
+
 def row_metrics(combined, member_probs, labels):
     """Every metric of one table row; `combined` is probabilities, or classes for votes."""
     if combined.ndim == 1:  # a vote gives classes only
@@ -81,10 +101,13 @@ def row_metrics(combined, member_probs, labels):
             "brier": brier_score(combined, labels),
         }
     if len(member_probs) > 1:
-        best_member = min(error_rate(p, labels) for p in member_probs)
+        errors = [error_rate(p, labels) for p in member_probs]
+        best = member_probs[int(np.argmin(errors))]
+        predicted = combined if combined.ndim == 1 else np.argmax(combined, axis=1)
         metrics["disagreement"] = disagreement(member_probs)
         metrics["oracle_error"] = oracle_error(member_probs, labels)
-        metrics["gain"] = best_member - metrics["test_error"]
+        metrics["gain"] = min(errors) - metrics["test_error"]
+        metrics["gain_p"] = mcnemar_p(predicted == labels, np.argmax(best, axis=1) == labels)
     return metrics
 
 

@@ -34,6 +34,7 @@ COLUMNS = (
     ("disagreement", "disagree"),
     ("oracle_error", "oracle err"),
     ("gain", "gain"),
+    ("gain_p", "p(gain)"),
 )
 LATENCY_CALLS = 20  # batch-1 calls timed after warm-up; the median is reported
 THROUGHPUT_BATCH = 256
@@ -49,7 +50,15 @@ def aligned(header, lines, right_from=1):
 
 
 def _cells(row):
-    return [row["row"]] + ["-" if row.get(key) is None else f"{row[key]:.4f}" for key, _ in COLUMNS]
+    return [row["row"]] + [_number(key, row.get(key)) for key, _ in COLUMNS]
+
+
+def _number(key, value):
+    if value is None:
+        return "-"
+    if key == "gain_p" and value < 5e-5:
+        return "<0.0001"  # not 0.0000: a p-value is never zero
+    return f"{value:.4f}"
 
 
 def full_table(rows):

@@ -39,6 +39,34 @@ def test_disagreement_oracle_and_gain():
     assert metrics["gain"] == pytest.approx(best_member - metrics["test_error"])
 
 
+def test_mcnemar_p_by_hand():
+    def correct(right_count, total):
+        return np.arange(total) < right_count
+
+    # 10 images only A gets right, 2 only B gets right, 4 both, 3 neither:
+    # 2 * P(X <= 2) for X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096.
+    a = np.array([True] * 10 + [False] * 2 + [True] * 4 + [False] * 3)
+    b = np.array([False] * 10 + [True] * 2 + [True] * 4 + [False] * 3)
+    assert ev.mcnemar_p(a, b) == pytest.approx(2 * 79 / 4096)
+    assert ev.mcnemar_p(b, a) == ev.mcnemar_p(a, b)  # two-sided
+    assert ev.mcnemar_p(correct(5, 5), correct(0, 5)) == pytest.approx(2 / 32)
+    assert ev.mcnemar_p(a, a) == 1.0  # they never disagree
+    assert ev.mcnemar_p(correct(2, 3), np.roll(correct(2, 3), 1)) == 1.0  # capped
+    # 3,000 against 2,800 disagreements: tiny, but computed, not underflowed to 0.
+    many = ev.mcnemar_p(np.arange(5800) < 3000, np.arange(5800) >= 3000)
+    assert 0 < many < 0.02
+
+
+def test_the_gain_p_value_compares_the_ensemble_with_its_best_member():
+    members, labels = random_members(3, count=2, images=400)
+    members[0] = 0.5 * np.eye(10)[labels] + 0.5 * members[0]  # the better member
+    combined = ev.average(members)
+    metrics = ev.row_metrics(combined, members, labels)
+    best_right = np.argmax(members[0], axis=1) == labels
+    assert metrics["gain_p"] == ev.mcnemar_p(np.argmax(combined, axis=1) == labels, best_right)
+    assert "gain_p" not in ev.row_metrics(members[0], members[:1], labels)
+
+
 def test_vote_breaks_ties_by_mean_probability():
     a = np.array([[0.6, 0.4, 0.0], [0.1, 0.8, 0.1]])
     b = np.array([[0.1, 0.9, 0.0], [0.2, 0.7, 0.1]])
