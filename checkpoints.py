@@ -220,7 +220,7 @@ def recipe_conflict(name, settings):
         return None
     return (
         f"{what} with {_flags(stored, differ)}, this run asks for "
-        f"{_flags(wanted, differ)}; {fix}, or use another --weights-dir"
+        f"{_flags(wanted, differ)}; {fix}, or give this run its own --weights-dir and --logs-dir"
     )
 
 
