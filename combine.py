@@ -103,6 +103,13 @@ def run(args):
         return {n: fast.predict(m, images, args.batch_size, args.tta) for n, m in models.items()}
 
     test_probs = predict(x_test)
+    for name, probs in test_probs.items():  # logits would make every metric but error wrong
+        sums = probs.sum(axis=1)
+        if probs.min() < -1e-6 or np.abs(sums - 1).max() > 1e-3:
+            raise export.ExportError(
+                f"model {name} does not output probabilities (its rows sum to "
+                f"{sums.min():.3g}..{sums.max():.3g}); end it with a softmax"
+            )
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
     val_probs = predict(x_val) if fitted & {"weighted", "stack"} else {}
     rows = table_rows(names, args.combine, test_probs, val_probs, val_labels, y_test[:, 0])

@@ -12,14 +12,14 @@ import ensemble
 from models import nin_cnn
 
 
-def small_classifier(classes=10, shape=(32, 32, 3)):
+def small_classifier(classes=10, shape=(32, 32, 3), activation="softmax"):
     """Not one of the article's: combine takes any classifier of the right shapes."""
     return keras.Sequential(
         [
             keras.Input(shape),
             keras.layers.Conv2D(4, 3, activation="relu"),
             keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(classes, activation="softmax"),
+            keras.layers.Dense(classes, activation=activation),
         ]
     )
 
@@ -72,6 +72,7 @@ def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, s
         ("same file name", "two models are both named 'nin'"),
         ("other shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
         ("missing", "model MISSING does not exist"),
+        ("logits", "model logits does not output probabilities"),
         ("not .keras", "--export ensemble.h5 must end in .keras"),
         ("negative seed", "--seed must lie between 0 and 4294967295"),
         ("logs-dir is a file", "logs is a file, not a folder"),
@@ -88,6 +89,9 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     elif case == "other shapes":
         args.append(tmp_path / "mnist.keras")
         small_classifier(5, (28, 28, 1)).save(args[-1])
+    elif case == "logits":
+        args.append(tmp_path / "logits.keras")
+        small_classifier(activation=None).save(args[-1])
     elif case == "missing":
         args.append(tmp_path / "gone.keras")
         message = message.replace("MISSING", str(args[-1]))
