@@ -24,7 +24,7 @@ import numpy as np
 
 import fast
 
-RESULTS_FILE = "results.json"  # and results.md beside it
+RESULTS_STEM = "results"  # results.json and results.md in --logs-dir
 
 COLUMNS = (
     ("test_error", "test error"),
@@ -178,7 +178,7 @@ def cost_table(costs):
     return aligned(header, lines)
 
 
-def save_results(settings, rows, extra, stem="results"):
+def save_results(settings, rows, extra, stem=RESULTS_STEM):
     """<stem>.json (settings, every row, `extra`, the environment) and <stem>.md.
 
     `settings` is a dataclass (ensemble.py's) or a dict (the combine command's), with

@@ -108,7 +108,7 @@ def main(argv=None):
         print(f"\n=== {path}: {how}, {epochs} epochs, seed {seed}")
         results[path] = measure(settings)
         if epochs == base.epochs:  # a shortened run's errors mean nothing
-            results_file = Path(settings.logs_dir) / report.RESULTS_FILE
+            results_file = Path(settings.logs_dir) / f"{report.RESULTS_STEM}.json"
             (out / f"{folder}_results.json").write_text(results_file.read_text())
 
     rows = list(next(iter(results.values()))["errors"])
