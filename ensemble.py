@@ -158,9 +158,11 @@ def train_jointly(names, model_input, x_train, y_train, settings):
 
     def callbacks_for(member):
         dead_checks[member.name] = StopWhenDead(x_train)
-        callbacks = member_callbacks(
-            member, settings, tensorboard=False, resume=resumes.get(member.name)
-        )
+        # Keras' TensorBoard callback logs the model's optimizer's learning rate, and
+        # fails on a model that has no `optimizer` at all, as a member trained inside
+        # the joint model: None logs the member's metrics without it.
+        member.optimizer = None
+        callbacks = member_callbacks(member, settings, resume=resumes.get(member.name))
         return [*callbacks, dead_checks[member.name]]
 
     for attempt in range(1, settings.restarts + 2):

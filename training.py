@@ -20,15 +20,13 @@ DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
 
 
-def member_callbacks(model, settings, tensorboard=True, resume=None):
+def member_callbacks(model, settings, resume=None):
     """The article's checkpoint plus logs, for one member, whichever way it is trained.
 
     Checkpoints are written under a `.partial` name and renamed once complete, so
     a run killed mid-write never leaves a half file under a checkpoint's name.
     `resume` (from `prepare_member`) carries the best loss of the epochs already
-    done, so the checkpoint rule continues where it stopped. TensorBoard's callback
-    reads the model's optimizer, which a member trained inside the joint model does
-    not have: that path keeps the CSV logs only.
+    done, so the checkpoint rule continues where it stopped.
     """
     logs_dir = Path(settings.logs_dir)
     resume = resume or Resume(0, None)
@@ -45,7 +43,7 @@ def member_callbacks(model, settings, tensorboard=True, resume=None):
         PublishCheckpoints(Path(settings.weights_dir), model.name),
         keras.callbacks.CSVLogger(str(logs_dir / f"{model.name}.csv"), append=resume.epoch > 0),
     ]
-    if tensorboard and tensorboard_available():
+    if tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / model.name)))
     return callbacks
 

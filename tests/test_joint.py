@@ -10,6 +10,7 @@ from conftest import write_tree
 import data
 import ensemble
 import joint
+import training
 from models import MODELS, all_cnn, conv_pool_cnn, nin_cnn
 
 
@@ -64,6 +65,9 @@ def test_joint_cli_run_writes_the_article_files(tmp_path, capsys):
         assert (tmp_path / "w" / record["file"]).is_file()
         csv_rows = (tmp_path / "l" / f"{name}.csv").read_text().splitlines()
         assert csv_rows[0] == "epoch,acc,loss,val_acc,val_loss" and len(csv_rows) == 3
+        if training.tensorboard_available():  # the article's TensorBoard log, per member
+            events = b"".join(p.read_bytes() for p in (tmp_path / "l" / name).rglob("events.*"))
+            assert b"epoch_loss" in events and b"epoch_acc" in events
     assert "training conv_pool_cnn, all_cnn, nin_cnn jointly" in capsys.readouterr().out
 
 
