@@ -3,6 +3,7 @@
     python bench/bench_train.py --data-dir ../shared/data/cifar10-jpeg.tar.gz
     python bench/bench_train.py --data-dir ... --full      # the whole recipe (GPU)
     python bench/bench_train.py --data-dir ... --plain-epochs 2 --seeds 0 1
+    python bench/bench_train.py --data-dir ... --plain-seeds 1 --seeds 1   # a seed pair
 
 Both paths run in this one process on the same data with the same settings, so
 their ratio holds on a shared, noisy machine. Without a GPU (or --full) it runs a
@@ -10,8 +11,9 @@ small case (2,000 images, 1 epoch) that finishes in minutes; on a GPU it runs th
 article's full recipe. Prints images per second, training and wall time, the test
 errors of every row, and the joint path's speed-up. `--plain-epochs` shortens the
 plain path to measure its rate only (the speed-up is then a ratio of images per
-second, and its errors are left out); `--seeds` repeats the joint path with other
-seeds, to show how much its errors move from seed to seed.
+second, and its errors are left out); `--seeds` and `--plain-seeds` run each path
+with the seeds given, to show how much the errors move from seed to seed and
+whether the joint path's stay within that of the plain path's.
 """
 
 import argparse
@@ -78,6 +80,9 @@ def main(argv=None):
         "--plain-epochs", type=int, help="epochs of the plain path (default: as the joint path)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the joint path")
+    parser.add_argument(
+        "--plain-seeds", type=int, nargs="+", default=[0], help="seeds of the plain path"
+    )
     parser.add_argument("--no-plain", action="store_true", help="the joint path only")
     args = parser.parse_args(argv)
 
@@ -89,7 +94,9 @@ def main(argv=None):
     base = ensemble.Settings(data_dir=args.data_dir, cost=False, **({} if full else SMALL))
     print(f"case: {'full recipe' if full else SMALL}; devices {devices}; work in {work}")
 
-    runs = [] if args.no_plain else [("plain", False, base.seed, args.plain_epochs or base.epochs)]
+    plain_epochs = args.plain_epochs or base.epochs
+    runs = [] if args.no_plain else [(f"plain seed {seed}" if seed else "plain", False, seed,
+                                      plain_epochs) for seed in args.plain_seeds]  # fmt: skip
     runs += [(f"joint seed {seed}" if seed else "joint", True, seed, base.epochs)
              for seed in args.seeds]  # fmt: skip
     results = {}
@@ -119,9 +126,15 @@ def main(argv=None):
         errors = [f"{r['errors'][row]:.4f}" if complete else "-" for row in rows]
         seconds = [f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}"]
         lines.append([path, str(r["epochs"]), *seconds, f"{r['images_per_second']}", *errors])
+    # The speed-up compares the two paths' first runs of one seed (the first plain seed).
+    first_plain = next((p for p in results if p.startswith("plain")), None)
+    seed = first_plain and results[first_plain]["seed"]
+    twin = next((p for p, r in results.items() if p.startswith("joint") and r["seed"] == seed),
+                None)  # fmt: skip
     speedup = None
-    if "plain" in results and "joint" in results:
-        speedup = results["joint"]["images_per_second"] / results["plain"]["images_per_second"]
+    if first_plain and twin:
+        plain = results[first_plain]
+        speedup = results[twin]["images_per_second"] / plain["images_per_second"]
     print()
     print(aligned(header, lines))
     for path, r in results.items():
@@ -136,8 +149,8 @@ def main(argv=None):
     machine = f"{platform.node()} {platform.machine()}, {devices}"
     versions = f"keras {keras.__version__} on {keras.backend.backend()}"
     if speedup is not None:
-        short = results["plain"]["epochs"] < base.epochs  # its compile weighs more
-        note = f" (plain: {results['plain']['epochs']} epochs, compile included)" if short else ""
+        short = plain["epochs"] < base.epochs  # its compile weighs more
+        note = f" (plain: {plain['epochs']} epochs, compile included)" if short else ""
         print(f"joint speed-up (member-images per training second): {speedup:.2f}x{note}")
     print(f"{versions}   {machine}")
     summary = {

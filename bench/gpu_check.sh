@@ -8,6 +8,8 @@
 #   seed1    --joint again with seed 1 (its seed-to-seed spread);
 #   equal    the joint loop against Keras' fit on the same batches (bench_equal.py);
 #   step     compiler settings against the joint epoch's time (bench_step.py);
+#   pair     the plain path and --joint in full, both with seed PAIR_SEED (default 1): one
+#            more pair of runs toward telling the paths' errors apart from seed-to-seed noise;
 # then a short table (bench/summary.py). Each step has its own time limit and is skipped
 # when too little of LIMIT seconds (default 480) is left, so that the table always prints.
 # Stage first, from the project root:  bash ../shared/tools/device-prep
@@ -70,6 +72,11 @@ step_seed1() {
   timeout "$1" python3 bench/bench_train.py --data-dir "$data" --out "$out/seed1" \
     --work "$work/seed1" --no-plain --seeds 1 $small
 }
+step_pair() {
+  local seed=${PAIR_SEED:-1}
+  timeout "$1" python3 bench/bench_train.py --data-dir "$data" --out "$out/pair$seed" \
+    --work "$work/pair$seed" --plain-seeds "$seed" --seeds "$seed" $small
+}
 step_equal() {
   timeout "$1" python3 bench/bench_equal.py --data-dir "$data" --out "$out" \
     $(is_small && echo "--steps 1 10")
@@ -80,9 +87,9 @@ step_step() {
 }
 # Most seconds each step may take, and the least worth starting it with.
 declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [seed1]=120 [equal]=150
-                 [step]=240)
+                 [step]=240 [pair]=450)
 declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [seed1]=100 [equal]=100
-                  [step]=150)
+                  [step]=150 [pair]=400)
 
 nvidia-smi -L 2>/dev/null || echo "no NVIDIA GPU visible"
 python3 -c 'import keras, jax; print("keras", keras.__version__, "jax", jax.__version__, jax.devices())'
