@@ -3,20 +3,21 @@
     python bench/bench_step.py                      # every variant, each in a fresh process
     python bench/bench_step.py --variants baseline "unroll 4"
 
-`--joint` trains the article's recipe in 71.5 s on one H100 against the 60 s that
-issue 5 asks for: 19 epochs of 2.87 s (2.3 ms a step for all three members at batch
-32 in float32) and a 12 s compile. This measures which compiler settings change
-those two figures. Each variant runs in a process of its own (XLA reads its flags
-once, at start-up) on synthetic data of CIFAR-10's shape: random images and labels,
-since the speed of a step does not depend on the values. The settings are the
-article's (batch 32, Adam at 1e-3, float32, validation split 0.2), all three members
-in the joint step, a few epochs. Per variant it prints the first epoch (which
-compiles), the median later epoch, milliseconds per step and the ratio to the
-baseline run in the same invocation; step.json is rewritten after every variant,
-so a run stopped from outside keeps what it measured. The baseline runs first and,
-time allowing, again last: their ratio shows how far the machine drifted, and the
-variants are compared with the mean of the two. `--budget S` skips the variants
-that would not finish within S seconds (estimated from the slowest process so far).
+`--joint` trains the article's recipe in 71.5 s on one H100 against the 60 s that issue
+5 asks for: 19 epochs of 2.87 s (2.3 ms a step for all three members at batch 32 in
+float32) and a 12 s compile. This measures which compiler settings change those two
+figures. Each variant runs in a process of its own (XLA reads its flags once, at start-
+up) on synthetic data of CIFAR-10's shape: random images and labels, since the speed of
+a step does not depend on the values. The settings are the article's (batch 32, Adam at
+1e-3, float32, validation split 0.2), all three members in the joint step, a few epochs.
+Per variant it prints the first epoch (which compiles), the median later epoch,
+milliseconds per step, the arithmetic rate that implies (XLA's count of a step's
+floating-point operations, taken once on the CPU, over its time) and the ratio to the
+baseline run in the same invocation; step.json is rewritten after every variant, so a
+run stopped from outside keeps what it measured. The baseline runs first and, time
+allowing, again last: their ratio shows how far the machine drifted, and the variants
+are compared with the mean of the two. `--budget S` skips the variants that would not
+finish within S seconds (estimated from the slowest process so far).
 
 - `unroll N`: N steps per iteration of the scanned loop (`joint.SCAN_UNROLL`);
 - `command buffers`: XLA records the loop itself, not just its kernels, as CUDA
@@ -97,6 +98,35 @@ def measure(unroll, images, epochs):
             "versions": f"keras {keras.__version__} on {keras.backend.backend()}"}  # fmt: skip
 
 
+def step_gflop(batch_size=32):
+    """{member: GFLOP}: XLA's count of the floating-point operations in one training
+    step of each member (forward and backward, at the article's batch)."""
+    import jax
+    import keras
+    import numpy as np
+
+    from models import MODELS
+
+    # Counted on the CPU from the lowered program: the count does not depend on the
+    # device, and this process leaves the GPU's memory to the variants' processes.
+    with jax.default_device(jax.devices("cpu")[0]):
+        x = np.zeros((batch_size, 32, 32, 3), np.float32)
+        y = np.zeros((batch_size, 10), np.float32)
+        counts = {}
+        for name, build in MODELS.items():
+            model = build(keras.Input(shape=(32, 32, 3)))
+            trainable = [v.value for v in model.trainable_variables]
+            rest = [v.value for v in model.non_trainable_variables]
+
+            def loss(trainable, model=model, rest=rest):
+                out, _ = model.stateless_call(trainable, rest, x, training=True)
+                return keras.ops.mean(keras.losses.categorical_crossentropy(y, out))
+
+            cost = jax.jit(jax.grad(loss)).lower(trainable).cost_analysis()
+            counts[name] = (cost[0] if isinstance(cost, list) else cost)["flops"] / 1e9
+    return counts
+
+
 def run_variant(name, case, timeout):
     variant = VARIANTS[name]
     with tempfile.TemporaryDirectory() as cache:
@@ -162,10 +192,15 @@ def main(argv=None):
     # "baseline again" reruns the baseline last: the machine's drift over the run.
     runs = [("baseline", "baseline")]
     runs += [(n, n) for n in args.variants if n != "baseline"] + [("baseline again", "baseline")]
+    counts = step_gflop()
+    gflop = sum(counts.values())
     print(f"case: {case}, the article's settings, all three members in the joint step")
+    each = ", ".join(f"{name} {count:.1f}" for name, count in counts.items())
+    print(f"one step of all three at batch 32: {gflop:.1f} GFLOP ({each}; XLA's count)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"date": datetime.date.today().isoformat(), "case": case, "results": {}}
+    report = {"date": datetime.date.today().isoformat(), "case": case, "gflop_per_step": gflop,
+              "results": {}}  # fmt: skip
     results, start, slowest = report["results"], time.perf_counter(), 0.0
     for name, variant in runs:
         left = None if args.budget is None else args.budget - (time.perf_counter() - start)
@@ -191,14 +226,16 @@ def main(argv=None):
     lines = []
     for name, r in results.items():
         if "failed" in r:
-            lines.append([name, "-", "-", "-", "-", r["failed"]])
+            lines.append([name, "-", "-", "-", "-", "-", r["failed"]])
             continue
         ratio = f"{r['later_epoch_s'] / base:.3f}" if base else "-"
+        rate = f"{gflop / r['ms_per_step']:.1f}"  # GFLOP per ms is TFLOP/s
         note = (f"first epoch {r['cold_first_epoch_s']:.1f} s with the cache empty"
                 if "cold_first_epoch_s" in r else "")  # fmt: skip
         lines.append([name, f"{r['first_epoch_s']:.1f}", f"{r['later_epoch_s']:.3f}",
-                      f"{r['ms_per_step']:.3f}", ratio, note])  # fmt: skip
-    header = ["variant", "first epoch s", "later epoch s", "ms/step", "vs baseline", "note"]
+                      f"{r['ms_per_step']:.3f}", rate, ratio, note])  # fmt: skip
+    header = ["variant", "first epoch s", "later epoch s", "ms/step", "TFLOP/s", "vs baseline",
+              "note"]  # fmt: skip
     print()
     print(aligned(header, lines))
     if len(baselines) == 2:
