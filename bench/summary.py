@@ -41,10 +41,11 @@ def main(argv=None):
             lines.append((f"{path} ({r['epochs']} epochs)", f"{r['train_seconds']:.1f} train",
                           figures))  # fmt: skip
         if run.get("speedup"):
-            epochs = {p.split()[0]: r["epochs"] for p, r in reversed(run["results"].items())}
-            plain = epochs["plain"]  # the first plain run's, as bench_train.py's speed-up
-            short = plain < epochs["joint"]
-            note = f" (plain ran {plain} epochs: its compile weighs more)" if short else ""
+            # The first run of each path, as bench_train.py's speed-up.
+            runs = run["results"].items()
+            plain = next(r["epochs"] for p, r in runs if p.startswith("plain"))
+            joint = next(r["epochs"] for p, r in runs if p.startswith("joint"))
+            note = f" (plain ran {plain} epochs: its compile weighs more)" if plain < joint else ""
             figures = f"{run['speedup']:.2f}x member-images per second{note}"
             lines.append(("joint / plain", "", figures))
     fast = read(out / "fast_results.json")
