@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One device call, at most 8 minutes, that measures every speed claim. Steps, in order
-# (STEPS="equal step ..." picks and orders them; default: the first five):
+# (STEPS="equal step ..." picks and orders them; default: the first four):
 #   joint    the article's recipe: --joint in full, the plain path for 2 epochs (its rate);
 #   preset   --preset fast, end to end (target: ensemble error <= 10% within 300 s);
 #   infer    inference: members against the one-graph ensemble, float32 and bfloat16;
 #   augment  augmentation's cost (bench_augment.py);
-#   seed1    --joint again with seed 1 (its seed-to-seed spread);
 #   equal    the joint loop against Keras' fit on the same batches (bench_equal.py);
 #   step     compiler settings against the joint epoch's time (bench_step.py);
-#   pair     the plain path and --joint in full, both with seed PAIR_SEED (default 1): one
-#            more pair of runs toward telling the paths' errors apart from seed-to-seed noise;
+#   seeds    the plain path and --joint in full, with the seeds PLAIN_SEEDS (default "1 2 3")
+#            and JOINT_SEEDS (default "2"), PARALLEL runs at a time (default: all), compared
+#            with the earlier GPU runs in bench/seed_runs.json (bench_seeds.py);
 # then a short table (bench/summary.py). Each step has its own time limit and is skipped
 # when too little of LIMIT seconds (default 480) is left, so that the table always prints.
 # Stage first, from the project root:  bash ../shared/tools/device-prep
@@ -68,14 +68,15 @@ step_augment() {
   timeout "$1" python3 bench/bench_augment.py --data-dir "$data" --out "$out" \
     $(is_small && echo "--limit 600 --epochs 2")
 }
-step_seed1() {
-  timeout "$1" python3 bench/bench_train.py --data-dir "$data" --out "$out/seed1" \
-    --work "$work/seed1" --no-plain --seeds 1 $small
-}
-step_pair() {
-  local seed=${PAIR_SEED:-1}
-  timeout "$1" python3 bench/bench_train.py --data-dir "$data" --out "$out/pair$seed" \
-    --work "$work/pair$seed" --plain-seeds "$seed" --seeds "$seed" $small
+step_seeds() {
+  local plain joint
+  read -r -a plain <<< "${PLAIN_SEEDS:-1 2 3}"
+  read -r -a joint <<< "${JOINT_SEEDS:-2}"
+  # Its own budget, under the step's limit: it stops its runs, then prints what finished.
+  timeout "$1" python3 bench/bench_seeds.py --data-dir "$data" --out "$out" --work "$work/seeds" \
+    --plain-seeds "${plain[@]}" --joint-seeds "${joint[@]}" \
+    --parallel "${PARALLEL:-$((${#plain[@]} + ${#joint[@]}))}" --budget $(($1 > 30 ? $1 - 15 : $1)) \
+    --with bench/seed_runs.json $small
 }
 step_equal() {
   timeout "$1" python3 bench/bench_equal.py --data-dir "$data" --out "$out" \
@@ -86,14 +87,14 @@ step_step() {
   timeout "$1" python3 bench/bench_step.py --out "$out" --budget $(($1 - 15)) $small
 }
 # Most seconds each step may take, and the least worth starting it with.
-declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [seed1]=120 [equal]=150
-                 [step]=240 [pair]=450)
-declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [seed1]=100 [equal]=100
-                  [step]=150 [pair]=400)
+declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [equal]=150
+                 [step]=240 [seeds]=560)
+declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [equal]=100
+                  [step]=150 [seeds]=300)
 
 nvidia-smi -L 2>/dev/null || echo "no NVIDIA GPU visible"
 python3 -c 'import keras, jax; print("keras", keras.__version__, "jax", jax.__version__, jax.devices())'
-for name in ${STEPS:-joint preset infer augment seed1}; do
+for name in ${STEPS:-joint preset infer augment}; do
   if [ -z "${most[$name]:-}" ]; then
     echo "unknown step $name; choose from ${!most[*]}" >&2
     exit 2

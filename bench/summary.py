@@ -20,6 +20,20 @@ def errors(results):
     return " / ".join(f"{by_row[r]:.4f}" if r in by_row else "-" for r in ROWS)
 
 
+def seeds_figures(entry):
+    """One row of bench_seeds.py's comparison: each path's mean, the difference, p."""
+    cells = []
+    for path in ("plain", "joint"):
+        mean, sd = entry[f"{path}_mean"], entry[f"{path}_sd"]
+        text = "-" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+        cells.append(f"{path} {text} ({len(entry[path])})")
+    if entry["difference"] is not None:
+        cells.append(f"joint - plain {entry['difference']:+.4f}")
+    if entry["p"] is not None:
+        cells.append(f"p {entry['p']:.3f}")
+    return ", ".join(cells)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/out")
@@ -93,6 +107,21 @@ def main(argv=None):
         if "gflop_per_step" in step:
             figures += f", {step['gflop_per_step'] / r['ms_per_step']:.1f} TFLOP/s"
         lines.append((f"joint step: {name}", f"{r['first_epoch_s']:.1f} first", figures))
+    seeds = read(out / "seeds.json")
+    if seeds:
+        finished = [r for r in seeds["runs"] if "failed" not in r]
+        lines.append(
+            (
+                f"seeds: {len(finished)} of {len(seeds['runs'])} runs finished",
+                f"{seeds.get('wall_seconds', 0):.1f} wall",
+                f"{seeds['parallel']} at a time"
+                + "".join(f"; with the runs in {w}" for w in seeds.get("with", [])),
+            )
+        )
+        for row in ROWS:
+            e = seeds.get("comparison", {}).get(row)
+            if e:
+                lines.append((f"  {row}", "", seeds_figures(e)))
     widths = [max(len(line[i]) for line in lines) for i in range(2)]
     for line in lines:
         print(f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]}")

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import summary
@@ -38,7 +40,7 @@ def test_summary_reads_a_seed_pair_a_rate_run_and_the_step_rates(tmp_path, capsy
                                                 "joint": run(20, 0, 33000, True)},
                                     "speedup": 3.67})  # fmt: skip
     write(tmp_path / "joint_results.json", results_file([0.25, 0.27, 0.33, 0.215]))
-    # ... and its 'pair' step, whose runs are named after their seed.
+    # ... and a seed pair (bench_train.py --plain-seeds 1 --seeds 1), named after the seed.
     pair = {"plain seed 1": run(20, 1, 8900, False), "joint seed 1": run(20, 1, 33100, True)}
     write(tmp_path / "pair1" / "bench.json", {"results": pair, "speedup": 3.72})
     write(tmp_path / "pair1" / "plain_seed_1_results.json", results_file([0.26, 0.26, 0.34, 0.22]))
@@ -57,3 +59,105 @@ def test_summary_reads_a_seed_pair_a_rate_run_and_the_step_rates(tmp_path, capsy
     assert "3.72x" in speedups[1] and "plain ran" not in speedups[1]
     assert "2.365 ms a step, 50.3 TFLOP/s" in table["joint step: baseline"]
     assert "over 90 s" in table["joint step: autotune off"]
+
+
+# bench_seeds.py: the comparison that decides whether --joint becomes the default.
+
+import bench_seeds  # noqa: E402 (after the path above)
+
+
+def test_permutation_p_counts_the_splits_as_large_as_the_one_observed():
+    # Four errors split two against two: 6 splits, differences 2, 2, 1, 1, 0, 0.
+    assert bench_seeds.permutation_p([1, 2], [3, 4]) == pytest.approx(2 / 6)
+    assert bench_seeds.permutation_p([1, 2], [2, 1]) == 1.0
+    # Five against five, fully separated: only the observed split and its mirror.
+    low, high = [0.26, 0.261, 0.262, 0.263, 0.264], [0.28, 0.281, 0.282, 0.283, 0.284]
+    assert bench_seeds.permutation_p(low, high) == pytest.approx(2 / 252)
+
+
+def test_permutation_p_samples_close_to_the_exact_value_when_splits_are_many(monkeypatch):
+    plain, joint = [0.265, 0.268, 0.262, 0.27, 0.266], [0.27, 0.283, 0.276, 0.268]
+    exact = bench_seeds.permutation_p(plain, joint)
+    monkeypatch.setattr(bench_seeds, "EXACT_LIMIT", 10)
+    monkeypatch.setattr(bench_seeds, "SAMPLES", 20_000)
+    assert bench_seeds.permutation_p(plain, joint) == pytest.approx(exact, abs=0.01)
+    assert 0.0 < exact < 0.1
+
+
+def test_compare_skips_missing_errors_and_tests_only_with_two_runs_a_path():
+    runs = [
+        {"path": "plain", "errors": {"ALL-CNN-C": 0.26, "NIN": 0.33, "pair A": 0.21}},
+        {"path": "plain", "errors": {"ALL-CNN-C": 0.27, "NIN": None}},  # NIN died
+        {"path": "joint", "errors": {"ALL-CNN-C": 0.28, "NIN": 0.34}},
+        {"path": "joint", "errors": {"ALL-CNN-C": 0.29, "NIN": 0.35}},
+    ]
+    table = bench_seeds.compare(runs)
+    assert table["ALL-CNN-C"]["difference"] == pytest.approx(0.02)
+    assert table["ALL-CNN-C"]["p"] == pytest.approx(2 / 6)
+    assert table["NIN"]["plain"] == [0.33] and table["NIN"]["p"] is None
+    assert table["pair A"]["joint"] == [] and table["pair A"]["difference"] is None
+    text = bench_seeds.format_comparison(table)
+    assert "0.2650 ± 0.0071 (2)" in text and "+0.0200" in text
+
+
+def test_the_earlier_gpu_runs_file_reads_and_bad_files_are_refused(tmp_path, capsys):
+    runs = bench_seeds.read_runs(Path(bench_seeds.ROOT) / "bench" / "seed_runs.json")
+    assert {r["path"] for r in runs} == {"plain", "joint"}
+    bad = tmp_path / "runs.json"
+    bad.write_text(json.dumps([{"path": "fast", "errors": {}}]))
+    with pytest.raises(SystemExit) as stopped:
+        bench_seeds.main(["--data-dir", "x", "--with", str(bad)])
+    assert stopped.value.code == 2
+    assert "each run needs a path (plain or joint)" in capsys.readouterr().err
+
+
+def fake_run(tmp_path, path, seed, seconds, error):
+    """A Run whose process sleeps, then writes the results.json ensemble.py would."""
+    run = bench_seeds.Run(path, seed, tmp_path, "unused", [])
+    results = {
+        "results": [{"row": "ALL-CNN-C", "rule": "average", "test_error": error},
+                    {"row": "ALL-CNN-C (vote)", "rule": "vote", "test_error": 0.5}],
+        "train_seconds": {"all_cnn": 1.0}, "attempts": {"all_cnn": 1}, "environment": {},
+    }  # fmt: skip
+    target = run.folder / "logs" / "results.json"
+    run.command = [sys.executable, "-c", f"import pathlib, time; time.sleep({seconds}); "
+                   f"p = pathlib.Path({str(target)!r}); p.parent.mkdir(parents=True); "
+                   f"p.write_text({json.dumps(results)!r})"]  # fmt: skip
+    return run
+
+
+def test_schedule_runs_in_parallel_and_keeps_each_runs_average_errors(tmp_path):
+    runs = [fake_run(tmp_path, "plain", 1, 0, 0.26), fake_run(tmp_path, "joint", 1, 0, 0.28),
+            fake_run(tmp_path, "plain", 2, 0, 0.27)]  # fmt: skip
+    outcomes = []
+    bench_seeds.schedule(runs, 2, None, outcomes.append)
+    assert sorted((o["path"], o["seed"], o["errors"]["ALL-CNN-C"]) for o in outcomes) == [
+        ("joint", 1, 0.28), ("plain", 1, 0.26), ("plain", 2, 0.27)]  # fmt: skip
+    assert all(set(o["errors"]) == {"ALL-CNN-C"} for o in outcomes)  # the article's rule only
+
+
+def test_schedule_stops_at_the_budget_and_starts_no_run_that_cannot_end(tmp_path, capsys):
+    slow = [fake_run(tmp_path, "plain", seed, 60, 0.26) for seed in (1, 2)]
+    outcomes = []
+    bench_seeds.schedule(slow, 1, 1.5, outcomes.append)
+    assert [o["failed"] for o in outcomes] == ["stopped at the budget"]
+    assert slow[0].process.poll() is not None  # no process left behind
+    assert slow[1].process is None
+    # A path's slowest finished run says whether another one still fits.
+    quick = [fake_run(tmp_path / "q", "plain", seed, 2, 0.26) for seed in (1, 2)]
+    outcomes = []
+    bench_seeds.schedule(quick, 1, 3.0, outcomes.append)
+    assert quick[1].process is None
+    assert "not started: plain seed 2" in capsys.readouterr().out
+
+
+def test_summary_reads_the_seeds_comparison(tmp_path, capsys):
+    runs = [{"path": "plain", "errors": {"ALL-CNN-C": 0.26}},
+            {"path": "joint", "errors": {"ALL-CNN-C": 0.28}}]  # fmt: skip
+    write(tmp_path / "seeds.json", {"parallel": 2, "wall_seconds": 300.0, "with": ["a.json"],
+                                    "runs": [*runs, {"failed": "stopped at the budget"}],
+                                    "comparison": bench_seeds.compare(runs)})  # fmt: skip
+    assert summary.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "seeds: 2 of 3 runs finished" in out and "with the runs in a.json" in out
+    assert "plain 0.2600 (1), joint 0.2800 (1), joint - plain +0.0200" in out
