@@ -19,7 +19,8 @@ more seeds fit into one device call than one after another.
 Prints every run's test errors (members and the three-model average), then, for each
 row, each path's mean and standard deviation, the joint mean less the plain mean and
 an exact two-sided permutation test's p-value for that difference (no assumption
-about the errors' distribution; with 3 runs against 2 it cannot go below 0.2).
+about the errors' distribution; with 3 runs against 2 it cannot go below 0.2), and
+last what the rule fixed in bench/RESULTS.md says of them (`verdict`).
 `--with FILE` adds earlier runs (bench/seed_runs.json holds the GPU runs in
 bench/RESULTS.md; a seeds.json this wrote can be passed too). seeds.json in `--out`
 is rewritten after every run, so a run stopped from outside keeps what finished.
@@ -56,6 +57,7 @@ from report import aligned  # noqa: E402 (after the environment it must see)
 SMALL = ["--limit", "600", "--epochs", "1"]
 EXACT_LIMIT = 200_000  # label assignments enumerated; more are sampled
 SAMPLES = 100_000
+RULE_RUNS, RULE_P = 5, 0.05  # bench/RESULTS.md: when --joint may become the default
 
 
 def permutation_p(plain, joint, rng=None):
@@ -119,6 +121,27 @@ def format_comparison(table):
         lines.append([row, spread(e, "plain"), spread(e, "joint"), difference, p])
     header = ["row", "plain: mean ± sd (runs)", "joint: mean ± sd (runs)", "joint - plain", "p"]
     return aligned(header, lines)
+
+
+def verdict(table):
+    """The rule of bench/RESULTS.md (2026-11-27, second session), applied to `table`.
+
+    Once each path has RULE_RUNS complete runs on every member and on the ensemble
+    of three, `--joint` may become the default if none of those rows differs at
+    p < RULE_P; if one does, it stays opt-in.
+    """
+    rows = [row for row in table if not row.startswith("pair")]  # members, ensembles
+    if not rows:
+        return "no runs to judge"
+    fewest = min((len(table[row][path]), row, path) for row in rows for path in ("plain", "joint"))
+    if fewest[0] < RULE_RUNS:
+        n, row, path = fewest
+        return f"undecided: {row} has {n} {path} run(s); the rule needs {RULE_RUNS} of each path"
+    differing = [f"{row} {table[row]['difference']:+.4f} (p {table[row]['p']:.3f})"
+                 for row in rows if table[row]["p"] < RULE_P]  # fmt: skip
+    if differing:
+        return "the paths differ: " + ", ".join(differing) + "; --joint stays opt-in"
+    return f"within noise: no row differs at p < {RULE_P}; --joint may become the default"
 
 
 def format_runs(runs):
@@ -311,6 +334,7 @@ def main(argv=None):
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
         finished = [r for r in summary["runs"] if "failed" not in r]
         summary["comparison"] = compare(earlier + finished)
+        summary["verdict"] = verdict(summary["comparison"])
         (out / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     schedule(pending, args.parallel, args.budget, on_finish)
@@ -321,7 +345,9 @@ def main(argv=None):
     if earlier + finished:
         print(format_runs(earlier + finished))
         print()
-        print(format_comparison(compare(earlier + finished)))
+        table = compare(earlier + finished)
+        print(format_comparison(table))
+        print(f"rule: {verdict(table)}")
     if not queue:
         return 0
     e = next((r["environment"] for r in finished), None)

@@ -122,6 +122,8 @@ def main(argv=None):
             e = seeds.get("comparison", {}).get(row)
             if e:
                 lines.append((f"  {row}", "", seeds_figures(e)))
+        if "verdict" in seeds:
+            lines.append(("  rule (RESULTS.md)", "", seeds["verdict"]))
     widths = [max(len(line[i]) for line in lines) for i in range(2)]
     for line in lines:
         print(f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]}")

@@ -100,6 +100,21 @@ def test_compare_skips_missing_errors_and_tests_only_with_two_runs_a_path():
     assert "0.2650 ± 0.0071 (2)" in text and "+0.0200" in text
 
 
+def test_verdict_waits_for_five_runs_a_path_then_flags_any_row_at_p_below_005():
+    def runs(path, errors, row="ALL-CNN-C"):
+        return [{"path": path, "errors": {row: e, "pair A": 0.2}} for e in errors]
+
+    same = [0.26, 0.27, 0.265, 0.262, 0.268]
+    few = bench_seeds.compare(runs("plain", same[:4]) + runs("joint", same))
+    assert bench_seeds.verdict(few).startswith("undecided: ALL-CNN-C has 4 plain run(s)")
+    alike = bench_seeds.compare(runs("plain", same) + runs("joint", [e + 0.001 for e in same]))
+    assert bench_seeds.verdict(alike).startswith("within noise")
+    worse = bench_seeds.compare(runs("plain", same) + runs("joint", [e + 0.02 for e in same]))
+    assert bench_seeds.verdict(worse) == (
+        "the paths differ: ALL-CNN-C +0.0200 (p 0.008); --joint stays opt-in"
+    )
+
+
 def test_the_earlier_gpu_runs_file_reads_and_bad_files_are_refused(tmp_path, capsys):
     runs = bench_seeds.read_runs(Path(bench_seeds.ROOT) / "bench" / "seed_runs.json")
     assert {r["path"] for r in runs} == {"plain", "joint"}
@@ -156,8 +171,10 @@ def test_summary_reads_the_seeds_comparison(tmp_path, capsys):
             {"path": "joint", "errors": {"ALL-CNN-C": 0.28}}]  # fmt: skip
     write(tmp_path / "seeds.json", {"parallel": 2, "wall_seconds": 300.0, "with": ["a.json"],
                                     "runs": [*runs, {"failed": "stopped at the budget"}],
-                                    "comparison": bench_seeds.compare(runs)})  # fmt: skip
+                                    "comparison": bench_seeds.compare(runs),
+                                    "verdict": "undecided: for the test"})  # fmt: skip
     assert summary.main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "seeds: 2 of 3 runs finished" in out and "with the runs in a.json" in out
     assert "plain 0.2600 (1), joint 0.2800 (1), joint - plain +0.0200" in out
+    assert "undecided: for the test" in out
