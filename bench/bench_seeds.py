@@ -107,6 +107,11 @@ def compare(runs):
     return table
 
 
+def signed(difference):
+    """+0.0123, and +0.0000 rather than -0.0000 for a rounding-sized negative."""
+    return f"{difference:+.4f}".replace("-0.0000", "+0.0000")
+
+
 def format_comparison(table):
     def spread(entry, path):
         mean, sd, n = entry[f"{path}_mean"], entry[f"{path}_sd"], len(entry[path])
@@ -116,7 +121,7 @@ def format_comparison(table):
 
     lines = []
     for row, e in table.items():
-        difference = "-" if e["difference"] is None else f"{e['difference']:+.4f}"
+        difference = "-" if e["difference"] is None else signed(e["difference"])
         p = "-" if e["p"] is None else f"{e['p']:.3f}"
         lines.append([row, spread(e, "plain"), spread(e, "joint"), difference, p])
     header = ["row", "plain: mean ± sd (runs)", "joint: mean ± sd (runs)", "joint - plain", "p"]
@@ -137,7 +142,7 @@ def verdict(table):
     if fewest[0] < RULE_RUNS:
         n, row, path = fewest
         return f"undecided: {row} has {n} {path} run(s); the rule needs {RULE_RUNS} of each path"
-    differing = [f"{row} {table[row]['difference']:+.4f} (p {table[row]['p']:.3f})"
+    differing = [f"{row} {signed(table[row]['difference'])} (p {table[row]['p']:.3f})"
                  for row in rows if table[row]["p"] < RULE_P]  # fmt: skip
     if differing:
         return "the paths differ: " + ", ".join(differing) + "; --joint stays opt-in"

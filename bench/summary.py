@@ -28,7 +28,8 @@ def seeds_figures(entry):
         text = "-" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
         cells.append(f"{path} {text} ({len(entry[path])})")
     if entry["difference"] is not None:
-        cells.append(f"joint - plain {entry['difference']:+.4f}")
+        difference = f"{entry['difference']:+.4f}".replace("-0.0000", "+0.0000")
+        cells.append(f"joint - plain {difference}")
     if entry["p"] is not None:
         cells.append(f"p {entry['p']:.3f}")
     return ", ".join(cells)
