@@ -1,8 +1,9 @@
-"""bench/summary.py: the table gpu_check.sh prints last, from the files its steps wrote.
+"""The benchmarks' own logic, on the CPU: summary.py's table and bench_seeds.py.
 
 The benchmarks themselves run on a GPU (bench/RESULTS.md); this checks that the one
 table a device call ends with reads every step's file, so a run's figures are not
-lost to a KeyError at the end of 8 paid minutes.
+lost to a KeyError at the end of 8 paid minutes, and that bench_seeds.py's test,
+comparison, verdict and scheduling are right before a GPU call depends on them.
 """
 
 import json
@@ -13,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import bench_seeds
 import summary
 
 ROWS = ["ConvPool-CNN-C", "ALL-CNN-C", "NIN", "ensemble of three"]
@@ -62,8 +64,6 @@ def test_summary_reads_a_seed_pair_a_rate_run_and_the_step_rates(tmp_path, capsy
 
 
 # bench_seeds.py: the comparison that decides whether --joint becomes the default.
-
-import bench_seeds  # noqa: E402 (after the path above)
 
 
 def test_permutation_p_counts_the_splits_as_large_as_the_one_observed():
