@@ -112,13 +112,15 @@ def signed(difference):
     return f"{difference:+.4f}".replace("-0.0000", "+0.0000")
 
 
-def format_comparison(table):
-    def spread(entry, path):
-        mean, sd, n = entry[f"{path}_mean"], entry[f"{path}_sd"], len(entry[path])
-        if mean is None:
-            return "-"
-        return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" ({n})"
+def spread(entry, path):
+    """One path's errors in a row of `compare`: "0.2650 ± 0.0040 (2)", or "-"."""
+    mean, sd, n = entry[f"{path}_mean"], entry[f"{path}_sd"], len(entry[path])
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" ({n})"
 
+
+def format_comparison(table):
     lines = []
     for row, e in table.items():
         difference = "-" if e["difference"] is None else signed(e["difference"])

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import bench_seeds  # its comparison's formatting (bench/ is on the path as a script's folder)
+
 ROWS = ("ConvPool-CNN-C", "ALL-CNN-C", "NIN", "ensemble of three")
 
 
@@ -22,14 +24,9 @@ def errors(results):
 
 def seeds_figures(entry):
     """One row of bench_seeds.py's comparison: each path's mean, the difference, p."""
-    cells = []
-    for path in ("plain", "joint"):
-        mean, sd = entry[f"{path}_mean"], entry[f"{path}_sd"]
-        text = "-" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
-        cells.append(f"{path} {text} ({len(entry[path])})")
+    cells = [f"{path} {bench_seeds.spread(entry, path)}" for path in ("plain", "joint")]
     if entry["difference"] is not None:
-        difference = f"{entry['difference']:+.4f}".replace("-0.0000", "+0.0000")
-        cells.append(f"joint - plain {difference}")
+        cells.append(f"joint - plain {bench_seeds.signed(entry['difference'])}")
     if entry["p"] is not None:
         cells.append(f"p {entry['p']:.3f}")
     return ", ".join(cells)
