@@ -12,8 +12,10 @@ article's full recipe. Prints images per second, training and wall time, the tes
 errors of every row, and the joint path's speed-up. `--plain-epochs` shortens the
 plain path to measure its rate only (the speed-up is then a ratio of images per
 second, and its errors are left out); `--seeds` and `--plain-seeds` run each path
-with the seeds given, to show how much the errors move from seed to seed and
-whether the joint path's stay within that of the plain path's.
+with the seeds given (the speed-up pairs the first plain seed with the joint run of
+the same seed). Whether the joint path's errors stay within the plain path's
+seed-to-seed spread is bench_seeds.py's question: it runs many seeds of both at
+once and tests the difference.
 """
 
 import argparse
