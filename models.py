@@ -7,13 +7,18 @@ tests and the ensembles all iterate it.
     from models import MODELS, conv_pool_cnn
     model_input = keras.Input(shape=(32, 32, 3))
     model = conv_pool_cnn(model_input)   # 1,369,738 parameters
+
+`dropout` is the rate of the dropout after each of a model's two downsampling
+stages. Its default is the article's: none in the two All-CNN models (their paper
+used 0.5 there, and 0.2 on the input), 0.5 in NIN. It has no weights, so a model
+built with any rate loads the others' checkpoints.
 """
 
 import keras
 from keras import layers
 
 
-def conv_pool_cnn(model_input):
+def conv_pool_cnn(model_input, dropout=0.0):
     """ConvPool-CNN-C: stacked 3x3 convolutions with max pooling and a global-average head.
 
     Reference:
@@ -22,6 +27,7 @@ def conv_pool_cnn(model_input):
 
     Args:
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
+        dropout: rate after each max pooling; the article's 0 adds no layer.
 
     Returns:
         A `keras.Model` named `conv_pool_cnn` with 10 softmax outputs.
@@ -29,15 +35,15 @@ def conv_pool_cnn(model_input):
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(model_input)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
-    x = layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x)
+    x = _dropout(layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x), dropout)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
-    x = layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x)
+    x = _dropout(layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x), dropout)
     return _class_head(model_input, x, "conv_pool_cnn")
 
 
-def all_cnn(model_input):
+def all_cnn(model_input, dropout=0.0):
     """ALL-CNN-C: ConvPool-CNN-C with each max pooling replaced by a stride-2 convolution.
 
     Reference:
@@ -46,6 +52,7 @@ def all_cnn(model_input):
 
     Args:
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
+        dropout: rate after each stride-2 convolution; the article's 0 adds no layer.
 
     Returns:
         A `keras.Model` named `all_cnn` with 10 softmax outputs.
@@ -53,13 +60,15 @@ def all_cnn(model_input):
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(model_input)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same", strides=2)(x)
+    x = _dropout(x, dropout)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same", strides=2)(x)
+    x = _dropout(x, dropout)
     return _class_head(model_input, x, "all_cnn")
 
 
-def nin_cnn(model_input):
+def nin_cnn(model_input, dropout=0.5):
     """Network in Network: three mlpconv blocks (a convolution, then two 1x1) with dropout.
 
     Reference:
@@ -67,6 +76,7 @@ def nin_cnn(model_input):
 
     Args:
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
+        dropout: rate after each max pooling (the article's 0.5); 0 adds no layer.
 
     Returns:
         A `keras.Model` named `nin_cnn` with 10 softmax outputs.
@@ -75,18 +85,23 @@ def nin_cnn(model_input):
     x = layers.Conv2D(32, (5, 5), activation="relu", padding="valid")(model_input)
     x = layers.Conv2D(32, (1, 1), activation="relu")(x)
     x = layers.Conv2D(32, (1, 1), activation="relu")(x)
-    x = layers.MaxPooling2D((2, 2))(x)
-    x = layers.Dropout(0.5)(x)
+    x = _dropout(layers.MaxPooling2D((2, 2))(x), dropout)
     # mlpconv block 2
     x = layers.Conv2D(64, (3, 3), activation="relu", padding="valid")(x)
     x = layers.Conv2D(64, (1, 1), activation="relu")(x)
     x = layers.Conv2D(64, (1, 1), activation="relu")(x)
-    x = layers.MaxPooling2D((2, 2))(x)
-    x = layers.Dropout(0.5)(x)
+    x = _dropout(layers.MaxPooling2D((2, 2))(x), dropout)
     # mlpconv block 3: its last 1x1 convolution is the 10-class map of the head
     x = layers.Conv2D(128, (3, 3), activation="relu", padding="valid")(x)
     x = layers.Conv2D(32, (1, 1), activation="relu")(x)
     return _softmax_head(model_input, x, "nin_cnn")
+
+
+def _dropout(x, rate):
+    """`Dropout(rate)` on `x`, or `x` itself at rate 0 (the article's layer lists)."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {rate}")
+    return layers.Dropout(rate)(x) if rate else x
 
 
 def _class_head(model_input, x, name):
