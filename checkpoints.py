@@ -16,6 +16,7 @@ It imports nothing from the project, so that every module can raise `UsageError`
 """
 
 import csv
+import inspect
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from models import MODELS
 
 
 class UsageError(ValueError):
@@ -49,7 +52,7 @@ JOINT_STATE = "state.npz"
 # run computes (--restarts, --distribute) or that act after training (--tta, --combine).
 RECIPE_FLAGS = ("epochs", "batch_size", "validation_split", "learning_rate", "seed", "limit",
                 "joint", "precision", "augment", "label_smoothing", "schedule",
-                "warmup_epochs", "ema", "weight_decay")  # fmt: skip
+                "warmup_epochs", "ema", "weight_decay", "dropout")  # fmt: skip
 
 
 class Resume(NamedTuple):
@@ -111,7 +114,7 @@ def prepare_member(name, settings, done=None):
             log,
         ]:
             stale.unlink(missing_ok=True)
-        _write_json(recipe_file(name, settings), recipe(settings))
+        _write_json(recipe_file(name, settings), recipe(name, settings))
         return Resume(0, None)
     rows = [row for row in _read_log(log) if int(row["epoch"]) < done]
     if rows:
@@ -170,14 +173,23 @@ def record_best(name, losses, attempts, settings):
         "loss": float(losses[best_epoch]),
         "epochs": len(losses),
         "attempts": attempts,
-        "recipe": recipe(settings),
+        "recipe": recipe(name, settings),
     }
     _write_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}", record)
     recipe_file(name, settings).unlink(missing_ok=True)  # the record holds it now
 
 
-def recipe(settings):
-    return {flag: getattr(settings, flag) for flag in RECIPE_FLAGS}
+def recipe(name, settings):
+    """The RECIPE_FLAGS values `name` trains with under `settings`."""
+    values = {flag: getattr(settings, flag) for flag in RECIPE_FLAGS}
+    if values["dropout"] is None:  # the rate, not None: NIN's 0.5 is --dropout 0.5
+        values["dropout"] = article_dropout(name)
+    return values
+
+
+def article_dropout(name):
+    """The dropout rate of `name` in the article: its builder's default."""
+    return inspect.signature(MODELS[name]).parameters["dropout"].default
 
 
 def recipe_file(name, settings):
@@ -203,7 +215,7 @@ def recipe_conflict(name, settings):
     joint = read_joint_backup(settings)
     if joint and name in joint[1]:
         done = max(done, joint[0])
-    wanted = recipe(settings)
+    wanted = recipe(name, settings)
     if done:
         stored = _read_json(recipe_file(name, settings))
         fix = "run it with the same flags to resume it, or add --retrain to start over"
@@ -215,6 +227,8 @@ def recipe_conflict(name, settings):
         what = f"{name} in {settings.weights_dir} was trained"
     if not isinstance(stored, dict):
         return None
+    # Recorded before --dropout existed: trained at the article's rate.
+    stored = {"dropout": article_dropout(name), **stored}
     differ = [flag for flag in RECIPE_FLAGS if flag in stored and stored[flag] != wanted[flag]]
     if not differ:
         return None

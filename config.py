@@ -54,6 +54,7 @@ class Settings:
     warmup_epochs: int = 0  # linear warm-up from zero to the learning rate, either schedule
     ema: bool = False  # checkpoint and evaluate the weights' moving average
     weight_decay: float = 0.0  # AdamW's decoupled decay (0: the article's Adam)
+    dropout: float | None = None  # after each downsampling stage (None: 0, 0, 0.5 in NIN)
     tta: bool = False  # average each test prediction with its mirror image's
     distribute: bool = False  # one member's batches split over every device (training.py)
 
@@ -183,6 +184,13 @@ def parse_args(argv=None):
         "--weight-decay", type=float, help="AdamW's decoupled weight decay, e.g. 0.05 (article: 0)"
     )
     recipe.add_argument(
+        "--dropout",
+        type=float,
+        metavar="RATE",
+        help="dropout rate after both downsampling stages of every member, e.g. 0.5 as "
+        "the All-CNN paper (article: none in ConvPool-CNN-C and ALL-CNN-C, 0.5 in NIN)",
+    )
+    recipe.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="average each test prediction with the prediction for its mirror image",
@@ -237,6 +245,8 @@ def check_settings(settings):
         raise UsageError(
             f"--weight-decay must be 0 or more and finite, got {settings.weight_decay}"
         )
+    if settings.dropout is not None and not 0 <= settings.dropout < 1:
+        raise UsageError(f"--dropout must lie in [0, 1), got {settings.dropout}")
     if not 0 <= settings.warmup_epochs < settings.epochs:  # else it never reaches the rate
         raise UsageError(
             f"--warmup-epochs must be 0 or more and fewer than --epochs ({settings.epochs}), "

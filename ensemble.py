@@ -81,6 +81,12 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 # --------------------------------------------------------------------------- the article
 
 
+def build_member(name, model_input, settings=Settings()):
+    """`MODELS[name]` on `model_input`, with `--dropout`'s rate if one was given."""
+    rate = {} if settings.dropout is None else {"dropout": settings.dropout}
+    return MODELS[name](model_input, **rate)
+
+
 def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
     """Compiles `model` as the article does and fits it, checkpointing the best epochs.
 
@@ -145,7 +151,7 @@ def train_jointly(names, model_input, x_train, y_train, settings):
     remain (`--restarts`); the others keep their finished run. `failed` names the
     members whose loss became NaN; `seconds` splits the time of each epoch.
     """
-    members = [MODELS[name](model_input) for name in names]
+    members = [build_member(name, model_input, settings) for name in names]
     attempts, failed = {}, {}
     seconds = {"epochs": [], "callbacks": []}
     pending, dead_checks, resumes = members, {}, {}
@@ -217,7 +223,7 @@ def load_members(names, model_input, weights_dir):
                 f"no checkpoint for {name} in {weights_dir}/; train it first "
                 f"(python ensemble.py --models {name}) or pass --weights-dir"
             )
-        model = MODELS[name](model_input)
+        model = MODELS[name](model_input)  # dropout, absent from weights, is inert here
         try:
             model.load_weights(str(path))
         except Exception as error:  # h5py, shape and format errors all mean the same
@@ -297,7 +303,7 @@ def _run(settings):
                 print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
                 start = time.perf_counter()
                 with distribution_scope(settings, settings.batch_size):
-                    model = MODELS[name](model_input)
+                    model = build_member(name, model_input, settings)
                     history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
                 train_seconds[name] = round(time.perf_counter() - start, 1)
                 attempts[name] = history.attempts

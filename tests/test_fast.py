@@ -110,6 +110,8 @@ def test_preset_sets_the_recipe_and_flags_still_override_it():
         (["--warmup-epochs", "20"], "--warmup-epochs must be"),
         (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
         (["--weight-decay", "nan"], "--weight-decay must be 0 or more and finite"),
+        (["--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),
+        (["--dropout", "nan"], "--dropout must lie in [0, 1)"),
     ],
 )
 def test_bad_recipe_flags_exit_2_with_one_line(tmp_path, capsys, flags, message):
@@ -250,6 +252,30 @@ def test_recipe_options_without_joint_train_each_member_on_its_own(tmp_path, cap
     assert "training nin_cnn for 1 epochs" in out and "training all_cnn for 1 epochs" in out
     results = json.loads((tmp_path / "l" / "results.json").read_text())
     assert set(results["train_seconds"]) == {"nin_cnn", "all_cnn"}
+
+
+@pytest.mark.parametrize("path", ["plain", "joint"])
+def test_dropout_flag_trains_every_member_with_that_rate(tmp_path, monkeypatch, path):
+    # Dropout has no weights, so only the training graph can show that it was there.
+    seen = []
+    original = keras.layers.Dropout.call
+
+    def call(layer, inputs, training=False):
+        seen.append((layer.rate, bool(training)))
+        return original(layer, inputs, training=training)
+
+    monkeypatch.setattr(keras.layers.Dropout, "call", call)
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    flags = ["--joint"] if path == "joint" else []
+    code = ensemble.main(
+        ["--data-dir", str(tmp_path / "tree"), "--models", "all_cnn", "--dropout", "0.3",
+         "--epochs", "1", "--batch-size", "16", "--no-cost", *flags,
+         "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]
+    )  # fmt: skip
+    assert code == 0
+    assert (0.3, True) in seen and {rate for rate, _ in seen} == {0.3}
+    record = json.loads((tmp_path / "w" / "all_cnn.best.json").read_text())
+    assert record["recipe"]["dropout"] == 0.3
 
 
 def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settings):

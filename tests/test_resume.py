@@ -222,12 +222,25 @@ def test_a_member_trained_with_other_flags_is_neither_reused_nor_replaced(tmp_pa
         (["--learning-rate", "0.0001"], "asks for --learning-rate 0.0001"),
         (["--epochs", "2"], "asks for --epochs 2"),
         (["--joint"], "asks for --joint"),
+        (["--dropout", "0.3"], "trained with --dropout 0.5, this run asks for --dropout 0.3"),
     ]:
         capsys.readouterr()
         assert ensemble.main([*argv, *flags]) == 2
         err = capsys.readouterr().err
         assert asked in err and "add --retrain" in err and err.count("\n") == 1, err
         assert {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()} == before
+
+    # NIN's own rate is the article's: asking for it is the same recipe, also in a
+    # record written before --dropout existed.
+    for written_before in (False, True):
+        if written_before:
+            record = json.loads((weights / "nin_cnn.best.json").read_text())
+            del record["recipe"]["dropout"]
+            (weights / "nin_cnn.best.json").write_text(json.dumps(record))
+        assert ensemble.main([*argv, "--dropout", "0.5"]) == 0
+        assert "nin_cnn is already trained" in capsys.readouterr().out
+        assert ensemble.main([*argv, "--dropout", "0.3"]) == 2
+        assert "--dropout 0.5, this run asks for --dropout 0.3" in capsys.readouterr().err
 
     # --eval-only scores them as they are, and results.json says how they were trained.
     assert ensemble.main([*argv, "--eval-only", "--learning-rate", "0.0001"]) == 0
