@@ -154,7 +154,9 @@ def parse_args(argv=None):
         choices=export.EXPORT_RULES,
         help="combining layer of the exported file (default: average)",
     )
-    recipe = parser.add_argument_group("recipe options (fast.py; --preset fast sets them)")
+    recipe = parser.add_argument_group(
+        "recipe options (see fast.py; --preset fast sets most of them)"
+    )
     recipe.add_argument(
         "--precision",
         choices=fast.PRECISIONS,
