@@ -12,7 +12,8 @@ what it may reuse, continue or must refuse:
     weights/.<name>.lock                       held by the run training <name>
     logs/<name>.csv                            one row per epoch
 
-It imports nothing from the project, so that every module can raise `UsageError`.
+It imports nothing from the project but models.py (Keras only, for the article's
+dropout rates), so that every module can raise `UsageError`.
 """
 
 import csv
