@@ -189,8 +189,12 @@ def recipe(name, settings):
 
 
 def article_dropout(name):
-    """The dropout rate of `name` in the article: its builder's default."""
-    return inspect.signature(MODELS[name]).parameters["dropout"].default
+    """The dropout rate of `name` in the article: its builder's default.
+
+    None for a builder without a `dropout` argument (one swapped into MODELS).
+    """
+    parameter = inspect.signature(MODELS[name]).parameters.get("dropout")
+    return None if parameter is None else parameter.default
 
 
 def recipe_file(name, settings):
@@ -200,6 +204,11 @@ def recipe_file(name, settings):
 def recorded_recipe(name, settings):
     """The recipe `name`'s finished checkpoints were trained with, or None if unrecorded."""
     return (_read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}).get("recipe")
+
+
+def recorded_attempts(name, settings):
+    """How many starts `name`'s finished run took (restarts after dying), or None."""
+    return (_read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}).get("attempts")
 
 
 def recipe_conflict(name, settings):

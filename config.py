@@ -8,6 +8,7 @@ file is written.
 """
 
 import argparse
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class Settings:
     dropout: float | None = None  # after each downsampling stage (None: 0, 0, 0.5 in NIN)
     tta: bool = False  # average each test prediction with its mirror image's
     distribute: bool = False  # one member's batches split over every device (training.py)
+    parallel: bool = False  # each member trained in its own process, at once (parallel.py)
+    train_only: bool = False  # stop after training: no evaluation, no results.json
 
 
 def parse_args(argv=None):
@@ -124,6 +127,17 @@ def parse_args(argv=None):
         action="store_true",
         help="split each member's batches over every GPU of this machine (or of several "
         "machines, see README): DataParallel on JAX, MirroredStrategy on TensorFlow",
+    )
+    add(
+        "--parallel",
+        action="store_true",
+        help="train the members at the same time, each in a process of its own (its own "
+        "fit, as the article), sharing this machine's GPU or taking one GPU each",
+    )
+    add(
+        "--train-only",
+        action="store_true",
+        help="stop after training: no evaluation (--eval-only does it later)",
     )
     add(
         "--retrain",
@@ -216,6 +230,34 @@ def settings_from(flags):
     return Settings(**values)
 
 
+# Boolean flags that argparse spells --flag / --no-flag; the others are store_true.
+NEGATABLE = ("cost", "augment", "ema", "tta")
+
+
+def settings_argv(settings):
+    """Command-line arguments that `parse_args` turns back into `settings`.
+
+    Only the values that differ from the preset's are spelled out, after `--preset`
+    itself; `tests/test_parallel.py` checks the round trip.
+    """
+    base = settings_from({"preset": settings.preset})
+    argv = ["--preset", settings.preset]
+    for field in dataclasses.fields(Settings):
+        value = getattr(settings, field.name)
+        if field.name == "preset" or value == getattr(base, field.name):
+            continue
+        option = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            if value or field.name in NEGATABLE:
+                argv.append(option if value else "--no-" + option[2:])
+            # a store_true flag at False is the default of every preset
+        elif isinstance(value, tuple):
+            argv += [option, *map(str, value)]
+        elif value is not None:
+            argv += [option, repr(value) if isinstance(value, float) else str(value)]
+    return argv
+
+
 def check_settings(settings):
     """Refuses settings that cannot work, before any data is read or file written."""
     unknown = [name for name in settings.models if name not in MODELS]
@@ -259,6 +301,20 @@ def check_settings(settings):
             "--distribute spreads the article's one-member fit over devices; it does not "
             "combine with --joint or the recipe options of --preset fast"
         )
+    if settings.parallel and (settings.joint or settings.distribute):
+        if settings.joint:
+            other = "--joint trains them in one step"
+        else:
+            other = "--distribute spreads one member over every device"
+        raise UsageError(
+            f"--parallel trains each member in a process of its own and {other}; pick one"
+        )
+    for flag, given in (("--parallel", settings.parallel), ("--train-only", settings.train_only)):
+        if settings.eval_only and given:
+            raise UsageError(f"{flag} is about training and --eval-only trains none; pick one")
+    if settings.train_only and settings.export is not None:
+        raise UsageError("--export writes the evaluated ensemble and --train-only evaluates "
+                         "none; drop one, or export later with --eval-only --export")  # fmt: skip
     if settings.distribute and keras.backend.backend() not in ("jax", "tensorflow"):
         # Refused here, before the data loads; training.distribution_scope agrees.
         raise UsageError(

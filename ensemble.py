@@ -17,7 +17,9 @@ import itertools
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +31,9 @@ import evaluation
 import export
 import fast
 import joint
+import parallel
 import report
+import training
 from checkpoints import (
     BEST_SUFFIX,
     MemberLocks,
@@ -42,6 +46,7 @@ from checkpoints import (
     prepare_member,
     read_joint_backup,
     record_best,
+    recorded_attempts,
     recorded_recipe,
 )
 from config import Settings, check_settings, parse_args
@@ -276,39 +281,20 @@ def _run(settings):
                       "--retrain trains it again")  # fmt: skip
             else:
                 to_train.append(name)
-        with MemberLocks(settings.weights_dir, to_train):
-            # A plain run cannot continue --joint's state, and --retrain continues none.
-            plain = not settings.joint and not fast.changes_recipe(settings)
-            in_joint_backup = set((read_joint_backup(settings) or (0, []))[1]) & set(to_train)
-            if settings.retrain or (plain and in_joint_backup):
-                shutil.rmtree(joint_backup_dir(settings), ignore_errors=True)
-            if settings.retrain:
-                for name in to_train:
-                    shutil.rmtree(backup_dir(name, settings), ignore_errors=True)
-            # The recipe options train inside joint.py's step: without --joint, each
-            # member goes through it on its own.
-            groups = [to_train] if settings.joint else []
-            if not settings.joint and fast.changes_recipe(settings):
-                groups = [[name] for name in to_train]
-            for group in groups:
-                how = "jointly " if len(group) > 1 else ""
-                print(f"training {', '.join(group)} {how}for {settings.epochs} epochs")
-                start = time.perf_counter()
-                trained = train_jointly(group, model_input, x_train, y_train, settings)
-                train_seconds["+".join(group)] = round(time.perf_counter() - start, 1)
-                attempts.update(trained[0])
-                failed.update(trained[1])
-                epoch_seconds["+".join(group)] = trained[2]
-            for name in () if groups else to_train:
-                print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
-                start = time.perf_counter()
-                with distribution_scope(settings, settings.batch_size):
-                    model = build_member(name, model_input, settings)
-                    history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
-                train_seconds[name] = round(time.perf_counter() - start, 1)
-                attempts[name] = history.attempts
-                if history.failed:
-                    failed[name] = history.failed
+        if settings.parallel and len(to_train) > 1:
+            train_seconds = train_in_processes(to_train, settings)
+            attempts = {name: recorded_attempts(name, settings) for name in to_train}
+            failed = {  # the process said why: a loss that became NaN in the first epoch
+                name: "its loss became NaN"
+                for name in to_train
+                if best_checkpoint(settings.weights_dir, name) is None
+            }
+        else:
+            train_seconds, attempts, failed, epoch_seconds = train_here(
+                to_train, model_input, x_train, y_train, settings
+            )
+    if settings.train_only:
+        return None, {"train_seconds": train_seconds, "attempts": attempts, "failed": failed}
     names = [
         n for n in settings.models if n not in failed or best_checkpoint(settings.weights_dir, n)
     ]
@@ -351,6 +337,58 @@ def _run(settings):
             val_labels,
         )
     return rows, extra
+
+
+def train_here(names, model_input, x_train, y_train, settings):
+    """Trains `names` in this process, one after the other or jointly.
+
+    Returns ({group: seconds}, {name: attempts}, {name: why it failed}, {group: seconds
+    of each epoch}, the last for joint training only).
+    """
+    train_seconds, attempts, failed, epoch_seconds = {}, {}, {}, {}
+    with MemberLocks(settings.weights_dir, names):
+        # A plain run cannot continue --joint's state, and --retrain continues none.
+        plain = not settings.joint and not fast.changes_recipe(settings)
+        in_joint_backup = set((read_joint_backup(settings) or (0, []))[1]) & set(names)
+        if settings.retrain or (plain and in_joint_backup):
+            shutil.rmtree(joint_backup_dir(settings), ignore_errors=True)
+        if settings.retrain:
+            for name in names:
+                shutil.rmtree(backup_dir(name, settings), ignore_errors=True)
+        # The recipe options train inside joint.py's step: without --joint, each
+        # member goes through it on its own.
+        groups = [names] if settings.joint else []
+        if not settings.joint and fast.changes_recipe(settings):
+            groups = [[name] for name in names]
+        for group in groups:
+            how = "jointly " if len(group) > 1 else ""
+            print(f"training {', '.join(group)} {how}for {settings.epochs} epochs")
+            start = time.perf_counter()
+            trained = train_jointly(group, model_input, x_train, y_train, settings)
+            train_seconds["+".join(group)] = round(time.perf_counter() - start, 1)
+            attempts.update(trained[0])
+            failed.update(trained[1])
+            epoch_seconds["+".join(group)] = trained[2]
+        for name in () if groups else names:
+            print(f"training {name} ({PAPER_NAMES[name]}) for {settings.epochs} epochs")
+            start = time.perf_counter()
+            with distribution_scope(settings, settings.batch_size):
+                model = build_member(name, model_input, settings)
+                history = compile_and_train(model, settings.epochs, x_train, y_train, settings)
+            train_seconds[name] = round(time.perf_counter() - start, 1)
+            attempts[name] = history.attempts
+            if history.failed:
+                failed[name] = history.failed
+    return train_seconds, attempts, failed, epoch_seconds
+
+
+def train_in_processes(names, settings):
+    """`--parallel`: each member trained by a process of its own (parallel.py).
+
+    Returns {name: seconds}. On a machine with several GPUs each process gets one.
+    """
+    gpus = sum(d.split(":")[0].lower() in ("gpu", "cuda") for d in fast.devices())
+    return parallel.train(names, settings, gpus)
 
 
 def predict_members(members, images, settings):
@@ -436,7 +474,13 @@ def main(argv=None):
         except KeyboardInterrupt:
             print(f"\nensemble.py {argv[0]}: interrupted", file=sys.stderr)
             return INTERRUPTED
+    if any(arg.startswith("--pa") and "--parallel".startswith(arg) for arg in argv):
+        # Before parsing: resolving --precision auto already opens the GPU.
+        parallel.share_the_gpu()
     settings = parse_args(argv)
+    training.INTERRUPTED.clear()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, training.interrupt) if in_main_thread else None
     try:
         return _train_and_report(settings)
     except KeyboardInterrupt:
@@ -447,6 +491,9 @@ def main(argv=None):
             file=sys.stderr,
         )
         return INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
 
 
 def _train_and_report(settings):
@@ -463,10 +510,17 @@ def _train_and_report(settings):
         start = time.perf_counter()
         rows, extra = run(settings)
         extra["total_seconds"] = round(time.perf_counter() - start, 1)
+        if settings.train_only:
+            print(f"trained {', '.join(settings.models)} in {extra['total_seconds']} s; "
+                  "--eval-only with the same --weights-dir ensembles them")  # fmt: skip
+            return 0
         path = report.save_results(settings, rows, extra)
     except (UsageError, data.DataError, export.ExportError) as error:
         print(f"ensemble.py: error: {error}", file=sys.stderr)
         return 2
+    except parallel.TrainingFailed as error:
+        print(f"ensemble.py: error: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         if error.errno not in STORAGE_ERRNOS:
             raise
@@ -497,4 +551,9 @@ def _train_and_report(settings):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Done, and saved: a Ctrl-C from here on (or --parallel stopping a process that
+    # was just ending) would only print a traceback from JAX's and matplotlib's exit
+    # handlers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import keras
@@ -15,6 +16,11 @@ import numpy as np
 
 from checkpoints import PARTIAL_SUFFIX, Resume, UsageError, checkpoint_pattern
 
+# Set by `interrupt`, ensemble.py's Ctrl-C handler. Keras 3.15 turns each batch's logs
+# into floats inside a bare `except:` (`python_utils.pythonify_logs`), and on JAX
+# that conversion waits for the device, so a Ctrl-C often lands there and is
+# swallowed: training went on. `RaiseInterrupt` raises it again at the next batch.
+INTERRUPTED = threading.Event()
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
@@ -31,6 +37,7 @@ def member_callbacks(model, settings, resume=None):
     logs_dir = Path(settings.logs_dir)
     resume = resume or Resume(0, None)
     callbacks = [
+        RaiseInterrupt(),
         # The article monitors the *training* loss, so the validation split only reports.
         keras.callbacks.ModelCheckpoint(
             checkpoint_pattern(model.name, settings).replace(".weights.h5", PARTIAL_SUFFIX),
@@ -46,6 +53,23 @@ def member_callbacks(model, settings, resume=None):
     if tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / model.name)))
     return callbacks
+
+
+def interrupt(signum, frame):
+    """SIGINT handler: Python's KeyboardInterrupt, remembered in `INTERRUPTED`."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+class RaiseInterrupt(keras.callbacks.Callback):
+    """Raises a Ctrl-C that Keras swallowed (see `INTERRUPTED`) at the next batch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_train_batch_end(None)
 
 
 class PublishCheckpoints(keras.callbacks.Callback):

@@ -85,6 +85,29 @@ def test_ctrl_c_stops_with_one_line_and_exit_130_and_the_same_command_resumes(tm
     assert [int(line.split(",")[0]) for line in log[1:]] == list(range(epochs))
 
 
+def test_a_ctrl_c_that_keras_swallows_still_stops_the_run(tmp_path, capsys, monkeypatch):
+    # Keras 3.15 turns each batch's logs into floats inside a bare `except:`
+    # (python_utils.pythonify_logs); a Ctrl-C that lands there was lost and training
+    # went on. Here one lands there, at the first batch's logs.
+    from keras.src import backend
+
+    convert, sent = backend.convert_to_numpy, []
+
+    def convert_then_interrupt(value):
+        if not sent and sys._getframe(1).f_code.co_name == "pythonify_logs":
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, in the try
+        return convert(value)
+
+    monkeypatch.setattr(backend, "convert_to_numpy", convert_then_interrupt)
+    write_tree(tmp_path / "tree")
+    assert ensemble.main(command(tmp_path, 3)[2:]) == ensemble.INTERRUPTED
+    assert sent
+    assert capsys.readouterr().err.strip().startswith("ensemble.py: interrupted")
+    assert not (tmp_path / "weights" / "nin_cnn.best.json").exists()  # it did not go on
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_finished_members_are_skipped_unless_retrain(tmp_path, capsys):
     write_tree(tmp_path / "tree")
     argv = command(tmp_path, 1)[2:]

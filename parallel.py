@@ -1,0 +1,129 @@
+"""`--parallel`: every member trained at the same time, each in a process of its own.
+
+Each process runs `ensemble.py --models NAME --train-only` with this run's settings,
+so a member is trained exactly as one after the other: its own `fit` (the article's),
+its own batch order, checkpoints, logs and lock. Nothing is shared but the device.
+On one GPU the processes fill each other's idle time: at the article's batch of 32
+a `fit` keeps an H100 busy only part of the time (bench/RESULTS.md). With several
+GPUs each process gets one, in turn (`CUDA_VISIBLE_DEVICES`), which is the README's
+one-member-per-GPU recipe in one command.
+
+Their output is relayed line by line, each line prefixed with the member's name.
+Ctrl-C stops them all; the same command then resumes each member after its last
+completed epoch, as a run without `--parallel` would.
+"""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from config import settings_argv
+
+ENSEMBLE = Path(__file__).resolve().parent / "ensemble.py"
+# Without these, the first process on a GPU takes most of its memory: JAX reserves
+# 75% of it at start, TensorFlow all of it. PyTorch allocates as it goes.
+SHARE_A_GPU = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+STOP_SECONDS = 60  # for a stopped process to end its epoch's files before it is killed
+
+
+class TrainingFailed(Exception):
+    """A member's process ended with an error; its own lines, relayed above, say which."""
+
+
+def share_the_gpu():
+    """Lets this process and its children share a GPU; call before the backend opens one."""
+    for key, value in SHARE_A_GPU.items():
+        os.environ.setdefault(key, value)
+
+
+def command(name, settings):
+    """The command line that trains `name` alone, with `settings`, and stops."""
+    alone = dataclasses.replace(settings, models=(name,), parallel=False, train_only=True)
+    return [sys.executable, str(ENSEMBLE), *settings_argv(alone)]
+
+
+def gpu_for(index, gpus):
+    """The `CUDA_VISIBLE_DEVICES` value of the `index`-th process, or None for the CPU."""
+    if not gpus:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    return ids[index % len(ids)]
+
+
+def train(names, settings, gpus=0):
+    """Trains `names` at once, one process each; returns {name: seconds}.
+
+    Raises `TrainingFailed` naming the members whose process failed, once all have
+    ended, and KeyboardInterrupt once every process has stopped after an interrupt.
+    """
+    processes, relays, started, seconds = {}, [], time.perf_counter(), {}
+    for index, name in enumerate(names):
+        environment = {**os.environ, **SHARE_A_GPU, "PYTHONUNBUFFERED": "1"}
+        device = gpu_for(index, gpus)
+        if device is not None:
+            environment["CUDA_VISIBLE_DEVICES"] = device
+        where = f" on GPU {device}" if device is not None else ""
+        print(f"training {name} in its own process{where}: {' '.join(command(name, settings))}")
+        processes[name] = subprocess.Popen(
+            command(name, settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=environment,
+            start_new_session=True,  # Ctrl-C reaches this process only; it stops them once
+        )
+        relay = threading.Thread(target=_relay, args=(name, processes[name]), daemon=True)
+        relay.start()
+        relays.append(relay)
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop
+    try:
+        while len(seconds) < len(processes):
+            for name, process in processes.items():
+                if name not in seconds and process.poll() is not None:
+                    seconds[name] = round(time.perf_counter() - started, 1)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop(processes)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        for relay in relays:
+            relay.join(timeout=5)
+    failed = {name: p.returncode for name, p in processes.items() if p.returncode != 0}
+    if failed:
+        which = ", ".join(f"{name} (exit code {code})" for name, code in failed.items())
+        raise TrainingFailed(
+            f"training failed for {which}: its lines above say why; fix that and run the "
+            "same command again (finished members are kept)"
+        )
+    return seconds
+
+
+def _relay(name, process):
+    for line in process.stdout:
+        print(f"[{name}] {line}", end="", flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop(processes):
+    """SIGINT to every process still running, as Ctrl-C would, then SIGKILL to any
+    still running after STOP_SECONDS."""
+    running = [p for p in processes.values() if p.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_SECONDS
+    for process in running:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

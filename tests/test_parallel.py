@@ -1,0 +1,164 @@
+"""--parallel: one process per member, each training as a one-member run would."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import pytest
+from conftest import write_tree
+
+import checkpoints
+import config
+import ensemble
+import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--preset", "fast", "--epochs", "2", "--no-augment", "--dropout", "0.5", "--ema"],
+        ["--models", "nin_cnn", "all_cnn", "--limit", "100", "--learning-rate", "1e-4",
+         "--no-cost", "--joint", "--retrain", "--data-dir", "a folder/with spaces",
+         "--combine", "vote", "stack", "--seed", "7", "--validation-split", "0.25"],
+        ["--preset", "fast", "--no-tta", "--precision", "float32", "--label-smoothing", "0",
+         "--schedule", "constant", "--warmup-epochs", "0", "--restarts", "0",
+         "--export", "x.keras", "--export-rule", "stack", "--parallel", "--train-only"],
+    ],
+)  # fmt: skip
+def test_settings_argv_parses_back_to_the_same_settings(argv):
+    settings = config.parse_args(argv)
+    assert config.parse_args(config.settings_argv(settings)) == settings
+
+
+def test_each_process_gets_a_gpu_in_turn(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [parallel.gpu_for(i, 2) for i in range(3)] == ["0", "1", "0"]
+    assert parallel.gpu_for(0, 0) is None  # the CPU: nothing to choose
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the ids this process sees as 0, 1
+    assert [parallel.gpu_for(i, 2) for i in range(3)] == ["3", "5", "3"]
+
+
+def argv_for(tmp_path, epochs, *extra):
+    return [
+        "--data-dir", str(tmp_path / "tree"), "--models", "nin_cnn", "all_cnn",
+        "--epochs", str(epochs), "--batch-size", "16", "--no-cost",
+        "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l"), *extra,
+    ]  # fmt: skip
+
+
+def losses(logs, name):
+    rows = csv.DictReader((Path(logs) / f"{name}.csv").read_text().splitlines())
+    return [float(row["loss"]) for row in rows]
+
+
+def test_parallel_trains_each_member_in_its_own_process_as_a_one_member_run(tmp_path, capsys):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    assert ensemble.main(argv_for(tmp_path, 2, "--parallel")) == 0
+    out = capsys.readouterr().out
+    for name in ("nin_cnn", "all_cnn"):
+        assert f"training {name} in its own process" in out
+        assert f"[{name}] training {name} (" in out  # relayed from its process
+    results = json.loads((tmp_path / "l" / "results.json").read_text())
+    assert set(results["train_seconds"]) == {"nin_cnn", "all_cnn"}
+    assert results["attempts"] == {"nin_cnn": 1, "all_cnn": 1}
+    assert [row["row"] for row in results["results"]] == ["ALL-CNN-C", "NIN", "pair C"]
+    assert not list((tmp_path / "w").glob(".*.lock"))
+
+    # ALL-CNN-C trained exactly as `--models all_cnn` trains it on its own.
+    alone = tmp_path / "alone"
+    flags = ["--data-dir", str(tmp_path / "tree"), "--models", "all_cnn", "--epochs", "2",
+             "--batch-size", "16", "--no-cost", "--weights-dir", str(alone / "w"),
+             "--logs-dir", str(alone / "l")]  # fmt: skip
+    assert ensemble.main(flags) == 0
+    expected = losses(alone / "l", "all_cnn")
+    if keras.backend.backend() == "torch":  # its CPU kernels round differently each run
+        assert losses(tmp_path / "l", "all_cnn") == pytest.approx(expected, rel=1e-5)
+    else:
+        assert losses(tmp_path / "l", "all_cnn") == expected
+
+
+def test_a_failed_member_process_is_one_line_and_exit_1(tmp_path, capsys):
+    # Another run holds NIN's lock: its process refuses, ALL-CNN-C's trains on.
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    (tmp_path / "w").mkdir()
+    with checkpoints.MemberLocks(tmp_path / "w", ["nin_cnn"]):
+        assert ensemble.main(argv_for(tmp_path, 1, "--parallel")) == 1
+    captured = capsys.readouterr()
+    assert "[nin_cnn] ensemble.py: error: nin_cnn is being trained" in captured.out
+    err = captured.err.strip().splitlines()
+    assert err == [
+        "ensemble.py: error: training failed for nin_cnn (exit code 2): its lines above say "
+        "why; fix that and run the same command again (finished members are kept)"
+    ]
+    assert (tmp_path / "w" / "all_cnn.best.json").is_file()
+    assert not (tmp_path / "l" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--parallel", "--joint"], "--joint trains them in one step; pick one"),
+        (["--parallel", "--distribute"], "--distribute spreads one member"),
+        (["--parallel", "--eval-only"], "--parallel is about training and --eval-only"),
+        (["--train-only", "--eval-only"], "--train-only is about training and --eval-only"),
+        (["--train-only", "--export", "e.keras"], "--train-only evaluates none"),
+    ],
+)
+def test_flags_that_contradict_parallel_or_train_only_exit_2(tmp_path, capsys, flags, message):
+    (tmp_path / "w").mkdir()
+    code = ensemble.main(
+        [*flags, "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_train_only_trains_and_leaves_evaluation_to_eval_only(tmp_path, capsys):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    assert ensemble.main(argv_for(tmp_path, 1, "--train-only")) == 0
+    assert "--eval-only with the same --weights-dir ensembles them" in capsys.readouterr().out
+    assert not (tmp_path / "l" / "results.json").exists()
+    assert ensemble.main(argv_for(tmp_path, 1, "--eval-only")) == 0
+    assert (tmp_path / "l" / "results.json").is_file()
+
+
+def test_ctrl_c_stops_every_process_and_the_same_command_resumes(tmp_path):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
+    command = [sys.executable, str(ROOT / "ensemble.py"), *argv_for(tmp_path, 30, "--parallel")]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    backups = [tmp_path / "w" / "backup" / name / "training_metadata.json"
+               for name in ("nin_cnn", "all_cnn")]  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run.poll() is None:
+        if all(path.is_file() for path in backups):  # both processes are past an epoch
+            os.kill(run.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == ensemble.INTERRUPTED, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("ensemble.py: interrupted; run the same")
+    both = out + err
+    assert "Traceback" not in both, both[both.find("Traceback") - 500 :][:4000]
+    left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "w") not in left  # no member process outlived it
+    assert not list((tmp_path / "w").glob(".*.lock"))
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # NIN, much the faster, may have finished just before the stop; ALL-CNN-C cannot.
+    assert "resuming all_cnn after epoch" in again.stdout, out + "\n=====\n" + again.stdout
+    assert "resuming nin_cnn after epoch" in again.stdout or "nin_cnn is already" in again.stdout
+    for name in ("nin_cnn", "all_cnn"):
+        rows = csv.DictReader((tmp_path / "l" / f"{name}.csv").read_text().splitlines())
+        assert [int(row["epoch"]) for row in rows] == list(range(30))  # no gap, no repeat
