@@ -4,6 +4,7 @@
     python bench/bench_train.py --data-dir ... --full      # the whole recipe (GPU)
     python bench/bench_train.py --data-dir ... --plain-epochs 2 --seeds 0 1
     python bench/bench_train.py --data-dir ... --plain-seeds 1 --seeds 1   # a seed pair
+    python bench/bench_train.py --data-dir ... --parallel --no-joint --plain-epochs 5
 
 Both paths run in this one process on the same data with the same settings, so
 their ratio holds on a shared, noisy machine. Without a GPU (or --full) it runs a
@@ -13,7 +14,9 @@ errors of every row, and the joint path's speed-up. `--plain-epochs` shortens th
 plain path to measure its rate only (the speed-up is then a ratio of images per
 second, and its errors are left out); `--seeds` and `--plain-seeds` run each path
 with the seeds given (the speed-up pairs the first plain seed with the joint run of
-the same seed). Whether the joint path's errors stay within the plain path's
+the same seed); `--parallel` adds the plain path's first seed with `--parallel`
+(each member in a process of its own, all at once), for as many epochs as the plain
+path, and its speed-up. Whether the joint path's errors stay within the plain path's
 seed-to-seed spread is bench_seeds.py's question: it runs many seeds of both at
 once and tests the difference.
 """
@@ -35,6 +38,7 @@ import keras
 
 import ensemble
 import fast
+import parallel
 import report
 from report import aligned
 
@@ -48,7 +52,8 @@ def measure(settings):
     extra["total_seconds"] = round(wall, 1)
     report.save_results(settings, rows, extra)
     print(ensemble.format_table(rows))
-    train_seconds = sum(extra["train_seconds"].values())
+    # --parallel's members train at once: each one's seconds count from the same start.
+    train_seconds = (max if settings.parallel else sum)(extra["train_seconds"].values())
     trained = (settings.limit or 50_000) * (1 - settings.validation_split)
     images = trained * settings.epochs * len(settings.models)  # member-images seen
     result = {
@@ -85,8 +90,14 @@ def main(argv=None):
     parser.add_argument(
         "--plain-seeds", type=int, nargs="+", default=[0], help="seeds of the plain path"
     )
-    parser.add_argument("--no-plain", action="store_true", help="the joint path only")
+    parser.add_argument("--no-plain", action="store_true", help="no plain path")
+    parser.add_argument("--no-joint", action="store_true", help="no joint path")
+    parser.add_argument(
+        "--parallel", action="store_true", help="also the plain path with --parallel"
+    )
     args = parser.parse_args(argv)
+    if args.parallel:  # before this process opens the GPU: the members' processes share it
+        parallel.share_the_gpu()
 
     devices = fast.devices()
     full = args.full or (fast.has_accelerator() and not args.small)
@@ -97,24 +108,31 @@ def main(argv=None):
     print(f"case: {'full recipe' if full else SMALL}; devices {devices}; work in {work}")
 
     plain_epochs = args.plain_epochs or base.epochs
-    runs = [] if args.no_plain else [(f"plain seed {seed}" if seed else "plain", False, seed,
-                                      plain_epochs) for seed in args.plain_seeds]  # fmt: skip
-    runs += [(f"joint seed {seed}" if seed else "joint", True, seed, base.epochs)
-             for seed in args.seeds]  # fmt: skip
+    # (kind, seed, epochs), then named: a path is its kind, and its seed unless 0.
+    runs = [] if args.no_plain else [("plain", s, plain_epochs) for s in args.plain_seeds]
+    runs += [("parallel", args.plain_seeds[0], plain_epochs)] if args.parallel else []
+    runs += [] if args.no_joint else [("joint", s, base.epochs) for s in args.seeds]
+    runs = [(f"{kind} seed {seed}" if seed else kind, kind, seed, epochs)
+            for kind, seed, epochs in runs]  # fmt: skip
+    how = {
+        "plain": "one fit per member",
+        "parallel": "one fit per member, each in a process of its own, all at once",
+        "joint": "all members in one step",
+    }
     results = {}
-    for path, joint, seed, epochs in runs:
+    for path, kind, seed, epochs in runs:
         folder = path.replace(" ", "_")
         settings = dataclasses.replace(
             base,
-            joint=joint,
+            joint=kind == "joint",
+            parallel=kind == "parallel",
             seed=seed,
             epochs=epochs,
             weights_dir=str(work / folder / "weights"),
             logs_dir=str(work / folder / "logs"),
         )
         ensemble.check_settings(settings)
-        how = "all members in one step" if joint else "one fit per member"
-        print(f"\n=== {path}: {how}, {epochs} epochs, seed {seed}")
+        print(f"\n=== {path}: {how[kind]}, {epochs} epochs, seed {seed}")
         results[path] = measure(settings)
         if epochs == base.epochs:  # a shortened run's errors mean nothing
             results_file = Path(settings.logs_dir) / f"{report.RESULTS_STEM}.json"
@@ -133,10 +151,14 @@ def main(argv=None):
     seed = first_plain and results[first_plain]["seed"]
     twin = next((p for p, r in results.items() if p.startswith("joint") and r["seed"] == seed),
                 None)  # fmt: skip
-    speedup = None
+    speedup = parallel_speedup = None
     if first_plain and twin:
         plain = results[first_plain]
         speedup = results[twin]["images_per_second"] / plain["images_per_second"]
+    together = next((p for p in results if p.startswith("parallel")), None)
+    if first_plain and together:
+        plain = results[first_plain]
+        parallel_speedup = results[together]["images_per_second"] / plain["images_per_second"]
     print()
     print(aligned(header, lines))
     for path, r in results.items():
@@ -154,6 +176,9 @@ def main(argv=None):
         short = plain["epochs"] < base.epochs  # its compile weighs more
         note = f" (plain: {plain['epochs']} epochs, compile included)" if short else ""
         print(f"joint speed-up (member-images per training second): {speedup:.2f}x{note}")
+    if parallel_speedup is not None:
+        print(f"--parallel speed-up (member-images per training second, the same epochs as "
+              f"plain): {parallel_speedup:.2f}x")  # fmt: skip
     print(f"{versions}   {machine}")
     summary = {
         "date": datetime.date.today().isoformat(),
@@ -162,6 +187,7 @@ def main(argv=None):
         "machine": machine,
         "results": results,
         "speedup": speedup and round(speedup, 2),
+        "parallel_speedup": parallel_speedup and round(parallel_speedup, 2),
     }
     (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0

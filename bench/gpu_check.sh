@@ -7,6 +7,8 @@
 #   augment  augmentation's cost (bench_augment.py);
 #   equal    the joint loop against Keras' fit on the same batches (bench_equal.py);
 #   step     compiler settings against the joint epoch's time (bench_step.py);
+#   parallel the plain path for 5 epochs, one member after the other, then with --parallel
+#            (each member in a process of its own, all at once), and their speed ratio;
 #   seeds    the plain path and --joint in full, with the seeds PLAIN_SEEDS (default "1 2 3")
 #            and JOINT_SEEDS (default "2"), PARALLEL runs at a time (default: all), compared
 #            with the earlier GPU runs in bench/seed_runs.json (bench_seeds.py);
@@ -68,6 +70,11 @@ step_augment() {
   timeout "$1" python3 bench/bench_augment.py --data-dir "$data" --out "$out" \
     $(is_small && echo "--limit 600 --epochs 2")
 }
+step_parallel() {
+  timeout "$1" python3 bench/bench_train.py --data-dir "$data" --out "$out/parallel" \
+    --work "$work/parallel" --parallel --no-joint --plain-epochs "$(is_small && echo 1 || echo 5)" \
+    $small
+}
 step_seeds() {
   local plain joint
   read -r -a plain <<< "${PLAIN_SEEDS:-1 2 3}"
@@ -88,9 +95,9 @@ step_step() {
 }
 # Most seconds each step may take, and the least worth starting it with.
 declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [equal]=150
-                 [step]=240 [seeds]=560)
+                 [step]=240 [seeds]=560 [parallel]=240)
 declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [equal]=100
-                  [step]=150 [seeds]=300)
+                  [step]=150 [seeds]=300 [parallel]=150)
 
 nvidia-smi -L 2>/dev/null || echo "no NVIDIA GPU visible"
 python3 -c 'import keras, jax; print("keras", keras.__version__, "jax", jax.__version__, jax.devices())'

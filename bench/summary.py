@@ -60,6 +60,9 @@ def main(argv=None):
             note = f" (plain ran {plain} epochs: its compile weighs more)" if plain < joint else ""
             figures = f"{run['speedup']:.2f}x member-images per second{note}"
             lines.append(("joint / plain", "", figures))
+        if run.get("parallel_speedup"):  # the same epochs on both paths
+            figures = f"{run['parallel_speedup']:.2f}x member-images per second"
+            lines.append(("--parallel / plain", "", figures))
     fast = read(out / "fast_results.json")
     if fast:
         wall = f"{args.fast_wall:.1f} wall" if args.fast_wall else f"{fast['total_seconds']} run"

@@ -46,6 +46,10 @@ def test_summary_reads_a_seed_pair_a_rate_run_and_the_step_rates(tmp_path, capsy
     pair = {"plain seed 1": run(20, 1, 8900, False), "joint seed 1": run(20, 1, 33100, True)}
     write(tmp_path / "pair1" / "bench.json", {"results": pair, "speedup": 3.72})
     write(tmp_path / "pair1" / "plain_seed_1_results.json", results_file([0.26, 0.26, 0.34, 0.22]))
+    # ... and the parallel step (bench_train.py --parallel --no-joint --plain-epochs 5).
+    together = {"plain": run(5, 0, 8000, False), "parallel": run(5, 0, 17000, False)}
+    write(tmp_path / "parallel" / "bench.json", {"results": together, "speedup": None,
+                                                 "parallel_speedup": 2.13})  # fmt: skip
     write(tmp_path / "step.json", {"gflop_per_step": 118.9, "results": {
         "baseline": {"first_epoch_s": 19.5, "later_epoch_s": 2.957, "ms_per_step": 2.365},
         "autotune off": {"failed": "over 90 s"}}})  # fmt: skip
@@ -59,6 +63,8 @@ def test_summary_reads_a_seed_pair_a_rate_run_and_the_step_rates(tmp_path, capsy
     speedups = [line for line in lines if line.startswith("joint / plain")]
     assert "3.67x" in speedups[0] and "plain ran 2 epochs" in speedups[0]
     assert "3.72x" in speedups[1] and "plain ran" not in speedups[1]
+    assert "17,000 member-images/s" in table["parallel (5 epochs)"]
+    assert "2.13x" in table["--parallel / plain"]
     assert "2.365 ms a step, 50.3 TFLOP/s" in table["joint step: baseline"]
     assert "over 90 s" in table["joint step: autotune off"]
 
