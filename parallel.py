@@ -1,16 +1,19 @@
 """`--parallel`: every member trained at the same time, each in a process of its own.
 
 Each process runs `ensemble.py --models NAME --train-only` with this run's settings,
-so a member is trained exactly as one after the other: its own `fit` (the article's),
-its own batch order, checkpoints, logs and lock. Nothing is shared but the device.
-On one GPU the processes fill each other's idle time: at the article's batch of 32
-a `fit` keeps an H100 busy only part of the time (bench/RESULTS.md). With several
-GPUs each process gets one, in turn (`CUDA_VISIBLE_DEVICES`), which is the README's
-one-member-per-GPU recipe in one command.
+so a member is trained exactly as that one-member run would train it: its own `fit`
+(the article's), its own batch order, checkpoints, logs and lock. Nothing is shared
+but the device. With several GPUs each process gets one, in turn
+(`CUDA_VISIBLE_DEVICES`): the README's one-member-per-GPU recipe in one command. On
+one GPU they share it; at the article's batch of 32 a `fit` keeps an H100 busy only
+part of the time, so they may fill each other's idle time (not yet measured:
+`STEPS=parallel` in bench/gpu_check.sh).
 
 Their output is relayed line by line, each line prefixed with the member's name.
-Ctrl-C stops them all; the same command then resumes each member after its last
-completed epoch, as a run without `--parallel` would.
+Ctrl-C, SIGTERM or SIGHUP stops them all; the same command then resumes each member
+after its last completed epoch, as a run without `--parallel` would. The processes
+run in sessions of their own (so that each gets exactly one SIGINT, from here): a
+`kill -9` of this process leaves them training their members to the end.
 """
 
 import dataclasses
@@ -81,7 +84,8 @@ def train(names, settings, gpus=0):
         relay = threading.Thread(target=_relay, args=(name, processes[name]), daemon=True)
         relay.start()
         relays.append(relay)
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop
+    # A scheduler's stop, a closed terminal: the processes stop with this one.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while len(seconds) < len(processes):
             for name, process in processes.items():
@@ -92,7 +96,8 @@ def train(names, settings, gpus=0):
         _stop(processes)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for relay in relays:
             relay.join(timeout=5)
     failed = {name: p.returncode for name, p in processes.items() if p.returncode != 0}
