@@ -199,6 +199,11 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         # Flags that would otherwise be ignored without a word.
         (["--export-rule", "stack"], "add --export PATH.keras"),
         (["--eval-only", "--retrain"], "pick one"),
+        (["--parallel", "--joint"], "--joint trains them in one step; pick one"),
+        (["--parallel", "--distribute"], "--distribute spreads one member"),
+        (["--parallel", "--eval-only"], "--parallel is about training and --eval-only"),
+        (["--train-only", "--eval-only"], "--train-only is about training and --eval-only"),
+        (["--train-only", "--export", "e.keras"], "--train-only evaluates none"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, tree, capsys, flags, message):

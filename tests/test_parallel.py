@@ -103,26 +103,6 @@ def test_a_failed_member_process_is_one_line_and_exit_1(tmp_path, capsys):
     assert not (tmp_path / "l" / "results.json").exists()
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--parallel", "--joint"], "--joint trains them in one step; pick one"),
-        (["--parallel", "--distribute"], "--distribute spreads one member"),
-        (["--parallel", "--eval-only"], "--parallel is about training and --eval-only"),
-        (["--train-only", "--eval-only"], "--train-only is about training and --eval-only"),
-        (["--train-only", "--export", "e.keras"], "--train-only evaluates none"),
-    ],
-)
-def test_flags_that_contradict_parallel_or_train_only_exit_2(tmp_path, capsys, flags, message):
-    (tmp_path / "w").mkdir()
-    code = ensemble.main(
-        [*flags, "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]
-    )
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-
-
 def test_train_only_trains_and_leaves_evaluation_to_eval_only(tmp_path, capsys):
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
     assert ensemble.main(argv_for(tmp_path, 1, "--train-only")) == 0
