@@ -203,12 +203,16 @@ def recipe_file(name, settings):
 
 def recorded_recipe(name, settings):
     """The recipe `name`'s finished checkpoints were trained with, or None if unrecorded."""
-    return (_read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}).get("recipe")
+    return _record(name, settings).get("recipe")
 
 
 def recorded_attempts(name, settings):
     """How many starts `name`'s finished run took (restarts after dying), or None."""
-    return (_read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}).get("attempts")
+    return _record(name, settings).get("attempts")
+
+
+def _record(name, settings):
+    return _read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}
 
 
 def recipe_conflict(name, settings):

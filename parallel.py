@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from config import settings_argv
+from training import interrupt
 
 ENSEMBLE = Path(__file__).resolve().parent / "ensemble.py"
 # Without these, the first process on a GPU takes most of its memory: JAX reserves
@@ -72,9 +73,10 @@ def train(names, settings, gpus=0):
         if device is not None:
             environment["CUDA_VISIBLE_DEVICES"] = device
         where = f" on GPU {device}" if device is not None else ""
-        print(f"training {name} in its own process{where}: {' '.join(command(name, settings))}")
+        argv = command(name, settings)
+        print(f"training {name} in its own process{where}: {' '.join(argv)}")
         processes[name] = subprocess.Popen(
-            command(name, settings),
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -85,7 +87,7 @@ def train(names, settings, gpus=0):
         relay.start()
         relays.append(relay)
     # A scheduler's stop, a closed terminal: the processes stop with this one.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while len(seconds) < len(processes):
             for name, process in processes.items():
@@ -113,10 +115,6 @@ def train(names, settings, gpus=0):
 def _relay(name, process):
     for line in process.stdout:
         print(f"[{name}] {line}", end="", flush=True)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _stop(processes):

@@ -33,7 +33,6 @@ import datetime
 import itertools
 import json
 import math
-import os
 import platform
 import signal
 import statistics
@@ -47,12 +46,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Several processes share one GPU: each takes the memory it needs, not most of it
-# (this one too: importing Keras below must not reserve the device for itself).
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+import parallel  # noqa: E402 (after the path it comes from)
+from report import aligned  # noqa: E402
 
-from report import aligned  # noqa: E402 (after the environment it must see)
+# Several processes share one GPU, as under --parallel: each takes the memory it
+# needs, not most of it (this one too, before anything opens the device).
+parallel.share_the_gpu()
 
 SMALL = ["--limit", "600", "--epochs", "1"]
 EXACT_LIMIT = 200_000  # label assignments enumerated; more are sampled
