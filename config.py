@@ -118,7 +118,7 @@ def parse_args(argv=None):
     )
     add(
         "--joint",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,  # --no-joint: the preset one member at a time
         help="train every member in one compiled step: same hyperparameters and "
         "checkpoints, members share the batch order (see joint.py)",
     )
@@ -231,7 +231,7 @@ def settings_from(flags):
 
 
 # Boolean flags that argparse spells --flag / --no-flag; the others are store_true.
-NEGATABLE = ("cost", "augment", "ema", "tta")
+NEGATABLE = ("joint", "cost", "augment", "ema", "tta")
 
 
 def settings_argv(settings):
