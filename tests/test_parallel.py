@@ -1,6 +1,7 @@
 """--parallel: one process per member, each training as a one-member run would."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -37,6 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_settings_argv_parses_back_to_the_same_settings(argv):
     settings = config.parse_args(argv)
     assert config.parse_args(config.settings_argv(settings)) == settings
+
+
+@pytest.mark.parametrize("preset", ["article", "fast"])
+def test_settings_argv_spells_every_boolean_flag_both_ways(preset):
+    # config.NEGATABLE lists the --flag/--no-flag pairs by hand; a flag missing from
+    # it (or listed wrongly) fails here, whichever way its preset sets it.
+    base = config.settings_from({"preset": preset})
+    for field in dataclasses.fields(config.Settings):
+        if isinstance(getattr(base, field.name), bool):
+            flipped = dataclasses.replace(base, **{field.name: not getattr(base, field.name)})
+            assert config.parse_args(config.settings_argv(flipped)) == flipped, field.name
 
 
 def test_each_process_gets_a_gpu_in_turn(monkeypatch):
