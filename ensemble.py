@@ -256,11 +256,13 @@ def run(settings):
 
 def _run(settings):
     keras.utils.set_random_seed(settings.seed)
-    (x_train, y_train), (x_test, y_test) = data.load_data(
-        settings.data_dir, limit=settings.limit, seed=settings.seed
-    )
+    arrays = parallel.handed_data(settings)  # in a --parallel member's process
+    decoded = " (decoded by the --parallel process)" if arrays else ""
+    if arrays is None:
+        arrays = data.load_data(settings.data_dir, limit=settings.limit, seed=settings.seed)
+    (x_train, y_train), (x_test, y_test) = arrays
     print(
-        f"data: {data.describe_source(settings.data_dir)}: x_train {x_train.shape}, "
+        f"data: {data.describe_source(settings.data_dir)}{decoded}: x_train {x_train.shape}, "
         f"y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}"
     )
     train_images = int(len(x_train) * (1 - settings.validation_split))
@@ -282,7 +284,7 @@ def _run(settings):
             else:
                 to_train.append(name)
         if settings.parallel and len(to_train) > 1:
-            train_seconds = train_in_processes(to_train, settings)
+            train_seconds = train_in_processes(to_train, settings, arrays)
             attempts = {name: recorded_attempts(name, settings) for name in to_train}
             failed = {  # the process said why: a loss that became NaN in the first epoch
                 name: "its loss became NaN"
@@ -382,13 +384,15 @@ def train_here(names, model_input, x_train, y_train, settings):
     return train_seconds, attempts, failed, epoch_seconds
 
 
-def train_in_processes(names, settings):
+def train_in_processes(names, settings, arrays):
     """`--parallel`: each member trained by a process of its own (parallel.py).
 
+    The processes read `arrays` (the data, decoded here) from a temporary file.
     Returns {name: seconds}. On a machine with several GPUs each process gets one.
     """
     gpus = sum(d.split(":")[0].lower() in ("gpu", "cuda") for d in fast.devices())
-    return parallel.train(names, settings, gpus)
+    with parallel.handing_over(arrays, settings) as handover:
+        return parallel.train(names, settings, gpus, handover)
 
 
 def predict_members(members, images, settings):

@@ -9,6 +9,10 @@ one GPU they share it; at the article's batch of 32 a `fit` keeps an H100 busy o
 part of the time, so they may fill each other's idle time (not yet measured:
 `STEPS=parallel` in bench/gpu_check.sh).
 
+The data is decoded once, here: the processes read this process's arrays from a
+temporary file (`DATA_FILE`) instead of each decoding 60,000 JPEGs again (7 s each
+against 0.5 s: bench/bench_data.py).
+
 Their output is relayed line by line, each line prefixed with the member's name.
 Ctrl-C, SIGTERM or SIGHUP stops them all; the same command then resumes each member
 after its last completed epoch, as a run without `--parallel` would. The processes
@@ -16,15 +20,19 @@ run in sessions of their own (so that each gets exactly one SIGINT, from here): 
 `kill -9` of this process leaves them training their members to the end.
 """
 
+import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import data
 from config import settings_argv
 from training import interrupt
 
@@ -32,6 +40,8 @@ ENSEMBLE = Path(__file__).resolve().parent / "ensemble.py"
 # Without these, the first process on a GPU takes most of its memory: JAX reserves
 # 75% of it at start, TensorFlow all of it. PyTorch allocates as it goes.
 SHARE_A_GPU = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+# Where a member process finds the data this process decoded (see `handed_data`).
+DATA_FILE = "ENSEMBLE_PARALLEL_DATA"
 STOP_SECONDS = 60  # for a stopped process to end its epoch's files before it is killed
 
 
@@ -51,6 +61,41 @@ def command(name, settings):
     return [sys.executable, str(ENSEMBLE), *settings_argv(alone)]
 
 
+def data_key(settings):
+    """What a process's arrays depend on: the same key, the same arrays."""
+    return json.dumps(
+        {"source": data.describe_source(settings.data_dir), "limit": settings.limit,
+         "seed": settings.seed}
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def handing_over(arrays, settings):
+    """Saves `arrays` (`data.load_data`'s) for the member processes, while in the block.
+
+    Yields the environment that points a process at them.
+    """
+    with tempfile.TemporaryDirectory(prefix="ensemble-data-") as folder:
+        path = Path(folder) / "data.npz"
+        data.save_decoded(path, arrays, data_key(settings))
+        yield {DATA_FILE: str(path)}
+
+
+def handed_data(settings):
+    """In a member process: the arrays the parent decoded for `settings`, else None.
+
+    None too when the file is gone or holds another selection (a stale variable in
+    the user's shell, say): the caller then loads the data itself.
+    """
+    path = os.environ.get(DATA_FILE)
+    if not path:
+        return None
+    try:
+        return data.load_decoded(path, data_key(settings))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def gpu_for(index, gpus):
     """The `CUDA_VISIBLE_DEVICES` value of the `index`-th process, or None for the CPU."""
     if not gpus:
@@ -60,15 +105,17 @@ def gpu_for(index, gpus):
     return ids[index % len(ids)]
 
 
-def train(names, settings, gpus=0):
+def train(names, settings, gpus=0, handover=None):
     """Trains `names` at once, one process each; returns {name: seconds}.
+
+    `handover` (from `handing_over`) is added to each process's environment.
 
     Raises `TrainingFailed` naming the members whose process failed, once all have
     ended, and KeyboardInterrupt once every process has stopped after an interrupt.
     """
     processes, relays, started, seconds = {}, [], time.perf_counter(), {}
     for index, name in enumerate(names):
-        environment = {**os.environ, **SHARE_A_GPU, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, **SHARE_A_GPU, "PYTHONUNBUFFERED": "1", **(handover or {})}
         device = gpu_for(index, gpus)
         if device is not None:
             environment["CUDA_VISIBLE_DEVICES"] = device

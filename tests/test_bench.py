@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import bench_data
 import bench_seeds
 import summary
 
@@ -184,3 +186,9 @@ def test_summary_reads_the_seeds_comparison(tmp_path, capsys):
     assert "seeds: 2 of 3 runs finished" in out and "with the runs in a.json" in out
     assert "plain 0.2600 (1), joint 0.2800 (1), joint - plain +0.0200" in out
     assert "undecided: for the test" in out
+
+
+def test_bench_data_times_the_handover_and_checks_it(tmp_path, capsys):
+    assert bench_data.main(["--data-dir", str(write_tree(tmp_path / "tree"))]) == 0
+    out = capsys.readouterr().out
+    assert "decode " in out and "(100 images)" in out and "faster per member process" in out

@@ -197,3 +197,17 @@ def test_bad_sources_give_one_clear_error(tmp_path, image_tree, damage, message)
 def test_hidden_files_are_ignored(image_tree):
     (image_tree / "train" / "dog" / ".DS_Store").write_bytes(b"\0\1")
     assert data.load_data(image_tree)[0][0].shape[0] == 80
+
+
+def test_decoded_arrays_come_back_bit_for_bit(tmp_path, image_tree):
+    # --parallel's member processes read the parent's arrays instead of decoding.
+    arrays = data.load_data(image_tree, limit=30, seed=3)
+    data.save_decoded(tmp_path / "d.npz", arrays, "key")
+    again = data.load_decoded(tmp_path / "d.npz", "key")
+    for a, b in zip(sum(arrays, ()), sum(again, ()), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    assert data.load_decoded(tmp_path / "d.npz", "another selection") is None
+    # Every pixel value survives the float32 round trip, not only those in the tree.
+    every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    assert np.array_equal(data._pixels(every.astype(np.float32) / np.float32(255)), every)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from conftest import write_tree
 
 import checkpoints
 import config
+import data
 import ensemble
 import parallel
 
@@ -72,13 +74,19 @@ def losses(logs, name):
     return [float(row["loss"]) for row in rows]
 
 
-def test_parallel_trains_each_member_in_its_own_process_as_a_one_member_run(tmp_path, capsys):
+def test_parallel_trains_each_member_in_its_own_process_as_a_one_member_run(
+    tmp_path, capsys, monkeypatch
+):
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     assert ensemble.main(argv_for(tmp_path, 2, "--parallel")) == 0
     out = capsys.readouterr().out
     for name in ("nin_cnn", "all_cnn"):
         assert f"training {name} in its own process" in out
         assert f"[{name}] training {name} (" in out  # relayed from its process
+        assert f"[{name}] data: {tmp_path / 'tree'} (decoded by the --parallel" in out
+    assert not list((tmp_path / "tmp").iterdir())  # the handed-over data is gone
     results = json.loads((tmp_path / "l" / "results.json").read_text())
     assert set(results["train_seconds"]) == {"nin_cnn", "all_cnn"}
     assert results["attempts"] == {"nin_cnn": 1, "all_cnn": 1}
@@ -96,6 +104,21 @@ def test_parallel_trains_each_member_in_its_own_process_as_a_one_member_run(tmp_
         assert losses(tmp_path / "l", "all_cnn") == pytest.approx(expected, rel=1e-5)
     else:
         assert losses(tmp_path / "l", "all_cnn") == expected
+
+
+def test_a_member_process_decodes_the_data_itself_without_the_parents(tmp_path, monkeypatch):
+    settings = config.parse_args(["--data-dir", "a", "--limit", "20"])
+    assert parallel.handed_data(settings) is None  # not a member process
+    monkeypatch.setenv(parallel.DATA_FILE, str(tmp_path / "gone.npz"))
+    assert parallel.handed_data(settings) is None  # a stale variable
+    image_tree = write_tree(tmp_path / "tree")
+    arrays = data.load_data(image_tree, limit=20)
+    with parallel.handing_over(arrays, settings) as handover:
+        monkeypatch.setenv(parallel.DATA_FILE, handover[parallel.DATA_FILE])
+        assert parallel.handed_data(settings)[0][0].shape == (20, 32, 32, 3)
+        other = dataclasses.replace(settings, seed=1)  # another selection of the images
+        assert parallel.handed_data(other) is None
+    assert not Path(handover[parallel.DATA_FILE]).exists()
 
 
 def test_a_failed_member_process_is_one_line_and_exit_1(tmp_path, capsys):
