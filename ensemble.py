@@ -515,8 +515,10 @@ def _train_and_report(settings):
         rows, extra = run(settings)
         extra["total_seconds"] = round(time.perf_counter() - start, 1)
         if settings.train_only:
-            print(f"trained {', '.join(settings.models)} in {extra['total_seconds']} s; "
-                  "--eval-only with the same --weights-dir ensembles them")  # fmt: skip
+            then = "; --eval-only with the same --weights-dir ensembles them"
+            if parallel.member_process():  # --parallel's main process ensembles them
+                then = ""
+            print(f"trained {', '.join(settings.models)} in {extra['total_seconds']} s{then}")
             return 0
         path = report.save_results(settings, rows, extra)
     except (UsageError, data.DataError, export.ExportError) as error:

@@ -81,6 +81,11 @@ def handing_over(arrays, settings):
         yield {DATA_FILE: str(path)}
 
 
+def member_process():
+    """Whether this process is one of `train`'s member processes."""
+    return DATA_FILE in os.environ
+
+
 def handed_data(settings):
     """In a member process: the arrays the parent decoded for `settings`, else None.
 

@@ -86,6 +86,8 @@ def test_parallel_trains_each_member_in_its_own_process_as_a_one_member_run(
         assert f"training {name} in its own process" in out
         assert f"[{name}] training {name} (" in out  # relayed from its process
         assert f"[{name}] data: {tmp_path / 'tree'} (decoded by the --parallel" in out
+        assert f"[{name}] trained {name} in " in out
+    assert "--eval-only with the same" not in out  # the main process ensembles them
     assert not list((tmp_path / "tmp").iterdir())  # the handed-over data is gone
     results = json.loads((tmp_path / "l" / "results.json").read_text())
     assert set(results["train_seconds"]) == {"nin_cnn", "all_cnn"}
