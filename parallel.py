@@ -73,12 +73,20 @@ def data_key(settings):
 def handing_over(arrays, settings):
     """Saves `arrays` (`data.load_data`'s) for the member processes, while in the block.
 
-    Yields the environment that points a process at them.
+    Yields the environment that points a process at them: empty if they could not be
+    written (a small or full temporary folder), and each process decodes the data
+    itself, as it would without this.
     """
     with tempfile.TemporaryDirectory(prefix="ensemble-data-") as folder:
         path = Path(folder) / "data.npz"
-        data.save_decoded(path, arrays, data_key(settings))
-        yield {DATA_FILE: str(path)}
+        try:
+            data.save_decoded(path, arrays, data_key(settings))
+        except OSError as error:
+            print(f"could not write the decoded data to {folder} ({error.strerror or error}): "
+                  "each member's process decodes it itself")  # fmt: skip
+            yield {}
+        else:
+            yield {DATA_FILE: str(path)}
 
 
 def member_process():

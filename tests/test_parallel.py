@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -121,6 +122,16 @@ def test_a_member_process_decodes_the_data_itself_without_the_parents(tmp_path, 
         other = dataclasses.replace(settings, seed=1)  # another selection of the images
         assert parallel.handed_data(other) is None
     assert not Path(handover[parallel.DATA_FILE]).exists()
+
+
+def test_a_full_temporary_folder_leaves_the_decoding_to_each_process(monkeypatch, capsys):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "save_decoded", full)
+    with parallel.handing_over(None, config.Settings()) as handover:
+        assert handover == {}
+    assert "(No space left on device): each member's process decodes it" in capsys.readouterr().out
 
 
 def test_a_failed_member_process_is_one_line_and_exit_1(tmp_path, capsys):
