@@ -53,7 +53,7 @@ JOINT_STATE = "state.npz"
 # run computes (--restarts, --distribute) or that act after training (--tta, --combine).
 RECIPE_FLAGS = ("epochs", "batch_size", "validation_split", "learning_rate", "seed", "limit",
                 "joint", "precision", "augment", "label_smoothing", "schedule",
-                "warmup_epochs", "ema", "weight_decay", "dropout")  # fmt: skip
+                "warmup_epochs", "ema", "weight_decay", "dropout", "input_dropout")  # fmt: skip
 
 
 class Resume(NamedTuple):
@@ -241,8 +241,8 @@ def recipe_conflict(name, settings):
         what = f"{name} in {settings.weights_dir} was trained"
     if not isinstance(stored, dict):
         return None
-    # Recorded before --dropout existed: trained at the article's rate.
-    stored = {"dropout": article_dropout(name), **stored}
+    # Recorded before --dropout or --input-dropout existed: the article's rates.
+    stored = {"dropout": article_dropout(name), "input_dropout": 0.0, **stored}
     differ = [flag for flag in RECIPE_FLAGS if flag in stored and stored[flag] != wanted[flag]]
     if not differ:
         return None

@@ -56,6 +56,7 @@ class Settings:
     ema: bool = False  # checkpoint and evaluate the weights' moving average
     weight_decay: float = 0.0  # AdamW's decoupled decay (0: the article's Adam)
     dropout: float | None = None  # after each downsampling stage (None: 0, 0, 0.5 in NIN)
+    input_dropout: float = 0.0  # on each member's input images (the All-CNN paper: 0.2)
     tta: bool = False  # average each test prediction with its mirror image's
     distribute: bool = False  # one member's batches split over every device (training.py)
     parallel: bool = False  # each member trained in its own process, at once (parallel.py)
@@ -207,6 +208,13 @@ def parse_args(argv=None):
         "the All-CNN paper (article: none in ConvPool-CNN-C and ALL-CNN-C, 0.5 in NIN)",
     )
     recipe.add_argument(
+        "--input-dropout",
+        type=float,
+        metavar="RATE",
+        help="dropout rate on every member's input images, e.g. 0.2 as the All-CNN paper "
+        "(article: 0)",
+    )
+    recipe.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="average each test prediction with the prediction for its mirror image",
@@ -291,6 +299,8 @@ def check_settings(settings):
         )
     if settings.dropout is not None and not 0 <= settings.dropout < 1:
         raise UsageError(f"--dropout must lie in [0, 1), got {settings.dropout}")
+    if not 0 <= settings.input_dropout < 1:
+        raise UsageError(f"--input-dropout must lie in [0, 1), got {settings.input_dropout}")
     if not 0 <= settings.warmup_epochs < settings.epochs:  # else it never reaches the rate
         raise UsageError(
             f"--warmup-epochs must be 0 or more and fewer than --epochs ({settings.epochs}), "

@@ -87,9 +87,12 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 
 
 def build_member(name, model_input, settings=Settings()):
-    """`MODELS[name]` on `model_input`, with `--dropout`'s rate if one was given."""
-    rate = {} if settings.dropout is None else {"dropout": settings.dropout}
-    return MODELS[name](model_input, **rate)
+    """`MODELS[name]` on `model_input`, with `--dropout`'s and `--input-dropout`'s rates
+    where they were given (a builder of one's own need not take them otherwise)."""
+    rates = {} if settings.dropout is None else {"dropout": settings.dropout}
+    if settings.input_dropout:
+        rates["input_dropout"] = settings.input_dropout
+    return MODELS[name](model_input, **rates)
 
 
 def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):

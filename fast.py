@@ -14,7 +14,8 @@ architectures and changes the recipe the way image classifiers are trained today
 - optionally (`--ema`) checkpoints of the weights' exponential moving average,
   which Keras' optimizers keep (`use_ema`), and (`--weight-decay`) AdamW's
   decoupled weight decay, which the preset leaves off (0.05 gained nothing on a GPU),
-  and (`--dropout`, models.py) the All-CNN paper's dropout, not yet measured;
+  and (`--dropout`, `--input-dropout`, models.py) the All-CNN paper's dropout, not
+  yet measured;
 - flip test-time augmentation: each test image's softmax is averaged with its
   mirror image's.
 

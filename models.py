@@ -9,16 +9,17 @@ tests and the ensembles all iterate it.
     model = conv_pool_cnn(model_input)   # 1,369,738 parameters
 
 `dropout` is the rate of the dropout after each of a model's two downsampling
-stages. Its default is the article's: none in the two All-CNN models (their paper
-used 0.5 there, and 0.2 on the input), 0.5 in NIN. It has no weights, so a model
-built with any rate loads the others' checkpoints.
+stages, `input_dropout` the rate on its input images. Their defaults are the
+article's: no dropout in the two All-CNN models (their paper used 0.5 after each
+stage and 0.2 on the input), 0.5 after each stage in NIN. Dropout has no weights,
+so a model built with any rates loads the others' checkpoints.
 """
 
 import keras
 from keras import layers
 
 
-def conv_pool_cnn(model_input, dropout=0.0):
+def conv_pool_cnn(model_input, dropout=0.0, input_dropout=0.0):
     """ConvPool-CNN-C: stacked 3x3 convolutions with max pooling and a global-average head.
 
     Reference:
@@ -28,11 +29,13 @@ def conv_pool_cnn(model_input, dropout=0.0):
     Args:
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
         dropout: rate after each max pooling; the article's 0 adds no layer.
+        input_dropout: rate on the input images; the article's 0 adds no layer.
 
     Returns:
         A `keras.Model` named `conv_pool_cnn` with 10 softmax outputs.
     """
-    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(model_input)
+    x = _dropout(model_input, input_dropout)
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
     x = _dropout(layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x), dropout)
@@ -43,7 +46,7 @@ def conv_pool_cnn(model_input, dropout=0.0):
     return _class_head(model_input, x, "conv_pool_cnn")
 
 
-def all_cnn(model_input, dropout=0.0):
+def all_cnn(model_input, dropout=0.0, input_dropout=0.0):
     """ALL-CNN-C: ConvPool-CNN-C with each max pooling replaced by a stride-2 convolution.
 
     Reference:
@@ -53,11 +56,13 @@ def all_cnn(model_input, dropout=0.0):
     Args:
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
         dropout: rate after each stride-2 convolution; the article's 0 adds no layer.
+        input_dropout: rate on the input images; the article's 0 adds no layer.
 
     Returns:
         A `keras.Model` named `all_cnn` with 10 softmax outputs.
     """
-    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(model_input)
+    x = _dropout(model_input, input_dropout)
+    x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same", strides=2)(x)
     x = _dropout(x, dropout)
@@ -68,7 +73,7 @@ def all_cnn(model_input, dropout=0.0):
     return _class_head(model_input, x, "all_cnn")
 
 
-def nin_cnn(model_input, dropout=0.5):
+def nin_cnn(model_input, dropout=0.5, input_dropout=0.0):
     """Network in Network: three mlpconv blocks (a convolution, then two 1x1) with dropout.
 
     Reference:
@@ -77,12 +82,14 @@ def nin_cnn(model_input, dropout=0.5):
     Args:
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
         dropout: rate after each max pooling (the article's 0.5); 0 adds no layer.
+        input_dropout: rate on the input images; the article's 0 adds no layer.
 
     Returns:
         A `keras.Model` named `nin_cnn` with 10 softmax outputs.
     """
     # mlpconv block 1
-    x = layers.Conv2D(32, (5, 5), activation="relu", padding="valid")(model_input)
+    x = _dropout(model_input, input_dropout)
+    x = layers.Conv2D(32, (5, 5), activation="relu", padding="valid")(x)
     x = layers.Conv2D(32, (1, 1), activation="relu")(x)
     x = layers.Conv2D(32, (1, 1), activation="relu")(x)
     x = _dropout(layers.MaxPooling2D((2, 2))(x), dropout)

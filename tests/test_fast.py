@@ -112,6 +112,7 @@ def test_preset_sets_the_recipe_and_flags_still_override_it():
         (["--weight-decay", "nan"], "--weight-decay must be 0 or more and finite"),
         (["--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),
         (["--dropout", "nan"], "--dropout must lie in [0, 1)"),
+        (["--input-dropout", "1"], "--input-dropout must lie in [0, 1), got 1.0"),
     ],
 )
 def test_bad_recipe_flags_exit_2_with_one_line(tmp_path, capsys, flags, message):
@@ -255,7 +256,7 @@ def test_recipe_options_without_joint_train_each_member_on_its_own(tmp_path, cap
 
 
 @pytest.mark.parametrize("path", ["plain", "joint"])
-def test_dropout_flag_trains_every_member_with_that_rate(tmp_path, monkeypatch, path):
+def test_dropout_flags_train_every_member_with_those_rates(tmp_path, monkeypatch, path):
     # Dropout has no weights, so only the training graph can show that it was there.
     seen = []
     original = keras.layers.Dropout.call
@@ -269,13 +270,14 @@ def test_dropout_flag_trains_every_member_with_that_rate(tmp_path, monkeypatch, 
     flags = ["--joint"] if path == "joint" else []
     code = ensemble.main(
         ["--data-dir", str(tmp_path / "tree"), "--models", "all_cnn", "--dropout", "0.3",
-         "--epochs", "1", "--batch-size", "16", "--no-cost", *flags,
+         "--input-dropout", "0.2", "--epochs", "1", "--batch-size", "16", "--no-cost", *flags,
          "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]
     )  # fmt: skip
     assert code == 0
-    assert (0.3, True) in seen and {rate for rate, _ in seen} == {0.3}
+    assert (0.3, True) in seen and (0.2, True) in seen
+    assert {rate for rate, _ in seen} == {0.3, 0.2}
     record = json.loads((tmp_path / "w" / "all_cnn.best.json").read_text())
-    assert record["recipe"]["dropout"] == 0.3
+    assert record["recipe"]["dropout"] == 0.3 and record["recipe"]["input_dropout"] == 0.2
 
 
 def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settings):

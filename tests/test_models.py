@@ -95,10 +95,18 @@ def test_dropout_follows_each_downsampling_stage_and_adds_no_weights(model_input
             expected.insert(index + 1 + inserted, ("Dropout", 0.3))
         assert [layer_spec(layer) for layer in model.layers[1:]] == expected, name
         assert model.count_params() == PARAMETERS[name]
+    # The paper's input dropout: the first layer of every member, no weights either.
+    for name in MODELS:
+        model = MODELS[name](keras.Input(shape=(32, 32, 3)), input_dropout=0.2)
+        specs = [layer_spec(layer) for layer in model.layers[1:]]
+        assert specs == [("Dropout", 0.2), *LAYERS[name]], name
+        assert model.count_params() == PARAMETERS[name]
     without = nin_cnn(model_input, dropout=0)
     assert "Dropout" not in [type(layer).__name__ for layer in without.layers]
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\), got 1.5"):
         all_cnn(model_input, dropout=1.5)
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\), got -0.1"):
+        conv_pool_cnn(model_input, input_dropout=-0.1)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
     "argv",
     [
         [],
-        ["--preset", "fast", "--epochs", "2", "--no-augment", "--dropout", "0.5", "--ema"],
+        ["--preset", "fast", "--epochs", "2", "--no-augment", "--dropout", "0.5", "--ema",
+         "--input-dropout", "0.2"],
         ["--models", "nin_cnn", "all_cnn", "--limit", "100", "--learning-rate", "1e-4",
          "--no-cost", "--joint", "--retrain", "--data-dir", "a folder/with spaces",
          "--combine", "vote", "stack", "--seed", "7", "--validation-split", "0.25"],

@@ -246,6 +246,10 @@ def test_a_member_trained_with_other_flags_is_neither_reused_nor_replaced(tmp_pa
         (["--epochs", "2"], "asks for --epochs 2"),
         (["--joint"], "asks for --joint"),
         (["--dropout", "0.3"], "trained with --dropout 0.5, this run asks for --dropout 0.3"),
+        (
+            ["--input-dropout", "0.2"],
+            "with --input-dropout 0.0, this run asks for --input-dropout 0.2",
+        ),
     ]:
         capsys.readouterr()
         assert ensemble.main([*argv, *flags]) == 2
@@ -254,16 +258,20 @@ def test_a_member_trained_with_other_flags_is_neither_reused_nor_replaced(tmp_pa
         assert {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()} == before
 
     # NIN's own rate is the article's: asking for it is the same recipe, also in a
-    # record written before --dropout existed.
+    # record written before --dropout and --input-dropout existed.
     for written_before in (False, True):
         if written_before:
             record = json.loads((weights / "nin_cnn.best.json").read_text())
-            del record["recipe"]["dropout"]
+            del record["recipe"]["dropout"], record["recipe"]["input_dropout"]
             (weights / "nin_cnn.best.json").write_text(json.dumps(record))
-        assert ensemble.main([*argv, "--dropout", "0.5"]) == 0
+        assert ensemble.main([*argv, "--dropout", "0.5", "--input-dropout", "0"]) == 0
         assert "nin_cnn is already trained" in capsys.readouterr().out
         assert ensemble.main([*argv, "--dropout", "0.3"]) == 2
         assert "--dropout 0.5, this run asks for --dropout 0.3" in capsys.readouterr().err
+        assert ensemble.main([*argv, "--input-dropout", "0.2"]) == 2
+        assert "--input-dropout 0.0, this run asks for --input-dropout 0.2" in (
+            capsys.readouterr().err
+        )
 
     # --eval-only scores them as they are, and results.json says how they were trained.
     assert ensemble.main([*argv, "--eval-only", "--learning-rate", "0.0001"]) == 0
