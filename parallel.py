@@ -73,9 +73,9 @@ def data_key(settings):
 def handing_over(arrays, settings):
     """Saves `arrays` (`data.load_data`'s) for the member processes, while in the block.
 
-    Yields the environment that points a process at them: empty if they could not be
-    written (a small or full temporary folder), and each process decodes the data
-    itself, as it would without this.
+    Yields the environment that points a process at them. If they could not be
+    written (a small or full temporary folder), it names no file, and each process
+    decodes the data itself, as it would without this.
     """
     with tempfile.TemporaryDirectory(prefix="ensemble-data-") as folder:
         path = Path(folder) / "data.npz"
@@ -84,7 +84,7 @@ def handing_over(arrays, settings):
         except OSError as error:
             print(f"could not write the decoded data to {folder} ({error.strerror or error}): "
                   "each member's process decodes it itself")  # fmt: skip
-            yield {}
+            yield {DATA_FILE: ""}  # still marks the processes as members
         else:
             yield {DATA_FILE: str(path)}
 

@@ -131,7 +131,9 @@ def test_a_full_temporary_folder_leaves_the_decoding_to_each_process(monkeypatch
 
     monkeypatch.setattr(data, "save_decoded", full)
     with parallel.handing_over(None, config.Settings()) as handover:
-        assert handover == {}
+        assert handover == {parallel.DATA_FILE: ""}
+        monkeypatch.setenv(parallel.DATA_FILE, "")
+        assert parallel.member_process() and parallel.handed_data(config.Settings()) is None
     assert "(No space left on device): each member's process decodes it" in capsys.readouterr().out
 
 
