@@ -44,6 +44,8 @@ PARTIAL_SUFFIX = ".partial.weights.h5"  # Keras insists on the .weights.h5 endin
 BACKUP_FOLDER = "backup"
 JOINT_BACKUP = "joint"  # under BACKUP_FOLDER: not a member name, so never a member's folder
 BACKUP_METADATA = "training_metadata.json"  # Keras' name: {"epoch": epochs completed}
+BACKUP_WEIGHTS = "latest.weights.h5"  # Keras' name, beside it
+PREVIOUS = ".bkp"  # Keras' suffix for the copies of both that double_checkpoint keeps
 JOINT_MEMBERS = "members.json"
 JOINT_STATE = "state.npz"
 # The settings that decide what a member's training computes. A run asking for other
@@ -92,6 +94,64 @@ def read_joint_backup(settings):
     return done, names
 
 
+def settle_backup(folder):
+    """Leaves Keras' BackupAndRestore files in `folder` as its last complete save wrote them.
+
+    Keras (3.15, `double_checkpoint=True`) saves in place: it copies the weights and
+    the metadata to `.bkp`, writes the new weights, then the new metadata, which is
+    the save's commit. A Ctrl-C in between leaves weights that h5py opens but that
+    hold only the layers written before it, and Keras falls back to the `.bkp` copies
+    only when the weights do not open at all (OSError): the resume failed with
+    "A total of 7 objects could not be loaded". So: metadata that reads and differs
+    from its `.bkp` copy (or has none) means the last save completed, and nothing
+    changes; otherwise the `.bkp` pair, the save before, replaces it, and without one
+    the files go (the run starts afresh). Files of a JAX `--joint` run are not Keras'
+    and are left alone.
+    """
+    folder = Path(folder)
+    metadata, weights = folder / BACKUP_METADATA, folder / BACKUP_WEIGHTS
+    previous_metadata = folder / (BACKUP_METADATA + PREVIOUS)
+    previous_weights = folder / (BACKUP_WEIGHTS + PREVIOUS)
+    keras_files = [metadata, weights, previous_metadata, previous_weights]
+    if not any(path.exists() for path in keras_files):
+        return
+    current = _backup_epoch(metadata)
+    if current is not None and metadata.read_text() != _text(previous_metadata):
+        return
+    if _backup_epoch(previous_metadata) is not None and previous_weights.is_file():
+        previous_weights.replace(weights)
+        previous_metadata.replace(metadata)
+        return
+    for path in keras_files:
+        path.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def settle_joint_backup(settings, held):
+    """`settle_backup` on the `--joint` folder, if this run holds all its members' locks
+    (`held`): else another run may be writing it at this moment."""
+    folder = joint_backup_dir(settings)
+    listed = _read_json(folder / JOINT_MEMBERS)
+    members = listed.get("members") if isinstance(listed, dict) else None
+    if isinstance(members, list) and set(members) <= set(held):
+        settle_backup(folder)
+
+
+def _backup_epoch(metadata):
+    try:
+        return int(json.loads(metadata.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _text(path):
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
 def prepare_member(name, settings, done=None):
     """Makes the files of `name` consistent before training it, and says where to start.
 
@@ -106,6 +166,7 @@ def prepare_member(name, settings, done=None):
     for partial in weights_dir.glob(f"{name}.*{PARTIAL_SUFFIX}"):
         partial.unlink()
     if done is None:
+        settle_backup(backup_dir(name, settings))
         metadata = backup_dir(name, settings) / BACKUP_METADATA
         done = int(json.loads(metadata.read_text())["epoch"]) if metadata.is_file() else 0
     if not done:

@@ -48,6 +48,7 @@ from checkpoints import (
     record_best,
     recorded_attempts,
     recorded_recipe,
+    settle_joint_backup,
 )
 from config import Settings, check_settings, parse_args
 from models import MODELS, PAPER_NAMES
@@ -352,6 +353,7 @@ def train_here(names, model_input, x_train, y_train, settings):
     """
     train_seconds, attempts, failed, epoch_seconds = {}, {}, {}, {}
     with MemberLocks(settings.weights_dir, names):
+        settle_joint_backup(settings, names)  # each member's own: prepare_member
         # A plain run cannot continue --joint's state, and --retrain continues none.
         plain = not settings.joint and not fast.changes_recipe(settings)
         in_joint_backup = set((read_joint_backup(settings) or (0, []))[1]) & set(names)

@@ -108,6 +108,106 @@ def test_a_ctrl_c_that_keras_swallows_still_stops_the_run(tmp_path, capsys, monk
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_a_ctrl_c_inside_the_backups_save_resumes_from_the_save_before(
+    tmp_path, capsys, monkeypatch
+):
+    # Keras writes its backup in place, layer after layer: a Ctrl-C in the middle of
+    # epoch 2's save leaves weights that open but lack most layers (seen under
+    # --parallel's Ctrl-C test), and the resume died with "objects could not be loaded".
+    import h5py
+    import keras
+
+    save, saves = keras.Model.save_weights, []
+
+    def save_then_interrupt(model, filepath, *args, **kwargs):
+        save(model, filepath, *args, **kwargs)
+        if str(filepath).endswith(checkpoints.BACKUP_WEIGHTS):
+            saves.append(filepath)
+            if len(saves) == 2:  # as if the Ctrl-C came after the first layers
+                with h5py.File(filepath, "a") as file:
+                    for layer in list(file["layers"])[2:]:
+                        del file["layers"][layer]
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "save_weights", save_then_interrupt)
+    write_tree(tmp_path / "tree")
+    argv = command(tmp_path, 3)[2:]
+    assert ensemble.main(argv) == ensemble.INTERRUPTED
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert ensemble.main(argv) == 0
+    assert "resuming nin_cnn after epoch 1 " in capsys.readouterr().out
+    rows = (tmp_path / "logs" / "nin_cnn.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [0, 1, 2]
+
+
+def write_backup(folder, weights, metadata, previous_weights, previous_metadata):
+    """Keras' four backup files; None leaves one out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    contents = {
+        checkpoints.BACKUP_WEIGHTS: weights,
+        checkpoints.BACKUP_METADATA: metadata,
+        checkpoints.BACKUP_WEIGHTS + ".bkp": previous_weights,
+        checkpoints.BACKUP_METADATA + ".bkp": previous_metadata,
+    }
+    for name, content in contents.items():
+        if content is not None:
+            (folder / name).write_text(content)
+
+
+def epoch(n):
+    return json.dumps({"epoch": n, "batch": 0})
+
+
+@pytest.mark.parametrize(
+    "when, files, left",
+    [
+        # (weights, metadata, .bkp weights, .bkp metadata) -> the same after settling
+        ("after a complete save", ("w3", epoch(3), "w2", epoch(2)),
+         ("w3", epoch(3), "w2", epoch(2))),
+        ("after the first save", ("w1", epoch(1), None, None), ("w1", epoch(1), None, None)),
+        ("copying the weights to .bkp", ("w3", epoch(3), "w", epoch(2)),
+         ("w3", epoch(3), "w", epoch(2))),
+        ("copying the metadata to .bkp", ("w3", epoch(3), "w3", ""),
+         ("w3", epoch(3), "w3", "")),
+        ("writing the weights", ("w", epoch(3), "w3", epoch(3)), ("w3", epoch(3), None, None)),
+        ("between weights and metadata", ("w4", epoch(3), "w3", epoch(3)),
+         ("w3", epoch(3), None, None)),
+        ("writing the metadata", ("w4", "", "w3", epoch(3)), ("w3", epoch(3), None, None)),
+        ("writing the first weights", ("w", None, None, None), None),
+    ],
+)  # fmt: skip
+def test_a_backup_stopped_mid_save_is_rolled_back_to_the_save_before(tmp_path, when, files, left):
+    folder = tmp_path / "backup" / "nin_cnn"
+    write_backup(folder, *files)
+    checkpoints.settle_backup(folder)
+    if left is None:
+        assert not folder.exists()  # nothing complete: a fresh start
+        return
+    expected = tmp_path / "expected"
+    write_backup(expected, *left)
+    found = {p.name: p.read_text() for p in folder.iterdir()}
+    assert found == {p.name: p.read_text() for p in expected.iterdir()}, when
+
+
+def test_settling_leaves_a_jax_joint_state_and_a_busy_joint_folder_alone(tmp_path):
+    settings = settings_for(tmp_path)
+    folder = checkpoints.joint_backup_dir(settings)
+    folder.mkdir(parents=True)
+    (folder / checkpoints.JOINT_STATE).write_bytes(b"state")
+    checkpoints.settle_backup(folder)  # no Keras files: not Keras' to settle
+    assert [p.name for p in folder.iterdir()] == [checkpoints.JOINT_STATE]
+    (folder / checkpoints.JOINT_STATE).unlink()
+    # A --joint run of two members, stopped mid-save: settled only by a run that
+    # holds both members' locks, since another run may be writing it.
+    write_backup(folder, "w", epoch(3), "w3", epoch(3))
+    (folder / checkpoints.JOINT_MEMBERS).write_text(json.dumps({"members": ["a", "b"]}))
+    checkpoints.settle_joint_backup(settings, ["a"])
+    assert (folder / checkpoints.BACKUP_WEIGHTS).read_text() == "w"
+    checkpoints.settle_joint_backup(settings, ["a", "b", "c"])
+    assert (folder / checkpoints.BACKUP_WEIGHTS).read_text() == "w3"
+
+
 def test_finished_members_are_skipped_unless_retrain(tmp_path, capsys):
     write_tree(tmp_path / "tree")
     argv = command(tmp_path, 1)[2:]
