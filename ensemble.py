@@ -126,20 +126,21 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
         backup = keras.callbacks.BackupAndRestore(
             str(backup_dir(model.name, settings)), double_checkpoint=True
         )
-        history = model.fit(
-            x=x_train,
-            y=y_train,
-            batch_size=settings.batch_size,
-            epochs=num_epochs,
-            verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in log files
-            callbacks=[
-                *member_callbacks(model, settings, resume=resume),
-                backup,
-                dead_check,
-                keras.callbacks.TerminateOnNaN(),
-            ],
-            validation_split=settings.validation_split,
-        )
+        with training.stopping_at_batch_ends():
+            history = model.fit(
+                x=x_train,
+                y=y_train,
+                batch_size=settings.batch_size,
+                epochs=num_epochs,
+                verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in log files
+                callbacks=[
+                    *member_callbacks(model, settings, resume=resume),  # RaiseInterrupt first
+                    backup,
+                    dead_check,
+                    keras.callbacks.TerminateOnNaN(),
+                ],
+                validation_split=settings.validation_split,
+            )
         if not restart_if_dead(model, dead_check, attempt, settings):
             break
     history.attempts = attempt

@@ -34,6 +34,7 @@ import numpy as np
 from keras import ops
 
 import fast
+import training
 from checkpoints import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir
 
 # JAX only: run an epoch's steps as one compiled loop. None chooses by device (see
@@ -86,7 +87,9 @@ def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for
     validation = (x_train[split_at:], y_train[split_at:])
     dispatch = _MemberDispatch(members, callbacks_for)
     train_with = _train_scanned if keras.backend.backend() == "jax" else _train_with_fit
-    train_with(joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch)
+    # Each member's callbacks start with RaiseInterrupt (training.member_callbacks).
+    with training.stopping_at_batch_ends():
+        train_with(joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch)
     shutil.rmtree(joint_backup_dir(settings), ignore_errors=True)
     return Trained(dispatch.histories, dispatch.failed, dispatch.epoch_seconds,
                    dispatch.callback_seconds)  # fmt: skip
@@ -173,7 +176,7 @@ def _train_with_fit(
     (folder / JOINT_MEMBERS).write_text(json.dumps({"members": [m.name for m in members]}))
     # After the dispatch, so that the backup never runs ahead of checkpoints and logs.
     backup = keras.callbacks.BackupAndRestore(str(folder), double_checkpoint=True)
-    callbacks = [dispatch, backup]
+    callbacks = [training.RaiseInterrupt(), dispatch, backup]  # a Ctrl-C at a batch's end
     if settings.ema:  # the members' callbacks see (and checkpoint) the moving average
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     timer = _EpochTimer(dispatch)
@@ -262,6 +265,8 @@ def _train_scanned(
         def run_steps(state, batches, x_all, y_all):
             for i in range(batches[0].shape[0]):
                 state = one_step(state, (batches[0][i], batches[1][i]), x_all, y_all)[0]
+                if training.INTERRUPTED.is_set():  # a Ctrl-C, held back to a step's end
+                    raise KeyboardInterrupt
             return state
 
     else:

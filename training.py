@@ -16,11 +16,17 @@ import numpy as np
 
 from checkpoints import PARTIAL_SUFFIX, Resume, UsageError, checkpoint_pattern
 
-# Set by `interrupt`, ensemble.py's Ctrl-C handler. Keras 3.15 turns each batch's logs
-# into floats inside a bare `except:` (`python_utils.pythonify_logs`), and on JAX
-# that conversion waits for the device, so a Ctrl-C often lands there and is
-# swallowed: training went on. `RaiseInterrupt` raises it again at the next batch.
+# Set by `interrupt`, ensemble.py's Ctrl-C handler.
 INTERRUPTED = threading.Event()
+# Set while a training loop runs (`stopping_at_batch_ends`): a first Ctrl-C then only
+# sets INTERRUPTED, and `RaiseInterrupt` raises it at the next batch or epoch end.
+# Raised wherever it landed, it was lost in Keras 3.15's bare `except:` around each
+# batch's logs (`python_utils.pythonify_logs`, which on JAX waits for the device);
+# it cut Keras' in-place backup save short (a weights file that lacks layers); it
+# aborted the process from inside HDF5 (exit code -6); or Python printed it as a
+# traceback it ignored, from JAX's garbage-collection callback. A second Ctrl-C
+# raises at once.
+AT_BATCH_ENDS = threading.Event()
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
@@ -56,13 +62,31 @@ def member_callbacks(model, settings, resume=None):
 
 
 def interrupt(signum, frame):
-    """SIGINT handler: Python's KeyboardInterrupt, remembered in `INTERRUPTED`."""
+    """SIGINT handler: Python's KeyboardInterrupt, remembered in `INTERRUPTED`; in a
+    training loop, the first one waits for the batch's end (see `AT_BATCH_ENDS`)."""
+    first = not INTERRUPTED.is_set()
     INTERRUPTED.set()
+    if first and AT_BATCH_ENDS.is_set():
+        # os.write, not print: a handler that prints while the interrupted code
+        # prints raises "reentrant call" in Python's buffered stream.
+        os.write(2, b"\nstopping at the end of this batch; Ctrl-C again stops at once\n")
+        return
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def stopping_at_batch_ends():
+    """Within: a first Ctrl-C is raised at the next batch or epoch end (`RaiseInterrupt`
+    must be among the loop's callbacks), not wherever it lands."""
+    AT_BATCH_ENDS.set()
+    try:
+        yield
+    finally:
+        AT_BATCH_ENDS.clear()
+
+
 class RaiseInterrupt(keras.callbacks.Callback):
-    """Raises a Ctrl-C that Keras swallowed (see `INTERRUPTED`) at the next batch."""
+    """Raises a Ctrl-C held back by `interrupt` (`INTERRUPTED`) at the next batch end."""
 
     def on_train_batch_end(self, batch, logs=None):
         if INTERRUPTED.is_set():

@@ -14,6 +14,7 @@ from conftest import write_tree
 
 import checkpoints
 import ensemble
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def test_ctrl_c_stops_with_one_line_and_exit_130_and_the_same_command_resumes(tm
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
     epochs = 40
     returncode, stderr = stop_after_epoch(tmp_path, epochs, 2, signal.SIGINT)
-    assert returncode == ensemble.INTERRUPTED == 130
+    assert returncode == ensemble.INTERRUPTED == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("ensemble.py: interrupted; run the same")
     assert not list((tmp_path / "weights").glob(".*.lock"))  # released on the way out
@@ -139,6 +140,49 @@ def test_a_ctrl_c_inside_the_backups_save_resumes_from_the_save_before(
     assert "resuming nin_cnn after epoch 1 " in capsys.readouterr().out
     rows = (tmp_path / "logs" / "nin_cnn.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in rows] == [0, 1, 2]
+
+
+def test_a_ctrl_c_during_training_waits_for_the_backup_to_be_saved(tmp_path, capfd, monkeypatch):
+    # The same Ctrl-C as above, from the terminal: it is held back to the next batch's
+    # end, so the save it lands in completes and the run resumes after that epoch.
+    import keras
+
+    save, saves = keras.Model.save_weights, []
+
+    def interrupted_save(model, filepath, *args, **kwargs):
+        if str(filepath).endswith(checkpoints.BACKUP_WEIGHTS):
+            saves.append(filepath)
+            if len(saves) == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # handled inside the save below
+        save(model, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", interrupted_save)
+    write_tree(tmp_path / "tree")
+    argv = command(tmp_path, 4)[2:]
+    assert ensemble.main(argv) == ensemble.INTERRUPTED
+    monkeypatch.undo()
+    err = capfd.readouterr().err
+    assert "stopping at the end of this batch; Ctrl-C again stops at once" in err
+    assert ensemble.main(argv) == 0
+    assert "resuming nin_cnn after epoch 2 " in capfd.readouterr().out
+
+
+def test_in_a_training_loop_only_a_second_ctrl_c_raises_at_once():
+    training.INTERRUPTED.clear()
+    with training.stopping_at_batch_ends():
+        try:
+            training.interrupt(signal.SIGINT, None)  # held back: RaiseInterrupt raises it
+        except KeyboardInterrupt:  # not raised on: it would stop pytest itself
+            pytest.fail("the first Ctrl-C in a training loop was raised at once")
+        assert training.INTERRUPTED.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            training.RaiseInterrupt().on_train_batch_end(0)
+        with pytest.raises(KeyboardInterrupt):
+            training.interrupt(signal.SIGINT, None)
+    training.INTERRUPTED.clear()
+    with pytest.raises(KeyboardInterrupt):  # outside a training loop: at once
+        training.interrupt(signal.SIGINT, None)
+    training.INTERRUPTED.clear()
 
 
 def write_backup(folder, weights, metadata, previous_weights, previous_metadata):
