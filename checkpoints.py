@@ -115,9 +115,8 @@ def settle_backup(folder):
     keras_files = [metadata, weights, previous_metadata, previous_weights]
     if not any(path.exists() for path in keras_files):
         return
-    current = _backup_epoch(metadata)
-    if current is not None and metadata.read_text() != _text(previous_metadata):
-        return
+    if _backup_epoch(metadata) is not None and _text(metadata) != _text(previous_metadata):
+        return  # the last save completed
     if _backup_epoch(previous_metadata) is not None and previous_weights.is_file():
         previous_weights.replace(weights)
         previous_metadata.replace(metadata)
