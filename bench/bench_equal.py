@@ -31,8 +31,10 @@ Writes equal.json next to bench.json.
 """
 
 import argparse
+import atexit
 import datetime
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -138,6 +140,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     nudged = [w * (1 + ROUNDING * rng.standard_normal(w.shape)).astype(w.dtype) for w in start]
     work = tempfile.mkdtemp(prefix="bench_equal_")  # the joint path's per-epoch backup
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # nothing in it is a result
     settings = ensemble.Settings(epochs=1, seed=args.seed, weights_dir=work)
     fit = Fit(args.model, start, settings, shape)
 
