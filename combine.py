@@ -76,10 +76,15 @@ def check(args):
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise export.ExportError(f"{flag} must be at least 1, got {value}")
+    for flag, given in (("--data-dir", args.data_dir), ("--logs-dir", args.logs_dir)):
+        if given == "":  # Path("") is the current folder
+            raise export.ExportError(f"{flag} is empty (an unset shell variable?); give a path")
     if Path(args.logs_dir).exists() and not Path(args.logs_dir).is_dir():
         raise export.ExportError(f"--logs-dir {args.logs_dir} is a file, not a folder")
-    if args.export is not None and Path(args.export).suffix != ".keras":
-        raise export.ExportError(f"--export {args.export} must end in .keras")
+    if args.export is not None:
+        # As ensemble.py does: the logs folder first, since the export may go in it.
+        Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
+        export.check_export_path(args.export)
     if args.export is None and args.export_rule != "average":
         raise export.ExportError(f"--export-rule {args.export_rule} needs --export PATH.keras")
     return names

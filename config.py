@@ -340,6 +340,14 @@ def check_settings(settings):
         )
     if settings.eval_only and settings.retrain:
         raise UsageError("--retrain trains the members again and --eval-only trains none; pick one")
+    for flag, given in (
+        ("--data-dir", settings.data_dir),
+        ("--weights-dir", settings.weights_dir),
+        ("--logs-dir", settings.logs_dir),
+        ("--export", settings.export),
+    ):
+        if given == "":  # Path("") is the current folder: checkpoints would land there
+            raise UsageError(f"{flag} is empty (an unset shell variable?); give a path")
     if settings.export is not None and Path(settings.export).suffix != ".keras":
         raise UsageError(f"--export {settings.export} must end in .keras")
     for flag, folder in (
@@ -365,8 +373,7 @@ def check_settings(settings):
             if conflict:
                 raise UsageError(conflict)
     if settings.export is not None:  # after the folders above exist: it may be in one
-        parent = Path(settings.export).parent
-        if not parent.is_dir():
-            raise UsageError(f"--export {settings.export}: folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"--export {settings.export}: folder {parent} is not writable")
+        try:
+            export.check_export_path(settings.export)
+        except export.ExportError as error:
+            raise UsageError(str(error)) from error

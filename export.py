@@ -12,6 +12,7 @@ under bfloat16 mixed precision stay so; the combining layers are always float32:
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,12 +60,34 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     return keras.Model(model_input, combined, name=f"ensemble_{rule}"), fitted
 
 
+def check_export_path(path):
+    """Refuses an --export path that cannot be written, before any work is done.
+
+    Run after the folders a run creates exist, as the path may lie in one.
+    """
+    if not path:
+        raise ExportError("--export is empty (an unset shell variable?); give a path")
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ExportError(f"--export {path} must end in .keras")
+    if path.is_dir():
+        raise ExportError(f"--export {path} is a folder; give a file name ending in .keras")
+    if not path.parent.is_dir():
+        raise ExportError(f"--export {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"--export {path}: folder {path.parent} is not writable")
+
+
 def export(path, members, rule, val_member_probs=None, val_labels=None):
     model, fitted = ensemble_model(members, rule, val_member_probs, val_labels)
     path = Path(path)
     temporary = path.with_name(f".{path.name}.partial.keras")
-    model.save(temporary)
-    temporary.replace(path)  # never leave a half-written file under the real name
+    try:
+        model.save(temporary)
+        temporary.replace(path)  # never leave a half-written file under the real name
+    except BaseException:  # a full disk, Ctrl-C: no hidden half-file left behind either
+        temporary.unlink(missing_ok=True)
+        raise
     return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
 
 

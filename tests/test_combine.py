@@ -76,6 +76,8 @@ def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, s
         ("not .keras", "--export ensemble.h5 must end in .keras"),
         ("negative seed", "--seed must lie between 0 and 4294967295"),
         ("logs-dir is a file", "logs is a file, not a folder"),
+        ("export to a folder", "out.keras is a folder; give a file name ending in .keras"),
+        ("empty data-dir", "--data-dir is empty (an unset shell variable?)"),
     ],
 )
 def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, message):
@@ -99,9 +101,17 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
         args += ["--export", "ensemble.h5"]
     elif case == "negative seed":
         args += ["--seed", "-1"]
-    else:
+    elif case == "export to a folder":
+        (tmp_path / "out.keras").mkdir()
+        args += ["--export", tmp_path / "out.keras"]
+    elif case != "empty data-dir":
         (tmp_path / "logs").write_text("a file where the folder should be")
-    assert combine(tmp_path, *args) == 2
+    if case == "empty data-dir":  # --data-dir "$DATA" with DATA unset, after combine()'s own
+        logs = ["--logs-dir", str(tmp_path / "logs")]
+        code = ensemble.main(["combine", *map(str, args), *logs, "--data-dir", ""])
+    else:
+        code = combine(tmp_path, *args)
+    assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("ensemble.py combine: error:") and message in err, err
     assert err.count("\n") == 1

@@ -213,6 +213,27 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, tree, capsys, flags, message):
     assert not list((tmp_path).glob("weights/*.h5"))
 
 
+@pytest.mark.parametrize("flag", ["--data-dir", "--weights-dir", "--logs-dir", "--export"])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+    tmp_path, tree, capsys, monkeypatch, flag
+):
+    # `--weights-dir "$WEIGHTS"` with the variable unset: Path("") is ".", where the
+    # run would otherwise have read its data or written checkpoints and results.
+    monkeypatch.chdir(tmp_path)
+    assert cli(tmp_path, "--epochs", "1", "--no-cost", flag, "") == 2
+    err = capsys.readouterr().err
+    assert f"{flag} is empty (an unset shell variable?)" in err and err.count("\n") == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["tree"]  # nothing made or read
+
+
+def test_an_export_path_that_is_a_folder_is_refused_before_training(tmp_path, tree, capsys):
+    (tmp_path / "ensemble.keras").mkdir()
+    assert cli(tmp_path, "--epochs", "1", "--export", str(tmp_path / "ensemble.keras")) == 2
+    err = capsys.readouterr().err
+    assert "ensemble.keras is a folder; give a file name ending in .keras" in err
+    assert err.count("\n") == 1 and not list(tmp_path.glob("weights/*.h5"))
+
+
 def test_eval_only_without_checkpoints_names_the_member(tmp_path, tree, capsys):
     (tmp_path / "weights").mkdir()
     assert cli(tmp_path, "--eval-only", "--models", "nin_cnn", "--no-cost") == 2

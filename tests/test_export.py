@@ -79,6 +79,19 @@ def test_weighted_and_stacked_exports_match_the_table(tmp_path, members, images)
     np.testing.assert_allclose(exported, evaluation.apply_stacking(stacker, test_probs), atol=1e-5)
 
 
+def test_an_export_cut_short_leaves_no_file_behind(tmp_path, members, monkeypatch):
+    def save_half_then_fill_the_disk(model, path, *args, **kwargs):
+        Path(path).write_bytes(b"PK half a zip")
+        raise OSError(28, "No space left on device", str(path))
+
+    (tmp_path / "e.keras").write_bytes(b"the previous export")
+    monkeypatch.setattr(keras.Model, "save", save_half_then_fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export.export(tmp_path / "e.keras", members, "average")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.keras"]  # no hidden .partial
+    assert (tmp_path / "e.keras").read_bytes() == b"the previous export"
+
+
 def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, members, capsys):
     export.export(tmp_path / "e.keras", members, "average")
     rng = np.random.default_rng(2)
