@@ -97,6 +97,8 @@ def load(path, what="--model", written_by="written by --export"):
     One clear error for anything unreadable, or for a model that does not take
     32x32x3 images to 10 classes; `what` names the file in it.
     """
+    if path == "":  # an unset shell variable; Path("") would be the current folder
+        raise ExportError(f"{what} is empty (an unset shell variable?); give the .keras file")
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{what} {path} is a folder; give the .keras file {written_by}")

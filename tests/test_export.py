@@ -117,6 +117,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("not_an_image", "notes.png is not a readable PNG or JPEG"),
         ("bad_model", "broken.keras is not a loadable .keras model"),
         ("folder", "is a folder; give the .keras file"),
+        ("empty", "--model is empty (an unset shell variable?)"),
         ("other_shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
     ],
 )
@@ -135,6 +136,8 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
         model.write_bytes(b"PK\x03\x04 truncated")
     elif problem == "folder":
         model = tmp_path
+    elif problem == "empty":
+        model = ""
     else:  # a loadable classifier of other images (MNIST-like, 5 classes)
         model = tmp_path / "other.keras"
         keras.Sequential(
