@@ -402,10 +402,15 @@ class MemberLocks:
                 other = _read_owner(path)
                 if other is not None and _alive(other):
                     name = path.name.removeprefix(".").removesuffix(".lock")
+                    # A run on another machine cannot be checked from here: if it died
+                    # there (a lost node, a SIGKILL), only its user can tell.
+                    gone = "" if other.get("host") == socket.gethostname() else (
+                        f", or if that run is no longer running there, delete {path}"
+                    )  # fmt: skip
                     raise UsageError(
                         f"{name} is being trained into {path.parent} by another run (pid "
                         f"{other['pid']} on {other['host']} since {other['since']}: "
-                        f"{other['command']}); wait for it or use another --weights-dir"
+                        f"{other['command']}); wait for it or use another --weights-dir{gone}"
                     ) from None
                 print(f"removing stale lock {path} (its run has ended)")
                 path.unlink(missing_ok=True)

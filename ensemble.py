@@ -19,7 +19,6 @@ import math
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -489,21 +488,22 @@ def main(argv=None):
         parallel.share_the_gpu()
     settings = parse_args(argv)
     training.INTERRUPTED.clear()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, training.interrupt) if in_main_thread else None
+    training.FIRST_SIGNAL.clear()
     try:
-        return _train_and_report(settings)
+        # --parallel stops its member processes with SIGINT, which they may have been
+        # started ignoring (a parent run in the background of a script).
+        member = (signal.SIGINT,) if parallel.member_process() else ()
+        with training.stopping_on_signals(always=member):
+            return _train_and_report(settings)
     except KeyboardInterrupt:
         # Ctrl-C is how runs are stopped on purpose: say how to go on, not where Python was.
+        how, code = training.stopped_by()
         print(
-            "\nensemble.py: interrupted; run the same command again: trained members are "
+            f"\nensemble.py: {how}; run the same command again: trained members are "
             "kept and training resumes after its last completed epoch",
             file=sys.stderr,
         )
-        return INTERRUPTED
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        return code
 
 
 def _train_and_report(settings):

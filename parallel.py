@@ -34,7 +34,7 @@ from pathlib import Path
 
 import data
 from config import settings_argv
-from training import interrupt
+from training import stopping_on_signals
 
 ENSEMBLE = Path(__file__).resolve().parent / "ensemble.py"
 # Without these, the first process on a GPU takes most of its memory: JAX reserves
@@ -146,20 +146,18 @@ def train(names, settings, gpus=0, handover=None):
         relay = threading.Thread(target=_relay, args=(name, processes[name]), daemon=True)
         relay.start()
         relays.append(relay)
-    # A scheduler's stop, a closed terminal: the processes stop with this one.
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        while len(seconds) < len(processes):
-            for name, process in processes.items():
-                if name not in seconds and process.poll() is not None:
-                    seconds[name] = round(time.perf_counter() - started, 1)
-            time.sleep(0.2)
+        # Ctrl-C, a scheduler's stop, a closed terminal: the processes stop with this one.
+        with stopping_on_signals():
+            while len(seconds) < len(processes):
+                for name, process in processes.items():
+                    if name not in seconds and process.poll() is not None:
+                        seconds[name] = round(time.perf_counter() - started, 1)
+                time.sleep(0.2)
     except KeyboardInterrupt:
         _stop(processes)
         raise
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for relay in relays:
             relay.join(timeout=5)
     failed = {name: p.returncode for name, p in processes.items() if p.returncode != 0}

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -27,6 +28,11 @@ INTERRUPTED = threading.Event()
 # traceback it ignored, from JAX's garbage-collection callback. A second Ctrl-C
 # raises at once.
 AT_BATCH_ENDS = threading.Event()
+FIRST_SIGNAL = {}
+# Ctrl-C, a scheduler's stop (Slurm's preemption sends SIGTERM, then SIGKILL after a
+# grace time), a closed terminal: each stops a run the same way, releasing its locks,
+# which a requeued job on another machine could not tell from a live run's.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
@@ -62,16 +68,56 @@ def member_callbacks(model, settings, resume=None):
 
 
 def interrupt(signum, frame):
-    """SIGINT handler: Python's KeyboardInterrupt, remembered in `INTERRUPTED`; in a
-    training loop, the first one waits for the batch's end (see `AT_BATCH_ENDS`)."""
+    """Handler of the stop signals: Python's KeyboardInterrupt, remembered in
+    `INTERRUPTED` (and the first signal's number in `FIRST_SIGNAL`); in a training
+    loop, the first one waits for the batch's end (see `AT_BATCH_ENDS`)."""
     first = not INTERRUPTED.is_set()
     INTERRUPTED.set()
+    if first:
+        FIRST_SIGNAL["number"] = signum
     if first and AT_BATCH_ENDS.is_set():
         # os.write, not print: a handler that prints while the interrupted code
         # prints raises "reentrant call" in Python's buffered stream.
-        os.write(2, b"\nstopping at the end of this batch; Ctrl-C again stops at once\n")
+        if signum == signal.SIGINT:
+            os.write(2, b"\nstopping at the end of this batch; Ctrl-C again stops at once\n")
+        else:
+            name = signal.Signals(signum).name
+            os.write(2, f"\n{name}: stopping at the end of this batch\n".encode())
         return
     raise KeyboardInterrupt
+
+
+def stopped_by():
+    """How the run was stopped, and its exit code: ("interrupted", 130) for Ctrl-C,
+    ("stopped by SIGTERM", 143) for a scheduler's stop, as shells count them."""
+    number = FIRST_SIGNAL.get("number", signal.SIGINT)  # a KeyboardInterrupt raised as such
+    how = "interrupted" if number == signal.SIGINT else f"stopped by {signal.Signals(number).name}"
+    return how, 128 + number
+
+
+@contextlib.contextmanager
+def stopping_on_signals(signals=STOP_SIGNALS, always=()):
+    """Within: each of `signals` goes to `interrupt` (from the main thread only, where
+    Python runs handlers), and the handlers before are put back after.
+
+    A signal the process was started ignoring stays ignored, unless it is in `always`:
+    `nohup` ignores SIGHUP so that a long run outlives its terminal, and a shell script
+    starts its background jobs ignoring SIGINT.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in signals:
+        if sig in always or signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is None:  # set outside Python: the default is the nearest
+                handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

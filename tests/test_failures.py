@@ -59,11 +59,25 @@ def test_a_second_run_on_a_member_in_training_fails_fast_naming_the_first(tmp_pa
     assert cli(tmp_path, "--models", "nin_cnn") == 2
     err = capsys.readouterr().err
     assert f"nin_cnn is being trained into {weights} by another run (pid {os.getpid()}" in err
-    assert err.count("\n") == 1
+    assert err.count("\n") == 1 and "delete" not in err  # on this machine: it is alive
     assert (weights / ".nin_cnn.lock").is_file()  # the other run's lock is left alone
     # A different member in the same folder goes ahead (one member per GPU).
     assert cli(tmp_path, "--models", "all_cnn") == 0
     assert not (weights / ".all_cnn.lock").exists()  # released on exit
+
+
+def test_a_lock_from_another_machine_says_how_to_clear_it_if_that_run_died(tmp_path, tree, capsys):
+    # A shared folder on a cluster: whether a run on another node lives cannot be
+    # checked from here, so it counts as alive, and the line says what to do if not.
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    holder = {"pid": 4242, "host": "node-that-died", "since": "Thu 10:00", "command": "-"}
+    (weights / ".nin_cnn.lock").write_text(json.dumps(holder))
+    assert cli(tmp_path, "--models", "nin_cnn") == 2
+    err = capsys.readouterr().err
+    assert "by another run (pid 4242 on node-that-died since Thu 10:00" in err
+    assert f"or if that run is no longer running there, delete {weights / '.nin_cnn.lock'}" in err
+    assert err.count("\n") == 1 and (weights / ".nin_cnn.lock").is_file()
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, tree, capsys):

@@ -70,13 +70,24 @@ def test_a_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     assert [row["row"] for row in results["results"]] == ["NIN"]
 
 
-def test_ctrl_c_stops_with_one_line_and_exit_130_and_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize(
+    "sig, code, said",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
+    ids=["Ctrl-C", "SIGTERM"],
+)
+def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_same_command_resumes(
+    tmp_path, sig, code, said
+):
+    # SIGTERM is how Slurm preempts a job (SIGKILL follows after a grace time). Killed
+    # by it, a run left its lock, which a requeued job on another node takes for a
+    # live run's.
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
     epochs = 40
-    returncode, stderr = stop_after_epoch(tmp_path, epochs, 2, signal.SIGINT)
-    assert returncode == ensemble.INTERRUPTED == 130, stderr[-3000:]
+    returncode, stderr = stop_after_epoch(tmp_path, epochs, 2, sig)
+    assert returncode == code == 128 + sig, stderr[-3000:]
+    assert code != 130 or code == ensemble.INTERRUPTED
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("ensemble.py: interrupted; run the same")
+    assert stderr.strip().splitlines()[-1].startswith(f"ensemble.py: {said}; run the same")
     assert not list((tmp_path / "weights").glob(".*.lock"))  # released on the way out
 
     again = subprocess.run(command(tmp_path, epochs), cwd=tmp_path, capture_output=True, text=True)
@@ -183,6 +194,41 @@ def test_in_a_training_loop_only_a_second_ctrl_c_raises_at_once():
     with pytest.raises(KeyboardInterrupt):  # outside a training loop: at once
         training.interrupt(signal.SIGINT, None)
     training.INTERRUPTED.clear()
+
+
+def test_stop_signals_are_handled_unless_started_ignored_and_restored_after():
+    # nohup starts a run ignoring SIGHUP, a shell script its background jobs ignoring
+    # SIGINT: such a run must outlive its terminal, and a Ctrl-C meant for the script.
+    before = {sig: signal.getsignal(sig) for sig in training.STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with training.stopping_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is training.interrupt
+            assert signal.getsignal(signal.SIGINT) is training.interrupt
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        # --parallel's member processes: their parent stops them with SIGINT, always.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with training.stopping_on_signals(always=(signal.SIGINT,)):
+            assert signal.getsignal(signal.SIGINT) is training.interrupt
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_the_first_stop_signal_names_the_stop_and_its_exit_code():
+    training.INTERRUPTED.clear()
+    training.FIRST_SIGNAL.clear()
+    assert training.stopped_by() == ("interrupted", 130)  # a KeyboardInterrupt as such
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the second one stops at once
+        with pytest.raises(KeyboardInterrupt):
+            training.interrupt(sig, None)
+    assert training.stopped_by() == ("stopped by SIGTERM", 143)
+    training.INTERRUPTED.clear()
+    training.FIRST_SIGNAL.clear()
 
 
 def write_backup(folder, weights, metadata, previous_weights, previous_metadata):
