@@ -6,7 +6,8 @@
 #   infer    inference: members against the one-graph ensemble, float32 and bfloat16;
 #   augment  augmentation's cost (bench_augment.py);
 #   equal    the joint loop against Keras' fit on the same batches (bench_equal.py);
-#   step     compiler settings against the joint epoch's time (bench_step.py);
+#   step     compiler settings against the joint epoch's time (bench_step.py; STEP_VARIANTS
+#            picks them, comma-separated);
 #   parallel the plain path for 5 epochs, one member after the other, then with --parallel
 #            (each member in a process of its own, all at once), and their speed ratio;
 #   seeds    the plain path and --joint in full, with the seeds PLAIN_SEEDS (default "1 2 3")
@@ -90,8 +91,13 @@ step_equal() {
     $(is_small && echo "--steps 1 10")
 }
 step_step() {
+  # STEP_VARIANTS picks bench_step.py's variants, comma-separated (their names hold
+  # spaces), e.g. STEP_VARIANTS="tf32,fp32,compile cache warm"; the baseline runs anyway.
+  local variants=()
+  [ -n "${STEP_VARIANTS:-}" ] && IFS=, read -r -a variants <<< "$STEP_VARIANTS"
   # Its own budget, under the step's limit: it skips what would not finish, then prints.
-  timeout "$1" python3 bench/bench_step.py --out "$out" --budget $(($1 - 15)) $small
+  timeout "$1" python3 bench/bench_step.py --out "$out" --budget $(($1 - 15)) $small \
+    ${variants[@]+--variants "${variants[@]}"}
 }
 # Most seconds each step may take, and the least worth starting it with.
 declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [equal]=150
