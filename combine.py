@@ -12,13 +12,13 @@ training set, never on the test set; they are fair only if the models did not tr
 on those images (the article's members hold them out).
 """
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+import config
 import data
 import evaluation
 import export
@@ -30,7 +30,7 @@ RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = config.Parser(
         prog="ensemble.py combine",
         description="Score every combination of saved CIFAR-10 classifiers (.keras files) "
         "and optionally export one as a single model.",

@@ -11,7 +11,6 @@ under bfloat16 mixed precision stay so; the combining layers are always float32:
                logistic regression fitted on the validation split
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -143,7 +142,9 @@ def read_image(path):
 
 def predict_main(argv):
     """`python ensemble.py predict --model PATH.keras IMAGE...`: top classes per image."""
-    parser = argparse.ArgumentParser(
+    from config import Parser  # config imports this module
+
+    parser = Parser(
         prog="ensemble.py predict",
         description="Classify images with an ensemble exported by --export.",
     )

@@ -252,6 +252,25 @@ def test_missing_data_dir_from_the_shell_is_one_line_exit_2(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("ensemble.py: error: --data-dir")
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "abc"], "ensemble.py: error: argument --epochs: invalid int value: 'abc'"),
+        (["--combine", "mean"], "ensemble.py: error: argument --combine: invalid choice: 'mean'"),
+        (["--nope"], "ensemble.py: error: unrecognized arguments: --nope"),
+        (["predict"], "ensemble.py predict: error: the following arguments are required"),
+        (["combine", "a.keras", "--top", "3"], "ensemble.py combine: error: unrecognized"),
+    ],
+)
+def test_a_usage_error_is_one_line_not_the_whole_usage(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert err.rstrip().endswith("--help lists every flag")
+
+
 def test_help_documents_every_flag_with_the_article_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ensemble.parse_args(["--help"])
