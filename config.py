@@ -66,8 +66,8 @@ class Settings:
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage error in one line, as every other bad input gets.
 
-    argparse prints the whole usage first, 18 lines for ensemble.py, which push the
-    line that says what is wrong to the bottom of a screen of flags.
+    argparse prints the whole usage first (18 lines for ensemble.py in 80 columns),
+    which pushes the line that says what is wrong below a screen of flags.
     """
 
     def error(self, message):
