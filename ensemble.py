@@ -487,8 +487,7 @@ def main(argv=None):
         # Before parsing: resolving --precision auto already opens the GPU.
         parallel.share_the_gpu()
     settings = parse_args(argv)
-    training.INTERRUPTED.clear()
-    training.FIRST_SIGNAL.clear()
+    training.reset_stop()
     try:
         # --parallel stops its member processes with SIGINT, which they may have been
         # started ignoring (a parent run in the background of a script).

@@ -28,7 +28,8 @@ INTERRUPTED = threading.Event()
 # traceback it ignored, from JAX's garbage-collection callback. A second Ctrl-C
 # raises at once.
 AT_BATCH_ENDS = threading.Event()
-FIRST_SIGNAL = {}
+# The stop signals received, in order: the first names the stop and its exit code.
+RECEIVED = []
 # Ctrl-C, a scheduler's stop (Slurm's preemption sends SIGTERM, then SIGKILL after a
 # grace time), a closed terminal: each stops a run the same way, releasing its locks,
 # which a requeued job on another machine could not tell from a live run's.
@@ -69,13 +70,17 @@ def member_callbacks(model, settings, resume=None):
 
 def interrupt(signum, frame):
     """Handler of the stop signals: Python's KeyboardInterrupt, remembered in
-    `INTERRUPTED` (and the first signal's number in `FIRST_SIGNAL`); in a training
-    loop, the first one waits for the batch's end (see `AT_BATCH_ENDS`)."""
-    first = not INTERRUPTED.is_set()
+    `INTERRUPTED` (and the signal in `RECEIVED`). In a training loop (`AT_BATCH_ENDS`)
+    a signal waits for the batch's end, unless the same signal came before: a second
+    Ctrl-C stops at once. A different one waits too, since under Slurm a --parallel
+    member gets the job's SIGTERM and then its parent's SIGINT, one stop, not two.
+    """
+    again = signum in RECEIVED
+    RECEIVED.append(signum)
     INTERRUPTED.set()
-    if first:
-        FIRST_SIGNAL["number"] = signum
-    if first and AT_BATCH_ENDS.is_set():
+    if AT_BATCH_ENDS.is_set() and not again:
+        if len(RECEIVED) > 1:
+            return  # already stopping at the batch's end, and said so
         # os.write, not print: a handler that prints while the interrupted code
         # prints raises "reentrant call" in Python's buffered stream.
         if signum == signal.SIGINT:
@@ -87,10 +92,16 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def reset_stop():
+    """Forgets the stop signals received: a new run in this process starts afresh."""
+    INTERRUPTED.clear()
+    RECEIVED.clear()
+
+
 def stopped_by():
     """How the run was stopped, and its exit code: ("interrupted", 130) for Ctrl-C,
     ("stopped by SIGTERM", 143) for a scheduler's stop, as shells count them."""
-    number = FIRST_SIGNAL.get("number", signal.SIGINT)  # a KeyboardInterrupt raised as such
+    number = RECEIVED[0] if RECEIVED else signal.SIGINT  # a KeyboardInterrupt raised as such
     how = "interrupted" if number == signal.SIGINT else f"stopped by {signal.Signals(number).name}"
     return how, 128 + number
 

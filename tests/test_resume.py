@@ -179,7 +179,7 @@ def test_a_ctrl_c_during_training_waits_for_the_backup_to_be_saved(tmp_path, cap
 
 
 def test_in_a_training_loop_only_a_second_ctrl_c_raises_at_once():
-    training.INTERRUPTED.clear()
+    training.reset_stop()
     with training.stopping_at_batch_ends():
         try:
             training.interrupt(signal.SIGINT, None)  # held back: RaiseInterrupt raises it
@@ -190,10 +190,26 @@ def test_in_a_training_loop_only_a_second_ctrl_c_raises_at_once():
             training.RaiseInterrupt().on_train_batch_end(0)
         with pytest.raises(KeyboardInterrupt):
             training.interrupt(signal.SIGINT, None)
-    training.INTERRUPTED.clear()
+    training.reset_stop()
     with pytest.raises(KeyboardInterrupt):  # outside a training loop: at once
         training.interrupt(signal.SIGINT, None)
-    training.INTERRUPTED.clear()
+    training.reset_stop()
+
+
+def test_a_parents_sigint_after_the_jobs_sigterm_still_waits_for_the_batch():
+    # Slurm's SIGTERM reaches a --parallel member and its parent, which then stops the
+    # member with SIGINT: one stop, held to the batch's end like the first.
+    training.reset_stop()
+    with training.stopping_at_batch_ends():
+        try:
+            training.interrupt(signal.SIGTERM, None)
+            training.interrupt(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pytest.fail("a second, different stop signal was raised at once")
+        with pytest.raises(KeyboardInterrupt):  # the same one again: at once
+            training.interrupt(signal.SIGINT, None)
+    assert training.stopped_by() == ("stopped by SIGTERM", 143)
+    training.reset_stop()
 
 
 def test_stop_signals_are_handled_unless_started_ignored_and_restored_after():
@@ -220,15 +236,14 @@ def test_stop_signals_are_handled_unless_started_ignored_and_restored_after():
 
 
 def test_the_first_stop_signal_names_the_stop_and_its_exit_code():
-    training.INTERRUPTED.clear()
-    training.FIRST_SIGNAL.clear()
+    training.reset_stop()
     assert training.stopped_by() == ("interrupted", 130)  # a KeyboardInterrupt as such
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the second one stops at once
+    for sig in (signal.SIGTERM, signal.SIGINT):  # outside a training loop: at once
         with pytest.raises(KeyboardInterrupt):
             training.interrupt(sig, None)
     assert training.stopped_by() == ("stopped by SIGTERM", 143)
-    training.INTERRUPTED.clear()
-    training.FIRST_SIGNAL.clear()
+    training.reset_stop()
+    assert training.stopped_by() == ("interrupted", 130) and not training.INTERRUPTED.is_set()
 
 
 def write_backup(folder, weights, metadata, previous_weights, previous_metadata):
