@@ -332,11 +332,21 @@ def _read_json(path):
 
 
 def _write_json(path, content):
-    """Written under a temporary name, then renamed: never half a file under `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".partial")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    temporary.replace(path)
+    replace_text(path, json.dumps(content, indent=2) + "\n")
+
+
+def replace_text(path, text):
+    """Written under a temporary name, then renamed: never half a file under `path`,
+    and the file there before stays whole if the write fails (a full disk)."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".partial")
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def best_checkpoint(weights_dir, name):

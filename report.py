@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 import fast
+from checkpoints import replace_text
 
 RESULTS_STEM = "results"  # results.json and results.md in --logs-dir
 
@@ -198,6 +199,7 @@ def save_results(settings, rows, extra, stem=RESULTS_STEM):
             "devices": fast.devices(),
         },
     }
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown_table(rows))
+    # Whole or not at all: a full disk leaves the previous run's results as they were.
+    replace_text(path, json.dumps(payload, indent=2) + "\n")
+    replace_text(path.with_suffix(".md"), markdown_table(rows))
     return path

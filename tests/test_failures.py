@@ -112,6 +112,30 @@ def test_a_full_disk_while_saving_is_one_line_exit_2_and_loses_nothing(
     assert not (tmp_path / "weights" / ".nin_cnn.lock").exists()
 
 
+def test_a_full_disk_while_writing_the_results_keeps_the_last_ones_whole(
+    tmp_path, tree, capsys, monkeypatch
+):
+    import errno
+    import pathlib
+
+    assert cli(tmp_path, "--models", "nin_cnn") == 0
+    results = tmp_path / "logs" / "results.json"
+    before = results.read_text()
+    write_text = pathlib.Path.write_text
+
+    def half_then_no_space(self, text, *args, **kwargs):
+        if "results" in self.name:
+            write_text(self, text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_no_space)
+    assert cli(tmp_path, "--models", "nin_cnn", "--eval-only", "--tta") == 2
+    assert "No space left on device writing" in capsys.readouterr().err
+    assert results.read_text() == before  # the last run's, whole
+    assert sorted(p.name for p in results.parent.glob("results*")) == ["results.json", "results.md"]
+
+
 def test_a_weights_dir_that_is_a_file_is_refused(tmp_path, tree, capsys):
     (tmp_path / "weights").write_text("not a folder")
     assert cli(tmp_path) == 2
