@@ -85,7 +85,6 @@ def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_same_command_resumes(
     epochs = 40
     returncode, stderr = stop_after_epoch(tmp_path, epochs, 2, sig)
     assert returncode == code == 128 + sig, stderr[-3000:]
-    assert code != 130 or code == ensemble.INTERRUPTED
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"ensemble.py: {said}; run the same")
     assert not list((tmp_path / "weights").glob(".*.lock"))  # released on the way out
