@@ -206,6 +206,20 @@ def is_finished(name, settings):
     return record.get("epochs") == settings.epochs and best.is_file()
 
 
+def unfinished(name, settings):
+    """Why `name`'s checkpoints in the weights folder may not be its last, or None.
+
+    `--eval-only` scores whatever best checkpoint is there; this says when that is
+    a member still in training, or one whose run stopped before its last epoch.
+    """
+    owner = _read_owner(Path(settings.weights_dir) / f".{name}.lock")
+    if owner is not None and _alive(owner):
+        return f"another run is training it (pid {owner.get('pid')} on {owner.get('host')})"
+    if backup_dir(name, settings).exists() or name in (read_joint_backup(settings) or (0, []))[1]:
+        return "its training was stopped before its last epoch; the same command resumes it"
+    return None
+
+
 def logged_losses(name, settings):
     """Training loss of every epoch, from the CSV log (which survives a resume)."""
     return [float(row["loss"]) for row in _read_log(Path(settings.logs_dir) / f"{name}.csv")]

@@ -48,6 +48,7 @@ from checkpoints import (
     recorded_attempts,
     recorded_recipe,
     settle_joint_backup,
+    unfinished,
 )
 from config import Settings, check_settings, parse_args
 from models import MODELS, PAPER_NAMES
@@ -312,6 +313,12 @@ def _run(settings):
     # As the article: new instances on one shared input, best weights reloaded.
     model_input = keras.Input(shape=x_train.shape[1:])
     members = load_members(names, model_input, settings.weights_dir)
+    # Scored all the same, but said: results of a member half-trained look like any other.
+    in_progress = {name: unfinished(name, settings) for name in names}
+    in_progress = {name: why for name, why in in_progress.items() if why}
+    for name, why in in_progress.items():
+        print(f"note: {name} is not fully trained: {why}; "
+              f"scoring its best checkpoint so far, {members[name][1].name}")  # fmt: skip
     # Each member predicts once; every row is scored from these probabilities. The
     # fitted rules learn on the validation split Keras held out, never on the test set.
     test_probs = predict_members(members, x_test, settings)
@@ -329,6 +336,7 @@ def _run(settings):
         "checkpoints": {name: str(path) for name, (_, path) in members.items()},
         # What the checkpoints were trained with, which --eval-only's settings need not say.
         "trained_with": {name: recorded_recipe(name, settings) for name in members},
+        "not_fully_trained": in_progress,
     }
     if epoch_seconds:  # joint training: where each epoch's time went
         extra["epoch_seconds"] = epoch_seconds

@@ -80,6 +80,25 @@ def test_a_lock_from_another_machine_says_how_to_clear_it_if_that_run_died(tmp_p
     assert err.count("\n") == 1 and (weights / ".nin_cnn.lock").is_file()
 
 
+def test_eval_only_says_which_members_are_not_fully_trained(tmp_path, tree, capsys):
+    assert cli(tmp_path, "--models", "nin_cnn", "all_cnn") == 0
+    assert "not fully trained" not in capsys.readouterr().out
+    results = tmp_path / "logs" / "results.json"
+    assert json.loads(results.read_text())["not_fully_trained"] == {}
+    weights = tmp_path / "weights"
+    # One member still in training in another run, the other stopped half way.
+    holder = {"pid": os.getpid(), "host": os.uname().nodename, "since": "-", "command": "-"}
+    (weights / ".nin_cnn.lock").write_text(json.dumps(holder))
+    (weights / "backup" / "all_cnn").mkdir(parents=True)
+    assert cli(tmp_path, "--models", "nin_cnn", "all_cnn", "--eval-only") == 0
+    out = capsys.readouterr().out
+    assert (f"note: nin_cnn is not fully trained: another run is training it (pid "
+            f"{os.getpid()} on {os.uname().nodename}); scoring its best checkpoint so far, "
+            "nin_cnn.01-") in out  # fmt: skip
+    assert "note: all_cnn is not fully trained: its training was stopped before its last" in out
+    assert set(json.loads(results.read_text())["not_fully_trained"]) == {"nin_cnn", "all_cnn"}
+
+
 def test_a_stale_lock_is_taken_over(tmp_path, tree, capsys):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True)  # fmt: skip
