@@ -79,6 +79,21 @@ def test_weighted_and_stacked_exports_match_the_table(tmp_path, members, images)
     np.testing.assert_allclose(exported, evaluation.apply_stacking(stacker, test_probs), atol=1e-5)
 
 
+def test_members_of_one_name_are_refused_with_the_fix(tmp_path):
+    # Several seeds of one architecture: the builders name each the same.
+    model_input = keras.Input(shape=(32, 32, 3))
+    seeds = [nin_cnn(model_input), nin_cnn(model_input)]
+    with pytest.raises(export.ExportError, match="both named 'nin_cnn'; give each its own"):
+        export.export(tmp_path / "e.keras", seeds, "average")
+    assert not list(tmp_path.iterdir())
+    seeds[1].name = "nin_cnn_2"  # the fix the message gives
+    export.export(tmp_path / "e.keras", seeds, "average")
+    assert [layer.name for layer in export.load(tmp_path / "e.keras").layers][1:3] == [
+        "nin_cnn",
+        "nin_cnn_2",
+    ]
+
+
 def test_an_export_cut_short_leaves_no_file_behind(tmp_path, members, monkeypatch):
     def save_half_then_fill_the_disk(model, path, *args, **kwargs):
         Path(path).write_bytes(b"PK half a zip")
