@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ensemble
 import evaluation
 import export
 from models import all_cnn, nin_cnn
@@ -85,6 +86,9 @@ def test_members_of_one_name_are_refused_with_the_fix(tmp_path):
     seeds = [nin_cnn(model_input), nin_cnn(model_input)]
     with pytest.raises(export.ExportError, match="both named 'nin_cnn'; give each its own"):
         export.export(tmp_path / "e.keras", seeds, "average")
+    probs = {"nin_cnn": np.full((2, 10), 0.1, "float32")}  # the second overwrote the first
+    with pytest.raises(ValueError, match="both named 'nin_cnn'; give each its own"):
+        ensemble.table_rows(["nin_cnn", "nin_cnn"], [], probs, {}, None, np.zeros(2, int))
     assert not list(tmp_path.iterdir())
     seeds[1].name = "nin_cnn_2"  # the fix the message gives
     export.export(tmp_path / "e.keras", seeds, "average")
