@@ -62,10 +62,10 @@ def check(args):
     if len(args.models) < 2:
         raise export.ExportError("combine needs at least two models to ensemble")
     names = [Path(path).stem for path in args.models]
-    twice = sorted({name for name in names if names.count(name) > 1})
+    twice = evaluation.repeated(names)
     if twice:
         raise export.ExportError(
-            f"two models are both named {twice[0]!r} (the file name names each); rename one"
+            f"two models are both named {twice!r} (the file name names each); rename one"
         )
     if not 0 < args.validation_split < 1:
         raise export.ExportError(

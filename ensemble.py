@@ -438,11 +438,11 @@ def measure_costs(members, model_input, x_test):
 
 def table_rows(names, rules, test_probs, val_probs, val_labels, labels):
     """Every non-empty subset of members under every rule; the article's 7 rows first."""
-    twice = sorted({name for name in names if names.count(name) > 1})
+    twice = evaluation.repeated(list(names))
     if twice:  # their probabilities, keyed by name, would already be one member's
         raise ValueError(
-            f"two members are both named {twice[0]!r}; give each its own name "
-            f"(model.name = '{twice[0]}_2')"
+            f"two members are both named {twice!r}; give each its own name "
+            f"(model.name = '{twice}_2')"
         )
     article = [members for _, members in ARTICLE_ROWS if set(members) <= set(names)]
     # Subsets in any member order (--models nin_cnn all_cnn) are still the article's rows.

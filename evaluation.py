@@ -183,6 +183,12 @@ def _softmax(logits):
 # --------------------------------------------------------------------------- the table
 
 
+def repeated(names):
+    """The first of `names` (in sorted order) given more than once, or None: members
+    are keyed by name, so two of one name would be scored as one."""
+    return min((name for name in names if names.count(name) > 1), default=None)
+
+
 def subsets(names):
     """Every non-empty subset of `names`, singles first, in the order given."""
     return [c for size in range(1, len(names) + 1) for c in itertools.combinations(names, size)]

@@ -31,12 +31,11 @@ class ExportError(ValueError):
 
 def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     """One `keras.Model` over `members` under `rule`; fitted rules use validation data."""
-    names = [member.name for member in members]
-    twice = sorted({name for name in names if names.count(name) > 1})
+    twice = evaluation.repeated([member.name for member in members])
     if twice:  # several seeds of one architecture, say: Keras refuses the file otherwise
         raise ExportError(
-            f"two members are both named {twice[0]!r}; give each its own name before "
-            f"exporting (model.name = '{twice[0]}_2')"
+            f"two members are both named {twice!r}; give each its own name before "
+            f"exporting (model.name = '{twice}_2')"
         )
     model_input = keras.Input(shape=members[0].input_shape[1:], name="images")
     outputs = [member(model_input) for member in members]
