@@ -314,8 +314,7 @@ def _run(settings):
     model_input = keras.Input(shape=x_train.shape[1:])
     members = load_members(names, model_input, settings.weights_dir)
     # Scored all the same, but said: results of a member half-trained look like any other.
-    in_progress = {name: unfinished(name, settings) for name in names}
-    in_progress = {name: why for name, why in in_progress.items() if why}
+    in_progress = {name: why for name in names if (why := unfinished(name, settings))}
     for name, why in in_progress.items():
         print(f"note: {name} is not fully trained: {why}; "
               f"scoring its best checkpoint so far, {members[name][1].name}")  # fmt: skip
@@ -438,7 +437,7 @@ def measure_costs(members, model_input, x_test):
 
 def table_rows(names, rules, test_probs, val_probs, val_labels, labels):
     """Every non-empty subset of members under every rule; the article's 7 rows first."""
-    twice = evaluation.repeated(list(names))
+    twice = evaluation.repeated(names)
     if twice:  # their probabilities, keyed by name, would already be one member's
         raise ValueError(
             f"two members are both named {twice!r}; give each its own name "
@@ -509,7 +508,8 @@ def main(argv=None):
         with training.stopping_on_signals(always=member):
             return _train_and_report(settings)
     except KeyboardInterrupt:
-        # Ctrl-C is how runs are stopped on purpose: say how to go on, not where Python was.
+        # Ctrl-C or a scheduler's SIGTERM is how runs are stopped on purpose: say how to
+        # go on, not where Python was.
         how, code = training.stopped_by()
         print(
             f"\nensemble.py: {how}; run the same command again: trained members are "

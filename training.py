@@ -17,7 +17,7 @@ import numpy as np
 
 from checkpoints import PARTIAL_SUFFIX, Resume, UsageError, checkpoint_pattern
 
-# Set by `interrupt`, ensemble.py's Ctrl-C handler.
+# Set by `interrupt`, the handler of Ctrl-C and the other stop signals.
 INTERRUPTED = threading.Event()
 # Set while a training loop runs (`stopping_at_batch_ends`): a first Ctrl-C then only
 # sets INTERRUPTED, and `RaiseInterrupt` raises it at the next batch or epoch end.
