@@ -16,6 +16,7 @@ It imports nothing from the project but models.py (Keras only, for the article's
 dropout rates), so that every module can raise `UsageError`.
 """
 
+import contextlib
 import csv
 import inspect
 import json
@@ -350,17 +351,24 @@ def _write_json(path, content):
     replace_text(path, json.dumps(content, indent=2) + "\n")
 
 
-def replace_text(path, text):
-    """Written under a temporary name, then renamed: never half a file under `path`,
-    and the file there before stays whole if the write fails (a full disk)."""
+@contextlib.contextmanager
+def replacing(path, temporary=None):
+    """Yields a temporary path to write; renamed to `path` once written. Never half a
+    file under `path`, and the file there before stays whole if the write fails (a
+    full disk, Ctrl-C): the temporary one is removed then."""
     path = Path(path)
-    temporary = path.with_name(path.name + ".partial")
+    temporary = Path(temporary or path.with_name(path.name + ".partial"))
     try:
-        temporary.write_text(text)
+        yield temporary
         temporary.replace(path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def replace_text(path, text):
+    with replacing(path) as temporary:
+        temporary.write_text(text)
 
 
 def best_checkpoint(weights_dir, name):

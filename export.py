@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import checkpoints
 import data
 import evaluation
 
@@ -86,13 +87,9 @@ def check_export_path(path):
 def export(path, members, rule, val_member_probs=None, val_labels=None):
     model, fitted = ensemble_model(members, rule, val_member_probs, val_labels)
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.partial.keras")
-    try:
+    # Keras saves only to a name ending in .keras; hidden, as it is half a file until renamed.
+    with checkpoints.replacing(path, path.with_name(f".{path.name}.partial.keras")) as temporary:
         model.save(temporary)
-        temporary.replace(path)  # never leave a half-written file under the real name
-    except BaseException:  # a full disk, Ctrl-C: no hidden half-file left behind either
-        temporary.unlink(missing_ok=True)
-        raise
     return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
 
 

@@ -35,7 +35,7 @@ from keras import ops
 
 import fast
 import training
-from checkpoints import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir
+from checkpoints import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir, replacing
 
 # JAX only: run an epoch's steps as one compiled loop. None chooses by device (see
 # _train_scanned); tests set it to compare both ways on the CPU.
@@ -353,11 +353,10 @@ def save_state(settings, done, names, arrays, rng):
     folder = joint_backup_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"epoch": done, "members": names, "rng": rng.bit_generator.state}
-    partial = folder / f".{JOINT_STATE}.partial"
-    with open(partial, "wb") as file:
-        np.savez(file, meta=np.array(json.dumps(meta)),
-                 **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})  # fmt: skip
-    partial.replace(folder / JOINT_STATE)
+    with replacing(folder / JOINT_STATE, folder / f".{JOINT_STATE}.partial") as partial:
+        with open(partial, "wb") as file:
+            np.savez(file, meta=np.array(json.dumps(meta)),
+                     **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})  # fmt: skip
 
 
 def load_state(settings):
