@@ -38,7 +38,7 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
             f"two members are both named {twice!r}; give each its own name before "
             f"exporting (model.name = '{twice}_2')"
         )
-    model_input = keras.Input(shape=members[0].input_shape[1:], name="images")
+    model_input = keras.Input(shape=_input_shape(members), name="images")
     outputs = [member(model_input) for member in members]
     fitted = {}
     if rule == "average":
@@ -114,15 +114,38 @@ def load(path, what="--model", written_by="written by --export"):
     # Any Keras classifier may be given; it must read CIFAR-10 images and score 10 classes.
     inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
     if inputs and outputs:
-        shapes = [tuple(inputs[0].shape[1:]), tuple(outputs[0].shape[1:])]
-        expected = [data.IMAGE_SHAPE, (data.NUM_CLASSES,)]
-        if len(inputs) != 1 or len(outputs) != 1 or shapes != expected:
+        fits = (
+            len(inputs) == 1
+            and len(outputs) == 1
+            and _fits(inputs[0].shape[1:], data.IMAGE_SHAPE)
+            and _fits(outputs[0].shape[1:], (data.NUM_CLASSES,))
+        )
+        if not fits:
             raise ExportError(
                 f"{what} {path} maps {_shapes(inputs)} to {_shapes(outputs)}; this needs one "
                 f"{'x'.join(map(str, data.IMAGE_SHAPE))} image input and one "
                 f"{data.NUM_CLASSES}-class output"
             )
     return model
+
+
+def _fits(shape, expected):
+    """Whether a model's shape (None: any size, as a fully convolutional input) takes `expected`."""
+    return len(shape) == len(expected) and all(
+        d in (None, e) for d, e in zip(shape, expected, strict=True)
+    )
+
+
+def _input_shape(members):
+    """The ensemble's input: each axis as the first member that fixes it gives it.
+
+    A fully convolutional member takes (None, None, 3); beside a member that needs
+    32x32x3, the ensemble must take 32x32x3, whichever of them comes first.
+    """
+    shapes = [tuple(member.input_shape[1:]) for member in members]
+    return tuple(
+        next((d for d in axis if d is not None), None) for axis in zip(*shapes, strict=True)
+    )
 
 
 def _shapes(tensors):

@@ -65,12 +65,32 @@ def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, s
     assert [layer.name for layer in reloaded.layers][1:3] == ["nin", "small"]
 
 
+def test_combine_takes_fully_convolutional_and_legacy_h5_models(tmp_path, saved):
+    """Any size of image (None x None x 3) fits 32x32x3; Keras 2's .h5 format loads too."""
+    any_size = tmp_path / "any_size.keras"
+    small_classifier(shape=(None, None, 3)).save(any_size)
+    legacy = tmp_path / "legacy.h5"
+    keras.saving.load_model(saved[0]).save(legacy)
+    exported = tmp_path / "ensemble.keras"
+    assert combine(tmp_path, any_size, legacy, "--export", exported) == 0
+
+    # The fully convolutional member comes first, yet the file takes 32x32x3 images,
+    # as its other member needs, and computes the mean of the two.
+    reloaded = keras.saving.load_model(exported)
+    assert tuple(reloaded.input_shape) == (None, 32, 32, 3)
+    _, (x_test, _) = data.load_data(tmp_path / "tree")
+    models = [keras.saving.load_model(path) for path in (any_size, legacy)]
+    mean = np.mean([m.predict(x_test, verbose=0) for m in models], axis=0)
+    np.testing.assert_allclose(reloaded.predict(x_test, verbose=0), mean, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("one model", "combine needs at least two models"),
         ("same file name", "two models are both named 'nin'"),
         ("other shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
+        ("grey, any size", "maps NonexNonex1 to 10; this needs one 32x32x3 image input"),
         ("missing", "model MISSING does not exist"),
         ("logits", "model logits does not output probabilities"),
         ("not .keras", "--export ensemble.h5 must end in .keras"),
@@ -91,6 +111,9 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     elif case == "other shapes":
         args.append(tmp_path / "mnist.keras")
         small_classifier(5, (28, 28, 1)).save(args[-1])
+    elif case == "grey, any size":
+        args.append(tmp_path / "grey.keras")
+        small_classifier(shape=(None, None, 1)).save(args[-1])
     elif case == "logits":
         args.append(tmp_path / "logits.keras")
         small_classifier(activation=None).save(args[-1])
