@@ -315,20 +315,32 @@ def _bytes_reader(data):
     return lambda: data
 
 
+# Image modes whose pixels RGB holds exactly. PNG optimisers (oxipng, optipng) store
+# an image with no colour as grey ("L") and one of few colours as a palette ("P"),
+# losslessly; refusing them would refuse CIFAR-10 itself. Alpha is kept only if opaque.
+# CMYK and 16-bit grey would change in conversion, so they stay refused.
+_EXACTLY_RGB = frozenset({"RGB", "L", "P", "1", "RGBA", "LA", "PA"})
+
+
 def _decode_image(data, where):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.size != IMAGE_SHAPE[:2] or image.mode != "RGB":
+            if image.size != IMAGE_SHAPE[:2] or image.mode not in _EXACTLY_RGB:
                 raise DataError(
                     f"{where} is {image.size[0]}x{image.size[1]} {image.mode}; CIFAR-10 "
                     "images must be 32x32 RGB"
                 )
-            return np.asarray(image, dtype=np.uint8)
+            if image.mode == "RGB":
+                return np.asarray(image, dtype=np.uint8)
+            pixels = np.asarray(image.convert("RGBA"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise DataError(f"{where} is not a readable image ({error})") from error
+    if pixels[..., 3].min() < 255:  # dropping see-through pixels' alpha would change them
+        raise DataError(f"{where} has transparent pixels; CIFAR-10 images must be opaque 32x32 RGB")
+    return pixels[..., :3]
 
 
 class _BatchUnpickler(pickle.Unpickler):

@@ -155,7 +155,9 @@ def test_unsafe_tar_members_are_refused(tmp_path, image_tree, kind):
         ("missing_class", "only in one of them: cat"),
         ("missing_everywhere", "expected 10 class folders, found 9"),
         ("wrong_size", "must be 32x32 RGB"),
-        ("grey", "must be 32x32 RGB"),
+        ("cmyk", "is 32x32 CMYK; CIFAR-10 images must be 32x32 RGB"),
+        ("16-bit grey", "is 32x32 I;16; CIFAR-10 images must be 32x32 RGB"),
+        ("transparent", "0000.png has transparent pixels; CIFAR-10 images must be opaque"),
         ("not_image", "not a PNG or JPEG"),
         ("garbage_png", "not a readable image"),
     ],
@@ -183,8 +185,12 @@ def test_bad_sources_give_one_clear_error(tmp_path, image_tree, damage, message)
         shutil.rmtree(image_tree / "train" / "cat")
     elif damage == "wrong_size":
         Image.new("RGB", (28, 28)).save(image_tree / "test" / "cat" / "0000.png")
-    elif damage == "grey":
-        Image.new("L", (32, 32)).save(image_tree / "test" / "cat" / "0000.png")
+    elif damage == "cmyk":  # converting CMYK to RGB would change the pixels
+        Image.new("CMYK", (32, 32)).save(image_tree / "test" / "cat" / "0000.jpg")
+    elif damage == "16-bit grey":
+        Image.new("I;16", (32, 32)).save(image_tree / "test" / "cat" / "0000.png")
+    elif damage == "transparent":
+        Image.new("RGBA", (32, 32), (9, 9, 9, 128)).save(image_tree / "test" / "cat" / "0000.png")
     elif damage == "not_image":
         (image_tree / "train" / "dog" / "notes.txt").write_text("hello")
     elif damage == "garbage_png":
@@ -192,6 +198,43 @@ def test_bad_sources_give_one_clear_error(tmp_path, image_tree, damage, message)
     with pytest.raises(data.DataError, match=message) as raised:
         data.load_data(target)
     assert "\n" not in str(raised.value)
+
+
+def test_grey_palette_and_opaque_alpha_images_load_as_their_exact_rgb(image_tree):
+    """What a PNG optimiser (oxipng, optipng) makes of CIFAR-10 images, losslessly.
+
+    An image without colour is stored grey, one of few colours as a palette; some
+    tools add an opaque alpha channel. Each holds exactly one RGB image, which is what
+    the loader must return.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    indices = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    as_palette = Image.fromarray(indices, "P")
+    as_palette.putpalette(palette.tobytes())
+    bits = rng.random((32, 32)) < 0.5
+    colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    # Test images keep the tree's order (class, then file): position i is NNNN = i.
+    cases = {
+        "cat/0006.png": (Image.fromarray(grey, "L"), np.stack([grey] * 3, axis=-1)),
+        "cat/0007.png": (as_palette, palette[indices]),
+        "dog/0010.png": (Image.fromarray(bits), np.where(bits, 255, 0)[..., None].repeat(3, -1)),
+        "dog/0011.png": (
+            Image.fromarray(np.dstack([colour, np.full((32, 32), 255, np.uint8)]), "RGBA"),
+            colour,
+        ),
+    }
+    for name, (image, _) in cases.items():
+        image.save(image_tree / "test" / name)
+        with Image.open(image_tree / "test" / name) as saved:
+            assert saved.mode != "RGB"  # the case is what it claims to be
+    _, (x_test, _) = data.load_data(image_tree)
+    for name, (_, expected) in cases.items():
+        position = int(name.split("/")[1][:4])
+        np.testing.assert_array_equal(data._pixels(x_test[position]), expected, err_msg=name)
 
 
 def test_hidden_files_are_ignored(image_tree):
