@@ -405,7 +405,7 @@ class MemberLocks:
 
     One file per member (`.<name>.lock`), so that runs training *different* members
     into a shared folder (one per GPU) go ahead side by side. A lock whose process is
-    gone (same machine, pid no longer alive) is stale and taken over.
+    gone (same machine, pid no longer alive; POSIX only) is stale and taken over.
     """
 
     def __init__(self, weights_dir, names):
@@ -436,7 +436,7 @@ class MemberLocks:
                     name = path.name.removeprefix(".").removesuffix(".lock")
                     # A run on another machine cannot be checked from here: if it died
                     # there (a lost node, a SIGKILL), only its user can tell.
-                    gone = "" if other.get("host") == socket.gethostname() else (
+                    gone = "" if _checkable(other) else (
                         f", or if that run is no longer running there, delete {path}"
                     )  # fmt: skip
                     raise UsageError(
@@ -461,9 +461,19 @@ def _read_owner(path):
         return None  # half-written by a run that died at once: stale
 
 
+# os.kill(pid, 0) asks whether a process lives on POSIX systems only: on Windows,
+# any signal but Ctrl-C's *terminates* the process, the very run the lock protects.
+PIDS_CHECKABLE = os.name == "posix"
+
+
+def _checkable(owner):
+    """Whether this process can tell if the lock's owner still runs: same machine, POSIX."""
+    return PIDS_CHECKABLE and owner.get("host") == socket.gethostname()
+
+
 def _alive(owner):
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine's run: it cannot be checked from here
+    if not _checkable(owner):
+        return True  # another machine's run, or Windows: it cannot be checked from here
     try:
         os.kill(int(owner["pid"]), 0)
     except ProcessLookupError:

@@ -176,11 +176,14 @@ def _relay(name, process):
 
 
 def _stop(processes):
-    """SIGINT to every process still running, as Ctrl-C would, then SIGKILL to any
-    still running after STOP_SECONDS."""
+    """SIGINT to every process still running, as Ctrl-C would (on Windows, which cannot
+    send one, they stop at once), then SIGKILL to any still running after STOP_SECONDS."""
     running = [p for p in processes.values() if p.poll() is None]
     for process in running:
-        process.send_signal(signal.SIGINT)
+        if os.name == "posix":
+            process.send_signal(signal.SIGINT)
+        else:  # Windows cannot send Ctrl-C to one process: it stops at once
+            process.terminate()
     deadline = time.monotonic() + STOP_SECONDS
     for process in running:
         try:

@@ -32,8 +32,11 @@ AT_BATCH_ENDS = threading.Event()
 RECEIVED = []
 # Ctrl-C, a scheduler's stop (Slurm's preemption sends SIGTERM, then SIGKILL after a
 # grace time), a closed terminal: each stops a run the same way, releasing its locks,
-# which a requeued job on another machine could not tell from a live run's.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# which a requeued job on another machine could not tell from a live run's. Windows
+# has no SIGHUP, and importing this module there must not fail for want of it.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 # A live softmax varies from image to image; a dead network's varies by rounding only.
 DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256

@@ -80,6 +80,34 @@ def test_a_lock_from_another_machine_says_how_to_clear_it_if_that_run_died(tmp_p
     assert err.count("\n") == 1 and (weights / ".nin_cnn.lock").is_file()
 
 
+def test_where_processes_cannot_be_checked_a_lock_is_kept_and_never_signalled(
+    tmp_path, tree, capsys, monkeypatch
+):
+    # On Windows os.kill(pid, 0) would not ask whether the run lives: it would kill it.
+    import checkpoints
+
+    monkeypatch.setattr(checkpoints, "PIDS_CHECKABLE", False)
+    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail(f"os.kill{args}"))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    holder = {"pid": 4242, "host": os.uname().nodename, "since": "-", "command": "-"}
+    (weights / ".nin_cnn.lock").write_text(json.dumps(holder))
+    assert cli(tmp_path, "--models", "nin_cnn") == 2
+    err = capsys.readouterr().err
+    assert f"or if that run is no longer running there, delete {weights / '.nin_cnn.lock'}" in err
+    assert (weights / ".nin_cnn.lock").is_file()
+
+
+def test_the_program_imports_where_there_is_no_sighup():
+    # Windows has SIGINT and SIGTERM but no SIGHUP.
+    code = (
+        "import signal; del signal.SIGHUP; import ensemble, training; print(training.STOP_SIGNALS)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-500:]
+    assert shown.stdout.splitlines()[-1] == "(<Signals.SIGINT: 2>, <Signals.SIGTERM: 15>)"
+
+
 def test_eval_only_says_which_members_are_not_fully_trained(tmp_path, tree, capsys):
     assert cli(tmp_path, "--models", "nin_cnn", "all_cnn") == 0
     assert "not fully trained" not in capsys.readouterr().out
