@@ -47,6 +47,9 @@ def parse_args(argv):
                         "(default: 0.2, the article's)")  # fmt: skip
     parser.add_argument("--combine", nargs="+", choices=evaluation.RULES, default=["average"],
                         help="rules to score; the average always comes first")  # fmt: skip
+    parser.add_argument("--every-subset", action="store_true",
+                        help=f"score every subset even beyond {evaluation.EVERY_SUBSET_UP_TO} "
+                        "models (default: then each model, all but each one, and all)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
     parser.add_argument("--tta", action="store_true", help="average with the mirror image's")
     parser.add_argument("--export", metavar="PATH.keras", help="write the combination as one model")
@@ -103,6 +106,10 @@ def run(args):
     split_at = math.floor(len(x_train) * (1 - args.validation_split))  # as Keras' split
     x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
     print(f"{len(names)} models, {len(x_test)} test images, {len(x_val)} validation images")
+    if len(names) > evaluation.EVERY_SUBSET_UP_TO and not args.every_subset:
+        print(f"{len(names)} models make {2 ** len(names) - 1} subsets, too many to score "
+              "in good time: scoring each model, all but each one, and all of them "
+              "(--every-subset scores every one)")  # fmt: skip
 
     def predict(images):
         return {n: fast.predict(m, images, args.batch_size, args.tta) for n, m in models.items()}
@@ -117,7 +124,15 @@ def run(args):
             )
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
     val_probs = predict(x_val) if fitted & {"weighted", "stack"} else {}
-    rows = table_rows(names, args.combine, test_probs, val_probs, val_labels, y_test[:, 0])
+    rows = table_rows(
+        names,
+        args.combine,
+        test_probs,
+        val_probs,
+        val_labels,
+        y_test[:, 0],
+        args.every_subset or None,
+    )
     extra = {"models": dict(zip(names, args.models, strict=True))}
     if args.export:
         extra["export"] = export.export(

@@ -435,8 +435,12 @@ def measure_costs(members, model_input, x_test):
     return costs
 
 
-def table_rows(names, rules, test_probs, val_probs, val_labels, labels):
-    """Every non-empty subset of members under every rule; the article's 7 rows first."""
+def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_subset=None):
+    """Every non-empty subset of members under every rule; the article's 7 rows first.
+
+    Beyond `evaluation.EVERY_SUBSET_UP_TO` members, unless `every_subset`: each
+    member, all but each one, and all of them (`evaluation.subsets`).
+    """
     twice = evaluation.repeated(names)
     if twice:  # their probabilities, keyed by name, would already be one member's
         raise ValueError(
@@ -446,7 +450,9 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels):
     article = [members for _, members in ARTICLE_ROWS if set(members) <= set(names)]
     # Subsets in any member order (--models nin_cnn all_cnn) are still the article's rows.
     ordered = article + [
-        s for s in evaluation.subsets(names) if set(s) not in [set(a) for a in article]
+        s
+        for s in evaluation.subsets(names, every_subset)
+        if set(s) not in [set(a) for a in article]
     ]
     article_names = {members: row for row, members in ARTICLE_ROWS}
     rows = []

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_data
 import bench_seeds
+import bench_subsets
 import summary
 
 ROWS = ["ConvPool-CNN-C", "ALL-CNN-C", "NIN", "ensemble of three"]
@@ -192,3 +193,12 @@ def test_bench_data_times_the_handover_and_checks_it(tmp_path, capsys):
     assert bench_data.main(["--data-dir", str(write_tree(tmp_path / "tree"))]) == 0
     out = capsys.readouterr().out
     assert "decode " in out and "(100 images)" in out and "faster per member process" in out
+
+
+def test_bench_subsets_times_every_subset_against_the_default_beyond_six(capsys):
+    assert bench_subsets.main(["--members", "3", "7", "--images", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # 3 members: 3 + 3 + 1 averaged rows, 3 + 1 under each of the three other rules.
+    assert lines[2].split()[:4] == ["3", "every", "one", "19"]
+    assert lines[3].split()[:4] == ["7", "every", "one", str(127 + 3 * 120)]
+    assert lines[4].split()[:2] == ["7", "each,"] and lines[4].split()[6] == str(15 + 3 * 8)

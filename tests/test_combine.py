@@ -84,6 +84,32 @@ def test_combine_takes_fully_convolutional_and_legacy_h5_models(tmp_path, saved)
     np.testing.assert_allclose(reloaded.predict(x_test, verbose=0), mean, atol=1e-6)
 
 
+@pytest.mark.parametrize("every", [False, True], ids=["default", "--every-subset"])
+def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subset(
+    tmp_path, capsys, every
+):
+    # Seven seeds of one model, say: 127 subsets would be minutes under the fitted rules.
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=2)
+    paths = []
+    for seed in range(7):
+        keras.utils.set_random_seed(seed)
+        paths.append(tmp_path / f"seed{seed}.keras")
+        small_classifier().save(paths[-1])
+    flags = ["--every-subset"] if every else []
+    assert combine(tmp_path, *paths, "--combine", "weighted", *flags) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    averaged = [row["members"] for row in rows if row["rule"] == "average"]
+    if every:
+        assert len(averaged) == 127 and "too many" not in out
+    else:
+        assert "7 models make 127 subsets, too many to score in good time" in out
+        assert [len(m) for m in averaged] == [1] * 7 + [6] * 7 + [7]
+    weighted = [row for row in rows if row["rule"] == "weighted"]
+    assert len(weighted) == len(averaged) - 7  # every ensemble, not the single models
+    assert weighted[-1]["row"] == "+".join(f"seed{i}" for i in range(7)) + " (weighted)"
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -142,6 +142,17 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
 def test_subsets_are_generic_in_the_number_of_members():
     assert len(ev.subsets(["a", "b", "c", "d"])) == 15
     assert ev.subsets(["a", "b"]) == [("a",), ("b",), ("a", "b")]
+    assert len(ev.subsets(list("abcdef"))) == 63  # every one, up to EVERY_SUBSET_UP_TO
+
+
+def test_beyond_six_members_each_all_but_each_and_all_are_scored():
+    names = list("abcdefg")
+    chosen = ev.subsets(names)
+    assert chosen[:7] == [(n,) for n in names]
+    assert chosen[7:14] == [tuple(n for n in names if n != out) for out in reversed(names)]
+    assert chosen[14:] == [tuple(names)]
+    assert len(ev.subsets(names, every=True)) == 127
+    assert ev.subsets(["a"], every=False) == [("a",)]
 
 
 def test_members_named_in_another_order_still_give_each_row_once():
