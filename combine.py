@@ -3,8 +3,9 @@
 The article's members are not the only ones worth combining. Each file is loaded in
 safe mode and must take 32x32x3 images scaled to [0, 1] (the article's x / 255) to
 10 class probabilities, whatever its architecture. Every model predicts the test set
-once, and every subset of models is scored under every `--combine` rule with the
-full report's metrics, exactly as `ensemble.py` scores its own members; `--export`
+once, and every subset of models (beyond six: each, all but each, and all) is scored
+under every `--combine` rule with the full report's metrics, exactly as `ensemble.py`
+scores its own members; `--export`
 writes the chosen combination as one `.keras` file.
 
 The fitted rules (`weighted`, `stack`) learn on the last `--validation-split` of the
@@ -13,6 +14,7 @@ on those images (the article's members hold them out).
 """
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -60,16 +62,36 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def model_names(paths):
+    """Each model's name: its file's stem, with as many of its folders as tell it apart.
+
+    Seeds of one model are often saved as runs/seed1/model.keras, runs/seed2/model.keras:
+    they are named seed1_model and seed2_model. Keras refuses "/" in a name, hence "_".
+    """
+    parts = [(*path.parent.parts[1:], path.stem) for path in paths]  # parts[0]: the root
+    depth = [1] * len(paths)
+    for _ in range(max(map(len, parts))):
+        names = ["_".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        twice = evaluation.repeated(names)
+        if twice is None:
+            return names
+        for i, name in enumerate(names):  # distinct files: a folder more tells them apart
+            if name == twice:
+                depth[i] += 1
+    # Only folder names holding "_" get here (a_b/m.keras beside a/b/m.keras): number them.
+    return [f"{path.stem}_{i}" for i, path in enumerate(paths, start=1)]
+
+
 def check(args):
     """The names the models go by (their file names), or an ExportError saying what to fix."""
     if len(args.models) < 2:
         raise export.ExportError("combine needs at least two models to ensemble")
-    names = [Path(path).stem for path in args.models]
-    twice = evaluation.repeated(names)
+    resolved = [Path(path).resolve() for path in args.models]
+    twice = evaluation.repeated(resolved)
     if twice:
-        raise export.ExportError(
-            f"two models are both named {twice!r} (the file name names each); rename one"
-        )
+        raise export.ExportError(f"model {twice} is given twice; give each model once")
+    # Named after the paths as given (a link's name, not its target's), tidied of "..".
+    names = model_names([Path(os.path.normpath(Path(path).absolute())) for path in args.models])
     if not 0 < args.validation_split < 1:
         raise export.ExportError(
             f"--validation-split must lie strictly between 0 and 1, got {args.validation_split}"

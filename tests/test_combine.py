@@ -65,6 +65,23 @@ def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, s
     assert [layer.name for layer in reloaded.layers][1:3] == ["nin", "small"]
 
 
+def test_models_of_one_file_name_are_told_apart_by_their_folders(tmp_path, saved, capsys):
+    # Seeds of one model, each run saving model.keras in a folder of its own.
+    for seed in ("seed1", "seed2"):
+        (tmp_path / "runs" / seed).mkdir(parents=True)
+        keras.saving.load_model(saved[1]).save(tmp_path / "runs" / seed / "small.keras")
+    models = [
+        *saved,
+        tmp_path / "runs" / "seed1" / "small.keras",
+        tmp_path / "runs/seed2/small.keras",
+    ]
+    assert combine(tmp_path, *models, "--export", tmp_path / "all.keras") == 0
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    assert [row["row"] for row in rows[:4]] == ["nin", "mine_small", "seed1_small", "seed2_small"]
+    nested = [layer.name for layer in keras.saving.load_model(tmp_path / "all.keras").layers]
+    assert nested[1:5] == ["nin", "mine_small", "seed1_small", "seed2_small"]
+
+
 def test_combine_takes_fully_convolutional_and_legacy_h5_models(tmp_path, saved):
     """Any size of image (None x None x 3) fits 32x32x3; Keras 2's .h5 format loads too."""
     any_size = tmp_path / "any_size.keras"
@@ -114,7 +131,7 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
     "case, message",
     [
         ("one model", "combine needs at least two models"),
-        ("same file name", "two models are both named 'nin'"),
+        ("same file twice", "is given twice; give each model once"),
         ("other shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
         ("grey, any size", "maps NonexNonex1 to 10; this needs one 32x32x3 image input"),
         ("missing", "model MISSING does not exist"),
@@ -130,10 +147,8 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     args = list(saved)
     if case == "one model":
         args = saved[:1]
-    elif case == "same file name":
-        (tmp_path / "other").mkdir()
-        args.append(tmp_path / "other" / "nin.keras")
-        nin_cnn(keras.Input(shape=(32, 32, 3))).save(args[-1])
+    elif case == "same file twice":
+        args.append(tmp_path / "mine" / ".." / "mine" / "nin.keras")
     elif case == "other shapes":
         args.append(tmp_path / "mnist.keras")
         small_classifier(5, (28, 28, 1)).save(args[-1])
