@@ -82,6 +82,34 @@ def test_models_of_one_file_name_are_told_apart_by_their_folders(tmp_path, saved
     assert nested[1:5] == ["nin", "mine_small", "seed1_small", "seed2_small"]
 
 
+def test_a_mixed_precision_model_whose_softmax_is_bfloat16_is_taken(tmp_path, saved):
+    # Its rows sum to one within 2^-8 or so, which the check for logits must allow.
+    bf16 = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(4, 3, activation="relu", dtype="mixed_bfloat16"),
+            keras.layers.GlobalAveragePooling2D(dtype="mixed_bfloat16"),
+            keras.layers.Dense(
+                10,
+                activation="softmax",
+                dtype="mixed_bfloat16",
+                # Confident rows: bfloat16's steps are widest near one.
+                bias_initializer=keras.initializers.RandomNormal(stddev=3.0, seed=1),
+            ),
+        ]
+    )
+    images = np.random.default_rng(0).random((64, 32, 32, 3), np.float32)
+    outputs = bf16.predict(images, verbose=0)
+    assert (
+        outputs.dtype.itemsize == 2 and np.abs(outputs.astype(np.float32).sum(1) - 1).max() > 1e-3
+    )
+    bf16.save(tmp_path / "bf16.keras")
+    assert combine(tmp_path, saved[0], tmp_path / "bf16.keras", "--combine", "weighted") == 0
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    assert [row["row"] for row in rows] == ["nin", "bf16", "nin+bf16", "nin+bf16 (weighted)"]
+    assert all(np.isfinite(row["nll"]) for row in rows)
+
+
 def test_combine_takes_fully_convolutional_and_legacy_h5_models(tmp_path, saved):
     """Any size of image (None x None x 3) fits 32x32x3; Keras 2's .h5 format loads too."""
     any_size = tmp_path / "any_size.keras"
