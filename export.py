@@ -156,6 +156,10 @@ def read_image(path):
     """A PNG or JPEG of any size as a (32, 32, 3) float32 array in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
 
+    if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
+        raise ExportError("an image path is empty (an unset shell variable?); give the file")
+    if Path(path).is_dir():
+        raise ExportError(f"image {path} is a folder; give its files ({Path(path) / '*.jpg'})")
     try:
         with Image.open(path) as image:
             image = image.convert("RGB").resize(data.IMAGE_SHAPE[:2], Image.Resampling.BICUBIC)

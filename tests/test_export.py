@@ -136,6 +136,8 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("not_an_image", "notes.png is not a readable PNG or JPEG"),
         ("bad_model", "broken.keras is not a loadable .keras model"),
         ("folder", "is a folder; give the .keras file"),
+        ("image folder", "photos is a folder; give its files (PHOTOS/*.jpg)"),
+        ("empty image", "an image path is empty (an unset shell variable?)"),
         ("empty", "--model is empty (an unset shell variable?)"),
         ("other_shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
     ],
@@ -157,6 +159,12 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
         model = tmp_path
     elif problem == "empty":
         model = ""
+    elif problem == "image folder":
+        image = tmp_path / "photos"
+        image.mkdir()
+        message = message.replace("PHOTOS", str(image))
+    elif problem == "empty image":
+        image = ""
     else:  # a loadable classifier of other images (MNIST-like, 5 classes)
         model = tmp_path / "other.keras"
         keras.Sequential(
