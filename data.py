@@ -198,7 +198,8 @@ def _load_from_path(path):
     if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
         raise DataError(
             f"{path} looks like cifar-10-python.tar.gz but its sha256 is not the "
-            f"published {OFFICIAL_ARCHIVE_SHA256}; download it again"
+            f"published {OFFICIAL_ARCHIVE_SHA256}; download it again (or, if you packed "
+            f"it yourself, pass the extracted {OFFICIAL_BATCHES_DIR} folder)"
         )
     return *_load_image_tree(files, path), True
 
