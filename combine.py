@@ -34,12 +34,13 @@ RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
 def parse_args(argv):
     parser = config.Parser(
         prog="ensemble.py combine",
-        description="Score every combination of saved CIFAR-10 classifiers (.keras files) "
-        "and optionally export one as a single model.",
+        description="Score every combination of saved CIFAR-10 classifiers (.keras or .h5 "
+        "files) and optionally export one as a single model.",
     )
     parser.add_argument("models", nargs="+", metavar="MODEL.keras",
-                        help="two or more classifiers of 32x32x3 images in [0, 1] to 10 classes; "
-                        "each is named after its file")  # fmt: skip
+                        help="two or more classifiers of 32x32x3 images in [0, 1] to 10 "
+                        "classes; each is named after its file (and folders, if files share "
+                        "a name)")  # fmt: skip
     parser.add_argument("--data-dir", help="offline CIFAR-10, as for ensemble.py "
                         "(default: download with Keras)")  # fmt: skip
     parser.add_argument("--limit", type=int, help="keep N train and N test images")
