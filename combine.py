@@ -29,6 +29,9 @@ import report
 from ensemble import table_rows
 
 RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
+# Ten classes: guessing errs 90% of the time. A saved model that errs 85% or more has
+# almost surely been given its images on the wrong scale.
+AT_CHANCE = 0.85
 
 
 def parse_args(argv):
@@ -141,6 +144,14 @@ def run(args):
         }
 
     test_probs = predict(x_test)
+    at_chance = [
+        n for n in names if evaluation.error_rate(test_probs[n], y_test[:, 0]) >= AT_CHANCE
+    ]
+    for name in at_chance:  # silently wrong otherwise: every row with it would be noise
+        print(f"note: model {name} is at chance level (test error "
+              f"{evaluation.error_rate(test_probs[name], y_test[:, 0]):.2f}); does it take images "
+              "scaled to [0, 1]? One that rescales its input itself (a Rescaling(1/255) layer, "
+              "as in Keras' examples) wants pixels in 0..255")  # fmt: skip
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
     val_probs = predict(x_val) if fitted & {"weighted", "stack"} else {}
     rows = table_rows(
@@ -152,7 +163,7 @@ def run(args):
         y_test[:, 0],
         args.every_subset or None,
     )
-    extra = {"models": dict(zip(names, args.models, strict=True))}
+    extra = {"models": dict(zip(names, args.models, strict=True)), "at_chance": at_chance}
     if args.export:
         extra["export"] = export.export(
             args.export,

@@ -110,6 +110,38 @@ def test_a_mixed_precision_model_whose_softmax_is_bfloat16_is_taken(tmp_path, sa
     assert all(np.isfinite(row["nll"]) for row in rows)
 
 
+def pixel_reader(rescales=False):
+    """Reads the class from pixel (0, 0)'s red value, 25 * class (conftest): no error.
+
+    With `rescales`, it divides its input by 255 first, as Keras' examples do, and so
+    wants pixels in 0..255; given the article's [0, 1], it is at chance.
+    """
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs) if rescales else inputs
+    x = keras.layers.Flatten()(keras.layers.Cropping2D(((0, 31), (0, 31)))(x))
+    dense = keras.layers.Dense(10, activation="softmax")
+    model = keras.Model(inputs, dense(x), name="rescales" if rescales else "reads")
+    # logit k = 625 (c^2 - (k - c)^2) for red = 25 c / 255: largest at k = c.
+    k = np.arange(10)
+    kernel = np.stack([12750.0 * k, 0 * k, 0 * k]).astype("float32")
+    dense.set_weights([kernel, (-625.0 * k**2).astype("float32")])
+    return model
+
+
+def test_a_model_at_chance_gets_a_note_on_the_scale_of_its_images(tmp_path, capsys):
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
+    paths = [tmp_path / "reads.keras", tmp_path / "rescales.keras"]
+    pixel_reader().save(paths[0])
+    pixel_reader(rescales=True).save(paths[1])
+    assert combine(tmp_path, *paths) == 0
+    out = capsys.readouterr().out
+    assert "note: model rescales is at chance level (test error 0.90); does it take" in out
+    assert "note: model reads" not in out
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    assert results["at_chance"] == ["rescales"]
+    assert results["results"][0]["test_error"] == 0.0  # the reader: right on every image
+
+
 def test_combine_takes_fully_convolutional_and_legacy_h5_models(tmp_path, saved):
     """Any size of image (None x None x 3) fits 32x32x3; Keras 2's .h5 format loads too."""
     any_size = tmp_path / "any_size.keras"
