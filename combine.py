@@ -5,8 +5,7 @@ safe mode and must take 32x32x3 images scaled to [0, 1] (the article's x / 255) 
 10 class probabilities, whatever its architecture. Every model predicts the test set
 once, and every subset of models (beyond six: each, all but each, and all) is scored
 under every `--combine` rule with the full report's metrics, exactly as `ensemble.py`
-scores its own members; `--export`
-writes the chosen combination as one `.keras` file.
+scores its own members; `--export` writes the chosen combination as one `.keras` file.
 
 The fitted rules (`weighted`, `stack`) learn on the last `--validation-split` of the
 training set, never on the test set; they are fair only if the models did not train
@@ -87,7 +86,7 @@ def model_names(paths):
 
 
 def check(args):
-    """The names the models go by (their file names), or an ExportError saying what to fix."""
+    """The names the models go by (`model_names`), or an ExportError saying what to fix."""
     if len(args.models) < 2:
         raise export.ExportError("combine needs at least two models to ensemble")
     resolved = [Path(path).resolve() for path in args.models]
@@ -144,14 +143,14 @@ def run(args):
         }
 
     test_probs = predict(x_test)
-    at_chance = [
-        n for n in names if evaluation.error_rate(test_probs[n], y_test[:, 0]) >= AT_CHANCE
-    ]
+    errors = {
+        name: evaluation.error_rate(probs, y_test[:, 0]) for name, probs in test_probs.items()
+    }
+    at_chance = [name for name in names if errors[name] >= AT_CHANCE]
     for name in at_chance:  # silently wrong otherwise: every row with it would be noise
-        print(f"note: model {name} is at chance level (test error "
-              f"{evaluation.error_rate(test_probs[name], y_test[:, 0]):.2f}); does it take images "
-              "scaled to [0, 1]? One that rescales its input itself (a Rescaling(1/255) layer, "
-              "as in Keras' examples) wants pixels in 0..255")  # fmt: skip
+        print(f"note: model {name} is at chance level (test error {errors[name]:.2f}); does it "
+              "take images scaled to [0, 1]? One that rescales its input itself (a "
+              "Rescaling(1/255) layer, as in Keras' examples) wants pixels in 0..255")  # fmt: skip
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
     val_probs = predict(x_val) if fitted & {"weighted", "stack"} else {}
     rows = table_rows(
