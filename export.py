@@ -110,7 +110,7 @@ def load(path, what="--model", written_by="written by --export"):
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike
         why = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise ExportError(f"{what} {path} is not a loadable .keras model ({why})") from error
+        raise ExportError(f"{what} {path} is not a loadable Keras model ({why})") from error
     # Any Keras classifier may be given; it must read CIFAR-10 images and score 10 classes.
     inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
     if inputs and outputs:

@@ -134,7 +134,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
     [
         ("missing", "nowhere.png does not exist"),
         ("not_an_image", "notes.png is not a readable PNG or JPEG"),
-        ("bad_model", "broken.keras is not a loadable .keras model"),
+        ("bad_model", "broken.keras is not a loadable Keras model"),
         ("folder", "is a folder; give the .keras file"),
         ("image folder", "photos is a folder; give its files (PHOTOS/*.jpg)"),
         ("empty image", "an image path is empty (an unset shell variable?)"),
