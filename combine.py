@@ -14,6 +14,7 @@ on those images (the article's members hold them out).
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -74,15 +75,26 @@ def model_names(paths):
     parts = [(*path.parent.parts[1:], path.stem) for path in paths]  # parts[0]: the root
     depth = [1] * len(paths)
     for _ in range(max(map(len, parts))):
-        names = ["_".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        names = [_valid_name("_".join(p[-d:])) for p, d in zip(parts, depth, strict=True)]
         twice = evaluation.repeated(names)
         if twice is None:
             return names
         for i, name in enumerate(names):  # distinct files: a folder more tells them apart
             if name == twice:
                 depth[i] += 1
-    # Only folder names holding "_" get here (a_b/m.keras beside a/b/m.keras): number them.
-    return [f"{path.stem}_{i}" for i, path in enumerate(paths, start=1)]
+    # Only names that differ in "_" or in what _valid_name replaces get here
+    # (a_b/m.keras beside a/b/m.keras, "a b.keras" beside a_b.keras): number them.
+    return [_valid_name(f"{path.stem}_{i}") for i, path in enumerate(paths, start=1)]
+
+
+def _valid_name(name):
+    """`name` as TensorFlow takes a name scope: letters, digits and "_.-" ("/" would nest).
+
+    Files are named freely ("my model.keras", "_draft.keras"); TensorFlow refuses such
+    a model's name when it predicts.
+    """
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("_-")
+    return name or "model"
 
 
 def check(args):

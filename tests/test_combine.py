@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import write_tree
 
+import combine as combine_module
 import data
 import ensemble
 from models import nin_cnn
@@ -80,6 +81,22 @@ def test_models_of_one_file_name_are_told_apart_by_their_folders(tmp_path, saved
     assert [row["row"] for row in rows[:4]] == ["nin", "mine_small", "seed1_small", "seed2_small"]
     nested = [layer.name for layer in keras.saving.load_model(tmp_path / "all.keras").layers]
     assert nested[1:5] == ["nin", "mine_small", "seed1_small", "seed2_small"]
+
+
+def test_file_names_tensorflow_would_refuse_as_model_names_are_tidied(tmp_path, saved):
+    # TensorFlow's name scopes refuse spaces and a leading "_"; files are named freely.
+    paths = [tmp_path / "my model.keras", tmp_path / "run 1" / "_draft.keras"]
+    paths[1].parent.mkdir()
+    for source, path in zip(saved, paths, strict=True):
+        keras.saving.load_model(source).save(path)
+    assert combine(tmp_path, *paths, "--export", tmp_path / "out.keras") == 0
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    assert [row["row"] for row in rows] == ["my_model", "draft", "my_model+draft"]
+    nested = [layer.name for layer in keras.saving.load_model(tmp_path / "out.keras").layers]
+    assert nested[1:3] == ["my_model", "draft"]
+    # Names that differ only in what is tidied are numbered.
+    twins = [tmp_path / "a b.keras", tmp_path / "a_b.keras"]
+    assert combine_module.model_names(twins) == ["a_b_1", "a_b_2"]
 
 
 def test_a_mixed_precision_model_whose_softmax_is_bfloat16_is_taken(tmp_path, saved):
