@@ -152,14 +152,26 @@ def _shapes(tensors):
     return ", ".join("x".join(str(d) for d in t.shape[1:]) for t in tensors)
 
 
+def image_files(path):
+    """[path] for a file; for a folder, the PNG and JPEG files in it, by name."""
+    if str(path) == "" or not Path(path).is_dir():
+        return [path]  # read_image says what is wrong with it, if anything
+    found = sorted(
+        p
+        for p in Path(path).iterdir()
+        if p.suffix.lower() in data.IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )  # hidden files (macOS' ._photo.jpg) are not images
+    if not found:
+        raise ExportError(f"folder {path} holds no PNG or JPEG files")
+    return found
+
+
 def read_image(path):
     """A PNG or JPEG of any size as a (32, 32, 3) float32 array in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
 
     if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
         raise ExportError("an image path is empty (an unset shell variable?); give the file")
-    if Path(path).is_dir():
-        raise ExportError(f"image {path} is a folder; give its files ({Path(path) / '*.jpg'})")
     try:
         with Image.open(path) as image:
             image = image.convert("RGB").resize(data.IMAGE_SHAPE[:2], Image.Resampling.BICUBIC)
@@ -179,19 +191,21 @@ def predict_main(argv):
         description="Classify images with an ensemble exported by --export.",
     )
     parser.add_argument("--model", required=True, help="a .keras file written by --export")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, any size")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
     parser.add_argument("--top", type=int, default=TOP_CLASSES, help="classes shown per image")
     args = parser.parse_args(argv)
     try:
         if not 1 <= args.top <= data.NUM_CLASSES:
             raise ExportError(f"--top must lie between 1 and {data.NUM_CLASSES}, got {args.top}")
-        images = np.stack([read_image(path) for path in args.images])
+        paths = [found for given in args.images for found in image_files(given)]
+        images = np.stack([read_image(path) for path in paths])
         model = load(args.model)
     except ExportError as error:
         print(f"ensemble.py predict: error: {error}", file=sys.stderr)
         return 2
     probabilities = model.predict(images, verbose=0)
-    for path, probs in zip(args.images, probabilities, strict=True):
+    for path, probs in zip(paths, probabilities, strict=True):
         top = np.argsort(probs)[::-1][: args.top]
         ranked = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
         print(f"{path}: {ranked}")

@@ -118,10 +118,18 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
     Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(big)
     grey = tmp_path / "grey.jpg"
     Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(grey)
-    code = export.predict_main(["--model", str(tmp_path / "e.keras"), str(big), str(grey)])
-    assert code == 0
+    # A folder stands for its PNG and JPEG files, by name; others and hidden ones are not read.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("b.JPG", "a.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(photos / name)
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "._a.png").write_bytes(b"macOS metadata")
+    args = ["--model", str(tmp_path / "e.keras"), str(big), str(grey), str(photos)]
+    assert export.predict_main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == [str(big), str(grey)]
+    expected = [str(big), str(grey), str(photos / "a.png"), str(photos / "b.JPG")]
+    assert [line.split(":")[0] for line in lines] == expected
     for line in lines:
         ranked = line.split(": ", 1)[1].split(", ")
         assert len(ranked) == 3
@@ -136,7 +144,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("not_an_image", "notes.png is not a readable PNG or JPEG"),
         ("bad_model", "broken.keras is not a loadable Keras model"),
         ("folder", "is a folder; give the .keras file"),
-        ("image folder", "photos is a folder; give its files (PHOTOS/*.jpg)"),
+        ("image folder", "folder PHOTOS holds no PNG or JPEG files"),
         ("empty image", "an image path is empty (an unset shell variable?)"),
         ("empty", "--model is empty (an unset shell variable?)"),
         ("other_shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
@@ -162,6 +170,7 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
     elif problem == "image folder":
         image = tmp_path / "photos"
         image.mkdir()
+        (image / "notes.txt").write_text("not an image")
         message = message.replace("PHOTOS", str(image))
     elif problem == "empty image":
         image = ""
