@@ -46,6 +46,7 @@ class Settings:
     cost: bool = True  # measure parameters, size, latency and throughput
     export: str | None = None  # write the ensemble of all members as one .keras file
     export_rule: str = "average"  # how the exported file combines its members
+    export_members: str | None = None  # write each member as DIR/<name>.keras (for combine)
     # The recipe options of fast.py; `--preset fast` sets them together.
     preset: str = "article"
     precision: str = "float32"  # or "mixed_bfloat16" (bfloat16 compute, float32 weights)
@@ -179,6 +180,12 @@ def parse_args(argv=None):
         "--export-rule",
         choices=export.EXPORT_RULES,
         help="combining layer of the exported file (default: average)",
+    )
+    add(
+        "--export-members",
+        metavar="DIR",
+        help="also write each member as DIR/<name>.keras, a model of its own "
+        "(python ensemble.py combine takes them, from several runs)",
     )
     recipe = parser.add_argument_group(
         "recipe options (see fast.py; --preset fast sets most of them)"
@@ -333,9 +340,14 @@ def check_settings(settings):
     for flag, given in (("--parallel", settings.parallel), ("--train-only", settings.train_only)):
         if settings.eval_only and given:
             raise UsageError(f"{flag} is about training and --eval-only trains none; pick one")
-    if settings.train_only and settings.export is not None:
-        raise UsageError("--export writes the evaluated ensemble and --train-only evaluates "
-                         "none; drop one, or export later with --eval-only --export")  # fmt: skip
+    exports = [("--export", settings.export, "ensemble"),
+               ("--export-members", settings.export_members, "members")]  # fmt: skip
+    for flag, given, what in exports:
+        if settings.train_only and given is not None:
+            raise UsageError(
+                f"{flag} writes the evaluated {what} and --train-only evaluates none; "
+                f"drop one, or export later with --eval-only {flag}"
+            )
     if settings.distribute and keras.backend.backend() not in ("jax", "tensorflow"):
         # Refused here, before the data loads; training.distribution_scope agrees.
         raise UsageError(
@@ -356,15 +368,16 @@ def check_settings(settings):
         ("--weights-dir", settings.weights_dir),
         ("--logs-dir", settings.logs_dir),
         ("--export", settings.export),
+        ("--export-members", settings.export_members),
     ):
         if given == "":  # Path("") is the current folder: checkpoints would land there
             raise UsageError(f"{flag} is empty (an unset shell variable?); give a path")
     if settings.export is not None and Path(settings.export).suffix != ".keras":
         raise UsageError(f"--export {settings.export} must end in .keras")
-    for flag, folder in (
-        ("--weights-dir", settings.weights_dir),
-        ("--logs-dir", settings.logs_dir),
-    ):
+    folders = [("--weights-dir", settings.weights_dir), ("--logs-dir", settings.logs_dir)]
+    if settings.export_members is not None:
+        folders.append(("--export-members", settings.export_members))
+    for flag, folder in folders:
         path = Path(folder)
         if path.exists() and not path.is_dir():
             raise UsageError(f"{flag} {folder} is a file, not a folder; choose a folder")

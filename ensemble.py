@@ -349,6 +349,10 @@ def _run(settings):
             [val_probs[n] for n in names] if val_probs else None,
             val_labels,
         )
+    if settings.export_members:
+        extra["export_members"] = export.export_members(
+            settings.export_members, [members[n][0] for n in names]
+        )
     return rows, extra
 
 
@@ -577,6 +581,8 @@ def _train_and_report(settings):
     if "export" in extra:
         tta = "; without flip TTA, which the table used" if settings.tta else ""
         print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']}{tta})")
+    if "export_members" in extra:
+        print("members exported to " + ", ".join(extra["export_members"].values()))
     print(f"{extra['total_seconds']} s in all")
     return 0
 

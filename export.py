@@ -66,6 +66,18 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     return keras.Model(model_input, combined, name=f"ensemble_{rule}"), fitted
 
 
+def export_members(folder, members):
+    """Each member as FOLDER/<name>.keras, a model of its own: `combine` takes those of
+    several runs (seeds, say), which it tells apart by their folders."""
+    written = {}
+    for member in members:
+        path = Path(folder) / f"{member.name}.keras"
+        with checkpoints.replacing(path, path.with_name(f".{path.name}.partial.keras")) as partial:
+            member.save(partial)
+        written[member.name] = str(path)
+    return written
+
+
 def check_export_path(path):
     """Refuses an --export path that cannot be written, before any work is done.
 

@@ -66,6 +66,33 @@ def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, s
     assert [layer.name for layer in reloaded.layers][1:3] == ["nin", "small"]
 
 
+def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp_path, capsys):
+    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    singles = {}
+    for seed in ("1", "2"):
+        run = tmp_path / f"seed{seed}"
+        argv = ["--data-dir", str(tmp_path / "tree"), "--models", "nin_cnn", "all_cnn",
+                "--epochs", "1", "--seed", seed, "--no-cost", "--weights-dir", str(run / "w"),
+                "--logs-dir", str(run / "l"),
+                "--export-members", str(tmp_path / "members" / f"seed{seed}")]  # fmt: skip
+        assert ensemble.main(argv) == 0
+        out = capsys.readouterr().out
+        assert (
+            f"members exported to {tmp_path / 'members' / f'seed{seed}' / 'nin_cnn.keras'}, " in out
+        )
+        results = json.loads((run / "l" / "results.json").read_text())
+        singles.update({f"seed{seed}_{row['members'][0]}": row["nll"]
+                        for row in results["results"] if len(row["members"]) == 1})  # fmt: skip
+    files = sorted(tmp_path.glob("members/seed*/*.keras"))
+    assert combine(tmp_path, *files) == 0
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    # Each file is the member its run scored: the same NLL, here and there (the
+    # errors would agree anyway: one epoch on 80 images leaves them all at chance).
+    assert {row["row"]: row["nll"] for row in rows[:4]} == pytest.approx(singles, abs=1e-6)
+    assert len(set(singles.values())) == 4
+    assert rows[-1]["row"] == "seed1_all_cnn+seed1_nin_cnn+seed2_all_cnn+seed2_nin_cnn"
+
+
 def test_models_of_one_file_name_are_told_apart_by_their_folders(tmp_path, saved, capsys):
     # Seeds of one model, each run saving model.keras in a folder of its own.
     for seed in ("seed1", "seed2"):
