@@ -56,8 +56,20 @@ def share_the_gpu():
 
 
 def command(name, settings):
-    """The command line that trains `name` alone, with `settings`, and stops."""
-    alone = dataclasses.replace(settings, models=(name,), parallel=False, train_only=True)
+    """The command line that trains `name` alone, with `settings`, and stops.
+
+    The exports are the main process's, after training: with --train-only a member
+    process would refuse them (and ruin a --parallel --export run, as it did).
+    """
+    alone = dataclasses.replace(
+        settings,
+        models=(name,),
+        parallel=False,
+        train_only=True,
+        export=None,
+        export_rule="average",
+        export_members=None,
+    )
     return [sys.executable, str(ENSEMBLE), *settings_argv(alone)]
 
 

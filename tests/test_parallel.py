@@ -55,6 +55,18 @@ def test_settings_argv_spells_every_boolean_flag_both_ways(preset):
             assert config.parse_args(config.settings_argv(flipped)) == flipped, field.name
 
 
+def test_each_member_process_takes_its_command_line_whatever_the_run_exports(tmp_path, monkeypatch):
+    # Exports are the main process's, after training; a member process trains only.
+    monkeypatch.chdir(tmp_path)
+    settings = config.parse_args(["--parallel", "--export", "e.keras", "--export-rule", "stack",
+                                  "--export-members", "members", "--epochs", "3"])  # fmt: skip
+    for name in settings.models:
+        member = config.parse_args(parallel.command(name, settings)[2:])
+        config.check_settings(member)  # raised UsageError for --export with --train-only
+        assert member.models == (name,) and member.train_only and member.epochs == 3
+        assert member.export is None and member.export_members is None
+
+
 def test_each_process_gets_a_gpu_in_turn(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert [parallel.gpu_for(i, 2) for i in range(3)] == ["0", "1", "0"]
