@@ -578,11 +578,12 @@ def _train_and_report(settings):
     plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
     print("plots: " + ", ".join(str(p) for p in plots))
+    tta = "; without flip TTA, which the table used" if settings.tta else ""
     if "export" in extra:
-        tta = "; without flip TTA, which the table used" if settings.tta else ""
         print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']}{tta})")
     if "export_members" in extra:
-        print("members exported to " + ", ".join(extra["export_members"].values()))
+        print(f"members exported to {', '.join(extra['export_members'].values())}"
+              + (f" ({tta[2:]})" if tta else ""))  # fmt: skip
     print(f"{extra['total_seconds']} s in all")
     return 0
 
