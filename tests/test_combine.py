@@ -98,11 +98,7 @@ def test_models_of_one_file_name_are_told_apart_by_their_folders(tmp_path, saved
     for seed in ("seed1", "seed2"):
         (tmp_path / "runs" / seed).mkdir(parents=True)
         keras.saving.load_model(saved[1]).save(tmp_path / "runs" / seed / "small.keras")
-    models = [
-        *saved,
-        tmp_path / "runs" / "seed1" / "small.keras",
-        tmp_path / "runs/seed2/small.keras",
-    ]
+    models = [*saved, *(tmp_path / "runs" / seed / "small.keras" for seed in ("seed1", "seed2"))]
     assert combine(tmp_path, *models, "--export", tmp_path / "all.keras") == 0
     rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
     assert [row["row"] for row in rows[:4]] == ["nin", "mine_small", "seed1_small", "seed2_small"]
