@@ -72,8 +72,7 @@ def export_members(folder, members):
     written = {}
     for member in members:
         path = Path(folder) / f"{member.name}.keras"
-        with checkpoints.replacing(path, path.with_name(f".{path.name}.partial.keras")) as partial:
-            member.save(partial)
+        _save(member, path)
         written[member.name] = str(path)
     return written
 
@@ -99,10 +98,15 @@ def check_export_path(path):
 def export(path, members, rule, val_member_probs=None, val_labels=None):
     model, fitted = ensemble_model(members, rule, val_member_probs, val_labels)
     path = Path(path)
+    _save(model, path)
+    return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
+
+
+def _save(model, path):
+    """`model.save(path)`, whole or not at all (`checkpoints.replacing`)."""
     # Keras saves only to a name ending in .keras; hidden, as it is half a file until renamed.
     with checkpoints.replacing(path, path.with_name(f".{path.name}.partial.keras")) as temporary:
         model.save(temporary)
-    return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
 
 
 def load(path, what="--model", written_by="written by --export"):
