@@ -1,8 +1,10 @@
-"""`python ensemble.py combine A.keras B.keras ...`: any saved CIFAR-10 classifiers, ensembled.
+"""`python ensemble.py combine A.keras B.keras ...`: any saved image classifiers, ensembled.
 
 The article's members are not the only ones worth combining. Each file is loaded in
-safe mode and must take 32x32x3 images scaled to [0, 1] (the article's x / 255) to
-10 class probabilities, whatever its architecture. Every model predicts the test set
+safe mode and must take images scaled to [0, 1] (the article's x / 255) to class
+probabilities, whatever its architecture: CIFAR-10's 32x32x3 images and 10 classes,
+or those of any class-folder tree `--data-dir` names (`data.load_labelled`: any
+number of classes, any one image size, RGB or grey). Every model predicts the test set
 once, and every subset of models (beyond six: each, all but each, and all) is scored
 under every `--combine` rule with the full report's metrics, exactly as `ensemble.py`
 scores its own members; `--export` writes the chosen combination as one `.keras` file.
@@ -29,23 +31,22 @@ import report
 from ensemble import table_rows
 
 RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
-# Ten classes: guessing errs 90% of the time. A saved model that errs 85% or more has
-# almost surely been given its images on the wrong scale.
-AT_CHANCE = 0.85
 
 
 def parse_args(argv):
     parser = config.Parser(
         prog="ensemble.py combine",
-        description="Score every combination of saved CIFAR-10 classifiers (.keras or .h5 "
-        "files) and optionally export one as a single model.",
+        description="Score every combination of saved image classifiers (.keras or .h5 "
+        "files) on CIFAR-10 or any class-folder tree, and optionally export one as a "
+        "single model.",
     )
     parser.add_argument("models", nargs="+", metavar="MODEL.keras",
-                        help="two or more classifiers of 32x32x3 images in [0, 1] to 10 "
-                        "classes; each is named after its file (and folders, if files share "
-                        "a name)")  # fmt: skip
-    parser.add_argument("--data-dir", help="offline CIFAR-10, as for ensemble.py "
-                        "(default: download with Keras)")  # fmt: skip
+                        help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
+                        "32x32x3, 10 classes) to class probabilities; each is named after "
+                        "its file (and folders, if files share a name)")  # fmt: skip
+    parser.add_argument("--data-dir", help="offline CIFAR-10, as for ensemble.py, or any "
+                        "train/<class>/ and test/<class>/ tree of images of one size "
+                        "(default: download CIFAR-10 with Keras)")  # fmt: skip
     parser.add_argument("--limit", type=int, help="keep N train and N test images")
     parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")
     parser.add_argument("--validation-split", type=float, default=0.2,
@@ -139,10 +140,15 @@ def run(args):
         model.name = name  # nested models need distinct names in an exported file
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
-    (x_train, y_train), (x_test, y_test) = data.load_data(args.data_dir, args.limit, args.seed)
+    channels = _one_kind(args.models, list(models.values()))
+    arrays, classes = data.load_labelled(args.data_dir, args.limit, args.seed, channels)
+    (x_train, y_train), (x_test, y_test) = arrays
+    for path, model in zip(args.models, models.values(), strict=True):
+        export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
     split_at = math.floor(len(x_train) * (1 - args.validation_split))  # as Keras' split
     x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
-    print(f"{len(names)} models, {len(x_test)} test images, {len(x_val)} validation images")
+    print(f"{len(names)} models, {len(x_test)} test images, {len(x_val)} validation images, "
+          f"{len(classes)} classes")  # fmt: skip
     if len(names) > evaluation.EVERY_SUBSET_UP_TO and not args.every_subset:
         print(f"{len(names)} models make {2 ** len(names) - 1} subsets, too many to score "
               "in good time: scoring each model, all but each one, and all of them "
@@ -150,17 +156,17 @@ def run(args):
 
     def predict(images):
         return {
-            name: probabilities(name, fast.predict(model, images, args.batch_size, args.tta))
+            name: export.probabilities(name, fast.predict(model, images, args.batch_size, args.tta))
             for name, model in models.items()
         }
 
     test_probs = predict(x_test)
-    errors = {
-        name: evaluation.error_rate(probs, y_test[:, 0]) for name, probs in test_probs.items()
-    }
-    at_chance = [name for name in names if errors[name] >= AT_CHANCE]
+    # A model no better than guessing has almost surely been given its images on the
+    # wrong scale; a fixed threshold would not do for two classes as for ten.
+    at_chance = [name for name in names if evaluation.at_chance(test_probs[name], y_test[:, 0])]
     for name in at_chance:  # silently wrong otherwise: every row with it would be noise
-        print(f"note: model {name} is at chance level (test error {errors[name]:.2f}); does it "
+        error = evaluation.error_rate(test_probs[name], y_test[:, 0])
+        print(f"note: model {name} is at chance level (test error {error:.2f}); does it "
               "take images scaled to [0, 1]? One that rescales its input itself (a "
               "Rescaling(1/255) layer, as in Keras' examples) wants pixels in 0..255")  # fmt: skip
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
@@ -174,7 +180,11 @@ def run(args):
         y_test[:, 0],
         args.every_subset or None,
     )
-    extra = {"models": dict(zip(names, args.models, strict=True)), "at_chance": at_chance}
+    extra = {
+        "models": dict(zip(names, args.models, strict=True)),
+        "classes": list(classes),
+        "at_chance": at_chance,
+    }
     if args.export:
         extra["export"] = export.export(
             args.export,
@@ -182,25 +192,28 @@ def run(args):
             args.export_rule,
             [val_probs[n] for n in names] if val_probs else None,
             val_labels,
+            classes,
         )
     return rows, extra
 
 
-def probabilities(name, probs):
-    """A model's float32 outputs with each row divided by its sum, or an ExportError
-    for logits, which would make every metric but the error wrong.
-
-    A mixed-precision model's softmax may come out in bfloat16, whose rows sum to one
-    within a few thousandths only (8 bits of mantissa); logits, or one sigmoid per
-    class, do not come within 2% of one on every row.
-    """
-    sums = probs.sum(axis=1)
-    if probs.min() < -1e-6 or np.abs(sums - 1).max() > 2e-2:
-        raise export.ExportError(
-            f"model {name} does not output probabilities (its rows sum to "
-            f"{sums.min():.3g}..{sums.max():.3g}); end it with a softmax"
-        )
-    return probs / sums[:, None]
+def _one_kind(paths, models):
+    """The channels of the models' images (3 if none fixes them), or an ExportError for
+    models that disagree on channels or classes: one ensemble takes one kind of image."""
+    channels, classes = {}, {}  # count: the first model that fixes it
+    for path, model in zip(paths, models, strict=True):
+        (_, _, channel_count), class_count = export.image_classifier(model, f"model {path}")
+        channels.setdefault(channel_count, path)
+        classes.setdefault(class_count, path)
+    for counts, says in ((channels, "takes {}-channel images"), (classes, "scores {} classes")):
+        counts.pop(None, None)
+        if len(counts) > 1:
+            (a, first), (b, second) = list(counts.items())[:2]
+            raise export.ExportError(
+                f"model {first} {says.format(a)} and model {second} {says.format(b)}; "
+                "the models of one ensemble must take the same images to the same classes"
+            )
+    return next(iter(channels), 3)
 
 
 def main(argv):

@@ -1,6 +1,6 @@
 """CIFAR-10 loading for the ensemble: Keras download, canonical batches, image folders.
 
-Every source returns the article's arrays:
+`load_data` returns the article's arrays, from any source:
 
     x_train (N, 32, 32, 3) float32 in [0, 1]     y_train (N, 10) float32 one-hot
     x_test  (M, 32, 32, 3) float32 in [0, 1]     y_test  (M, 1) int64 class ids
@@ -13,11 +13,16 @@ Every source returns the article's arrays:
 * a class-folder tree `train/<class>/*.jpg|png`, `test/<class>/*.jpg|png`, as a
   folder or as a `.tar`/`.tar.gz` of one (how `../shared/data` ships CIFAR-10).
 
+`load_labelled`, for `combine`, also reads a class-folder tree of any other labelled
+images: any number of classes (the folders, sorted by name), any one image size, RGB
+or grey; it returns the same arrays, of that shape and class count, and the class names.
+
 Nothing is ever extracted to disk and nothing in the data can run code: tar members
 are read in memory (links, absolute paths and `..` refused) and the pickled batches
 go through an unpickler that only rebuilds NumPy arrays.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -71,16 +76,58 @@ def load_data(data_dir=None, limit=None, seed=0):
     Raises:
         DataError: with a one-line message naming the problem and the fix.
     """
+    arrays, _ = _load(data_dir, limit, seed, CIFAR10)
+    return arrays
+
+
+def load_labelled(data_dir=None, limit=None, seed=0, channels=3):
+    """Labelled images for `combine`: CIFAR-10 as `load_data` reads it, or any class-folder tree.
+
+    A tree's classes are its folders, sorted by name (at least two), and its images
+    must share one size; with `channels=1` they are read as grey, which only an image
+    without colour is (a colour one is refused rather than converted).
+
+    Returns:
+        `(((x_train, y_train), (x_test, y_test)), class_names)`, the arrays as
+        `load_data`'s but of the tree's image shape and class count.
+    """
+    if channels not in (1, 3):
+        raise DataError(
+            f"the models take {channels}-channel images; combine reads grey or RGB ones (1 or 3)"
+        )
+    return _load(data_dir, limit, seed, _Spec(None, None, channels))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What a source must hold: `num_classes` classes of `size` (h, w) images with
+    `channels` channels; None takes what a class-folder tree holds."""
+
+    num_classes: int | None
+    size: tuple | None
+    channels: int
+    sized_by: str | None = None  # the image whose size a tree's others must share
+
+    @property
+    def shape(self):
+        return (*self.size, self.channels)
+
+
+CIFAR10 = _Spec(NUM_CLASSES, IMAGE_SHAPE[:2], IMAGE_SHAPE[2])
+
+
+def _load(data_dir, limit, seed, spec):
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be a positive number of images, got {limit}")
     if data_dir is None:
-        train, test, ordered_by_class = _load_keras_download()
+        train, test, ordered_by_class = _load_keras_download(spec)
     else:
-        train, test, ordered_by_class = _load_from_path(Path(data_dir))
+        train, test, ordered_by_class = _load_from_path(Path(data_dir), spec)
     train_index, test_index = _selection(
         len(train.labels), len(test.labels), ordered_by_class, limit, seed
     )
-    return _normalise(*train.take(train_index), *test.take(test_index))
+    arrays = _normalise(*train.take(train_index), *test.take(test_index), len(train.classes))
+    return arrays, train.classes
 
 
 def _selection(num_train, num_test, ordered_by_class, limit, seed):
@@ -145,23 +192,34 @@ def describe_source(data_dir):
 class _Split:
     """Labels up front, images on demand: a subset decodes only the images it keeps."""
 
-    def __init__(self, labels, images=None, decode=None):
+    def __init__(self, labels, classes, images=None, decode=None, shape=IMAGE_SHAPE):
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = tuple(classes)
         self._images = images
         self._decode = decode
+        self._shape = shape
 
     def take(self, index):
         if self._images is not None:
             return self._images[index], self.labels[index]
-        images = np.zeros((len(index), *IMAGE_SHAPE), np.uint8)
+        images = np.zeros((len(index), *self._shape), np.uint8)
         for row, i in enumerate(index):
             images[row] = self._decode(int(i))
         return images, self.labels[index]
 
 
-def _load_keras_download():
+def _cifar10_only(spec, source):
+    """CIFAR-10's own formats hold its 32x32 RGB images; grey models cannot read them."""
+    if spec.channels != IMAGE_SHAPE[2]:
+        raise DataError(
+            f"{source} is CIFAR-10, RGB images; the models take {spec.channels}-channel ones"
+        )
+
+
+def _load_keras_download(spec):
     import keras
 
+    _cifar10_only(spec, "keras.datasets.cifar10")
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # urllib, ssl and tar errors all surface here
@@ -170,29 +228,30 @@ def _load_keras_download():
             "pass --data-dir with a local copy (see README, 'Offline data')"
         ) from error
     return (
-        _Split(y_train.reshape(-1), x_train),
-        _Split(y_test.reshape(-1), x_test),
+        _Split(y_train.reshape(-1), CLASS_NAMES, x_train),
+        _Split(y_test.reshape(-1), CLASS_NAMES, x_test),
         False,
     )
 
 
-def _load_from_path(path):
+def _load_from_path(path, spec):
     if not path.exists():
         raise DataError(f"--data-dir {path} does not exist; point it at CIFAR-10 (see README)")
     if path.is_dir():
         if not any(path.iterdir()):
             raise DataError(f"--data-dir {path} is empty; point it at CIFAR-10 (see README)")
-        if (path / TEST_BATCH).is_file():
-            return *_load_batches_dir(path), False
-        if (path / OFFICIAL_BATCHES_DIR / TEST_BATCH).is_file():
-            return *_load_batches_dir(path / OFFICIAL_BATCHES_DIR), False
-        return *_load_image_tree(_folder_files(path), path), True
+        for folder in (path, path / OFFICIAL_BATCHES_DIR):
+            if (folder / TEST_BATCH).is_file():
+                _cifar10_only(spec, folder)
+                return *_load_batches_dir(folder), False
+        return *_load_image_tree(_folder_files(path), path, spec), True
     if not tarfile.is_tarfile(path):
         raise DataError(
             f"{path} is neither a folder nor a readable .tar/.tar.gz archive "
             "(truncated download?); see README, 'Offline data'"
         )
     if _sha256(path) == OFFICIAL_ARCHIVE_SHA256:
+        _cifar10_only(spec, path)
         return *_load_official_archive(path), False
     files = _tar_files(path)
     if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
@@ -201,7 +260,7 @@ def _load_from_path(path):
             f"published {OFFICIAL_ARCHIVE_SHA256}; download it again (or, if you packed "
             f"it yourself, pass the extracted {OFFICIAL_BATCHES_DIR} folder)"
         )
-    return *_load_image_tree(files, path), True
+    return *_load_image_tree(files, path, spec), True
 
 
 def _load_batches_dir(folder):
@@ -226,7 +285,7 @@ def _load_official_archive(path):
     return _join_batches([read(n) for n in TRAIN_BATCHES]), read(TEST_BATCH)
 
 
-def _load_image_tree(files, source):
+def _load_image_tree(files, source, spec):
     """train/<class>/* and test/<class>/*; `files` maps names to byte readers."""
     entries = {split: _image_entries(files, split, source) for split in ("train", "test")}
     train_classes = sorted({label for label, _ in entries["train"]})
@@ -237,21 +296,32 @@ def _load_image_tree(files, source):
             f"{source}: train/ and test/ must hold the same class folders; "
             f"only in one of them: {', '.join(only)}"
         )
-    if len(train_classes) != NUM_CLASSES:
+    if spec.num_classes is not None and len(train_classes) != spec.num_classes:
         raise DataError(
-            f"{source}: expected {NUM_CLASSES} class folders, found "
+            f"{source}: expected {spec.num_classes} class folders, found "
             f"{len(train_classes)} ({', '.join(train_classes)})"
         )
+    if len(train_classes) < 2:
+        raise DataError(
+            f"{source}: found one class folder ({train_classes[0]}); a classifier's "
+            "images come in two classes or more, one folder each"
+        )
     label_of = {name: index for index, name in enumerate(train_classes)}
+    for split_entries in entries.values():
+        split_entries.sort()  # class, then file name: independent of the archive's order
+    size = spec.size
+    if size is None:  # any size, as long as every image has the first one's
+        first = entries["train"][0][1]
+        size = _image_size(files[first](), f"{source}:{first}")
+        spec = dataclasses.replace(spec, size=size, sized_by=f"{source}:{first}")
 
     def split(split_entries):
-        split_entries.sort()  # class, then file name: independent of the archive's order
-
         def decode(index):
             name = split_entries[index][1]
-            return _decode_image(files[name](), f"{source}:{name}")
+            return _decode_image(files[name](), f"{source}:{name}", spec)
 
-        return _Split([label_of[label] for label, _ in split_entries], decode=decode)
+        labels = [label_of[label] for label, _ in split_entries]
+        return _Split(labels, train_classes, decode=decode, shape=spec.shape)
 
     return split(entries["train"]), split(entries["test"])
 
@@ -323,25 +393,57 @@ def _bytes_reader(data):
 _EXACTLY_RGB = frozenset({"RGB", "L", "P", "1", "RGBA", "LA", "PA"})
 
 
-def _decode_image(data, where):
+def _image_size(data, where):
+    """(height, width) of one image, to which a tree's others are held."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size[1], image.size[0]
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"{where} is not a readable image ({error})") from error
+
+
+def _decode_image(data, where, spec=CIFAR10):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.size != IMAGE_SHAPE[:2] or image.mode not in _EXACTLY_RGB:
+            height_width = image.size[1], image.size[0]
+            if spec is CIFAR10 and (height_width != spec.size or image.mode not in _EXACTLY_RGB):
                 raise DataError(
                     f"{where} is {image.size[0]}x{image.size[1]} {image.mode}; CIFAR-10 "
                     "images must be 32x32 RGB"
                 )
-            if image.mode == "RGB":
+            if height_width != spec.size:
+                raise DataError(
+                    f"{where} is {image.size[0]}x{image.size[1]}, {spec.sized_by} is "
+                    f"{spec.size[1]}x{spec.size[0]}: the images must share one size"
+                )
+            if image.mode not in _EXACTLY_RGB:
+                raise DataError(
+                    f"{where} is a {image.mode} image; give RGB or grey ones (its pixels "
+                    "would change in conversion)"
+                )
+            if image.mode == "RGB" and spec.channels == 3:
                 return np.asarray(image, dtype=np.uint8)
+            if image.mode == "L" and spec.channels == 1:
+                return np.asarray(image, dtype=np.uint8)[..., None]
             pixels = np.asarray(image.convert("RGBA"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise DataError(f"{where} is not a readable image ({error})") from error
     if pixels[..., 3].min() < 255:  # dropping see-through pixels' alpha would change them
-        raise DataError(f"{where} has transparent pixels; CIFAR-10 images must be opaque 32x32 RGB")
-    return pixels[..., :3]
+        kind = "CIFAR-10 images" if spec is CIFAR10 else "images"
+        raise DataError(f"{where} has transparent pixels; {kind} must be opaque")
+    if spec.channels == 3:
+        return pixels[..., :3]
+    if (pixels[..., :1] != pixels[..., 1:3]).any():  # the one exact way to read it as grey
+        raise DataError(
+            f"{where} is a colour image; the models take grey images (1 channel), and "
+            "converting it would lose its colour"
+        )
+    return pixels[..., :1]
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -382,12 +484,13 @@ def _read_batch(payload, where):
         raise DataError(f"{where} is not a valid CIFAR-10 batch ({error})") from error
     if len(images) != len(labels):
         raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
-    return _Split(labels, images)
+    return _Split(labels, CLASS_NAMES, images)
 
 
 def _join_batches(batches):
     return _Split(
         np.concatenate([batch.labels for batch in batches]),
+        CLASS_NAMES,
         np.concatenate([batch.take(slice(None))[0] for batch in batches]),
     )
 
@@ -400,14 +503,14 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _normalise(x_train, y_train, x_test, y_test):
+def _normalise(x_train, y_train, x_test, y_test, num_classes=NUM_CLASSES):
     """The article's scaling: x / 255, one-hot training labels, (N, 1) test labels."""
     from keras.utils import to_categorical
 
-    if y_train.size and (y_train.min() < 0 or y_train.max() >= NUM_CLASSES):
-        raise DataError(f"labels must lie in 0..{NUM_CLASSES - 1}")
+    if y_train.size and (y_train.min() < 0 or y_train.max() >= num_classes):
+        raise DataError(f"labels must lie in 0..{num_classes - 1}")
     # float32, not the article's float64: Keras casts inputs to float32 anyway.
     x_train = x_train.astype(np.float32) / np.float32(255)
     x_test = x_test.astype(np.float32) / np.float32(255)
-    y_train = to_categorical(y_train, num_classes=NUM_CLASSES).astype(np.float32)
+    y_train = to_categorical(y_train, num_classes=num_classes).astype(np.float32)
     return (x_train, y_train), (x_test, y_test.reshape(-1, 1).astype(np.int64))

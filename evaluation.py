@@ -81,11 +81,29 @@ def mcnemar_p(correct_a, correct_b):
     n, k = a_only + b_only, min(a_only, b_only)
     if n == 0:
         return 1.0
-    # P(X <= k) for X ~ Binomial(n, 1/2), summed in log space: n reaches thousands.
+    return min(1.0, 2 * binomial_tail(n, n - k, 0.5))  # P(X <= k) = P(X >= n - k) at 1/2
+
+
+def binomial_tail(n, k, p):
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space: n reaches thousands."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
     logs = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                     for i in range(k + 1)]) - n * math.log(2)  # fmt: skip
+                     + i * math.log(p) + (n - i) * math.log1p(-p)
+                     for i in range(k, n + 1)])  # fmt: skip
     top = logs.max()
-    return float(min(1.0, 2 * math.exp(top) * np.sum(np.exp(logs - top))))
+    return float(min(1.0, math.exp(top) * np.sum(np.exp(logs - top))))
+
+
+def at_chance(probs, labels, level=0.01):
+    """Whether a classifier is no better than guessing: its right answers are not
+    significantly more (one-sided binomial test at `level`) than answering every
+    image with the commonest class would give."""
+    right = int(np.sum(np.argmax(probs, axis=1) == labels))
+    commonest = np.bincount(labels).max() / len(labels)
+    return binomial_tail(len(labels), right, commonest) >= level
 
 
 def row_metrics(combined, member_probs, labels):

@@ -7,12 +7,18 @@ under bfloat16 mixed precision stay so; the combining layers are always float32:
 
     average    keras.layers.Average
     weighted   keras.layers.Rescaling(w_i) per member, then keras.layers.Add
-    stack      keras.layers.Concatenate, then Dense(10, softmax) holding the
+    stack      keras.layers.Concatenate, then Dense(classes, softmax) holding the
                logistic regression fitted on the validation split
+
+The file also names its classes, in the `class_names` entry of the `metadata.json`
+that Keras writes into every `.keras` file (and does not read back), so that
+`predict` prints them whatever the data set was.
 """
 
+import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -95,25 +101,60 @@ def check_export_path(path):
         raise ExportError(f"--export {path}: folder {path.parent} is not writable")
 
 
-def export(path, members, rule, val_member_probs=None, val_labels=None):
+def export(path, members, rule, val_member_probs=None, val_labels=None, classes=data.CLASS_NAMES):
+    """Writes `ensemble_model(...)` to `path`, naming its outputs' `classes` in the file."""
     model, fitted = ensemble_model(members, rule, val_member_probs, val_labels)
     path = Path(path)
-    _save(model, path)
+    _save(model, path, classes)
     return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
 
 
-def _save(model, path):
-    """`model.save(path)`, whole or not at all (`checkpoints.replacing`)."""
+def _save(model, path, classes=None):
+    """`model.save(path)`, whole or not at all (`checkpoints.replacing`), with the names
+    of its output's classes, if given, in the file's metadata."""
     # Keras saves only to a name ending in .keras; hidden, as it is half a file until renamed.
     with checkpoints.replacing(path, path.with_name(f".{path.name}.partial.keras")) as temporary:
         model.save(temporary)
+        if classes is not None:
+            _add_metadata(temporary, {CLASS_NAMES_KEY: list(classes)})
+
+
+CLASS_NAMES_KEY = "class_names"
+_METADATA = "metadata.json"  # Keras writes it (version, date) and never reads it back
+
+
+def _add_metadata(path, entries):
+    """Adds `entries` to the metadata.json inside the .keras file at `path`.
+
+    A zip entry cannot be edited in place, so the file is written again, each entry
+    as Keras stored it. The file count stays Keras' three: a fourth would make Keras
+    extract the whole file to disk on loading, looking for assets.
+    """
+    with zipfile.ZipFile(path) as source:
+        stored = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w") as target:
+        for info, content in stored:
+            if info.filename == _METADATA:
+                content = json.dumps({**json.loads(content), **entries}, indent=4)
+            target.writestr(info, content)
+
+
+def class_names(path, num_classes):
+    """The class names an exported file carries, or None (an older or other file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = json.loads(archive.read(_METADATA)).get(CLASS_NAMES_KEY)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
+        return None  # a legacy .h5 file, or metadata Keras wrote without names
+    ok = isinstance(names, list) and len(names) == num_classes
+    return [str(name) for name in names] if ok else None
 
 
 def load(path, what="--model", written_by="written by --export"):
-    """Loads a CIFAR-10 classifier (an exported ensemble, or any) in safe mode.
+    """Loads a Keras model (an exported ensemble, or any) in safe mode.
 
-    One clear error for anything unreadable, or for a model that does not take
-    32x32x3 images to 10 classes; `what` names the file in it.
+    One clear error for anything unreadable; `what` names the file in it.
+    `image_classifier` and `check_fits` then say whether it fits the images.
     """
     if path == "":  # an unset shell variable; Path("") would be the current folder
         raise ExportError(f"{what} is empty (an unset shell variable?); give the .keras file")
@@ -123,26 +164,43 @@ def load(path, what="--model", written_by="written by --export"):
     if not path.is_file():
         raise ExportError(f"{what} {path} does not exist; give the .keras file {written_by}")
     try:
-        model = keras.saving.load_model(path, safe_mode=True)
+        return keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike
         why = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise ExportError(f"{what} {path} is not a loadable Keras model ({why})") from error
-    # Any Keras classifier may be given; it must read CIFAR-10 images and score 10 classes.
+
+
+def image_classifier(model, label):
+    """`model`'s (height, width, channels) input and class count (None: any size, or
+    unknown), or an ExportError unless it maps one image batch to one score per class.
+    `label` names the model in the error."""
     inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
-    if inputs and outputs:
-        fits = (
-            len(inputs) == 1
-            and len(outputs) == 1
-            and _fits(inputs[0].shape[1:], data.IMAGE_SHAPE)
-            and _fits(outputs[0].shape[1:], (data.NUM_CLASSES,))
+    if not (inputs and outputs):  # a subclassed model: its shapes show only when it runs
+        return (None, None, None), None
+    fits = (
+        len(inputs) == 1
+        and len(outputs) == 1
+        and len(inputs[0].shape) == 4
+        and inputs[0].shape[-1] in (None, 1, 3)
+        and len(outputs[0].shape) == 2
+    )
+    if not fits:
+        raise ExportError(
+            f"{label} maps {_shapes(inputs)} to {_shapes(outputs)}; this needs one input of "
+            "grey or RGB images (height x width x 1 or 3) and one output of class scores"
         )
-        if not fits:
-            raise ExportError(
-                f"{what} {path} maps {_shapes(inputs)} to {_shapes(outputs)}; this needs one "
-                f"{'x'.join(map(str, data.IMAGE_SHAPE))} image input and one "
-                f"{data.NUM_CLASSES}-class output"
-            )
-    return model
+    return tuple(inputs[0].shape[1:]), outputs[0].shape[-1]
+
+
+def check_fits(model, label, image_shape=data.IMAGE_SHAPE, num_classes=data.NUM_CLASSES):
+    """An ExportError unless `model` takes `image_shape` images to `num_classes` scores."""
+    shape, classes = image_classifier(model, label)
+    if not (_fits(shape, image_shape) and _fits((classes,), (num_classes,))):
+        raise ExportError(
+            f"{label} maps {_shapes(model.inputs)} to {_shapes(model.outputs)}; this needs one "
+            f"{'x'.join(map(str, image_shape))} image input and one {num_classes}-class "
+            "output, as the images and classes of the data are"
+        )
 
 
 def _fits(shape, expected):
@@ -182,20 +240,40 @@ def image_files(path):
     return found
 
 
-def read_image(path):
-    """A PNG or JPEG of any size as a (32, 32, 3) float32 array in [0, 1]."""
+def read_image(path, shape=data.IMAGE_SHAPE):
+    """A PNG or JPEG of any size as a float32 array in [0, 1] of `shape` (height, width,
+    1 or 3 channels; an axis of None, as a fully convolutional model's, is CIFAR-10's)."""
     from PIL import Image, UnidentifiedImageError
 
     if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
         raise ExportError("an image path is empty (an unset shell variable?); give the file")
+    height, width, channels = (d or c for d, c in zip(shape, data.IMAGE_SHAPE, strict=True))
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB").resize(data.IMAGE_SHAPE[:2], Image.Resampling.BICUBIC)
-            return np.asarray(image, dtype=np.float32) / 255.0
+            image = image.convert("L" if channels == 1 else "RGB")
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+            return np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
     except FileNotFoundError as error:
         raise ExportError(f"image {path} does not exist") from error
     except (UnidentifiedImageError, OSError) as error:
         raise ExportError(f"image {path} is not a readable PNG or JPEG ({error})") from error
+
+
+def probabilities(name, probs):
+    """A model's float32 outputs with each row divided by its sum, or an ExportError
+    for logits, which would make every metric but the error wrong.
+
+    A mixed-precision model's softmax may come out in bfloat16, whose rows sum to one
+    within a few thousandths only (8 bits of mantissa); logits, or one sigmoid per
+    class, do not come within 2% of one on every row.
+    """
+    sums = probs.sum(axis=1)
+    if probs.min() < -1e-6 or np.abs(sums - 1).max() > 2e-2:
+        raise ExportError(
+            f"model {name} does not output probabilities (its rows sum to "
+            f"{sums.min():.3g}..{sums.max():.3g}); end it with a softmax"
+        )
+    return probs / sums[:, None]
 
 
 def predict_main(argv):
@@ -204,25 +282,53 @@ def predict_main(argv):
 
     parser = Parser(
         prog="ensemble.py predict",
-        description="Classify images with an ensemble exported by --export.",
+        description="Classify images with an ensemble exported by --export (or combine "
+        "--export), or any Keras classifier of images.",
     )
     parser.add_argument("--model", required=True, help="a .keras file written by --export")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
     parser.add_argument("--top", type=int, default=TOP_CLASSES, help="classes shown per image")
+    # One comma-separated value, not nargs="+", which would take the images after it too.
+    parser.add_argument("--classes", metavar="NAME,NAME,...", type=_comma_separated,
+                        help="the model's class names, in the order of its outputs (default: "
+                        "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
+                        "'class 1', ... for others)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        if not 1 <= args.top <= data.NUM_CLASSES:
-            raise ExportError(f"--top must lie between 1 and {data.NUM_CLASSES}, got {args.top}")
         paths = [found for given in args.images for found in image_files(given)]
-        images = np.stack([read_image(path) for path in paths])
         model = load(args.model)
+        shape, num_classes = image_classifier(model, f"--model {args.model}")
+        names = _names(args, num_classes or data.NUM_CLASSES)
+        if not 1 <= args.top <= len(names):
+            raise ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
+        images = np.stack([read_image(path, shape) for path in paths])
+        scores = probabilities(args.model, model.predict(images, verbose=0).astype("float32"))
     except ExportError as error:
         print(f"ensemble.py predict: error: {error}", file=sys.stderr)
         return 2
-    probabilities = model.predict(images, verbose=0)
-    for path, probs in zip(paths, probabilities, strict=True):
+    for path, probs in zip(paths, scores, strict=True):
         top = np.argsort(probs)[::-1][: args.top]
-        ranked = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
+        ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
         print(f"{path}: {ranked}")
     return 0
+
+
+def _comma_separated(text):
+    return [name.strip() for name in text.split(",")]
+
+
+def _names(args, num_classes):
+    """The class names `predict` prints: --classes, the file's own, or defaults."""
+    if args.classes is not None:
+        if len(args.classes) != num_classes:
+            raise ExportError(
+                f"--classes names {len(args.classes)} classes; --model {args.model} "
+                f"scores {num_classes}"
+            )
+        return args.classes
+    if names := class_names(args.model, num_classes):
+        return names
+    if num_classes == data.NUM_CLASSES:  # files exported before they carried names
+        return list(data.CLASS_NAMES)
+    return [f"class {k}" for k in range(num_classes)]

@@ -57,6 +57,29 @@ def write_tree(root, train_per_class=8, test_per_class=2, suffix=".png"):
     return Path(root)
 
 
+SHAPES = ("triangle", "square", "circle")  # sorted: circle 0, square 1, triangle 2
+
+
+def write_grey_tree(root, per_class=4, size=(12, 10)):
+    """Not CIFAR-10: three classes of grey `size` (height, width) images, MNIST-like.
+
+    Image i of class c has pixel (0, 0) = 100 * c and pixel (0, 1) = i, noise elsewhere.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split in ("train", "test"):
+        for name in SHAPES:  # unsorted on purpose: labels come from the sorted names
+            label = sorted(SHAPES).index(name)
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = rng.integers(0, 256, size, dtype=np.uint8)
+                pixels[0, :2] = 100 * label, index
+                Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+    return Path(root)
+
+
 def write_tar(source_root, tar_path, arcname=""):
     with tarfile.open(tar_path, "w:gz") as archive:
         for path in sorted(Path(source_root).rglob("*")):

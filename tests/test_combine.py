@@ -5,11 +5,12 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import write_tree
+from conftest import SHAPES, write_grey_tree, write_tree
 
 import combine as combine_module
 import data
 import ensemble
+import export
 from models import nin_cnn
 
 
@@ -232,8 +233,10 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
     [
         ("one model", "combine needs at least two models"),
         ("same file twice", "is given twice; give each model once"),
-        ("other shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
-        ("grey, any size", "maps NonexNonex1 to 10; this needs one 32x32x3 image input"),
+        ("other size", "maps 28x28x3 to 10; this needs one 32x32x3 image input"),
+        ("grey, any size", "nin.keras takes 3-channel images and model GREY takes 1-channel"),
+        ("other classes", "nin.keras scores 10 classes and model FIVE scores 5 classes"),
+        ("not images", "maps 784 to 10; this needs one input of grey or RGB images"),
         ("missing", "model MISSING does not exist"),
         ("logits", "model logits does not output probabilities"),
         ("not .keras", "--export ensemble.h5 must end in .keras"),
@@ -249,12 +252,20 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
         args = saved[:1]
     elif case == "same file twice":
         args.append(tmp_path / "mine" / ".." / "mine" / "nin.keras")
-    elif case == "other shapes":
-        args.append(tmp_path / "mnist.keras")
-        small_classifier(5, (28, 28, 1)).save(args[-1])
+    elif case == "other size":
+        args.append(tmp_path / "small.keras")
+        small_classifier(shape=(28, 28, 3)).save(args[-1])
     elif case == "grey, any size":
         args.append(tmp_path / "grey.keras")
         small_classifier(shape=(None, None, 1)).save(args[-1])
+        message = message.replace("GREY", str(args[-1]))
+    elif case == "other classes":
+        args.append(tmp_path / "five.keras")
+        small_classifier(5).save(args[-1])
+        message = message.replace("FIVE", str(args[-1]))
+    elif case == "not images":
+        args.append(tmp_path / "flat.keras")
+        keras.Sequential([keras.Input((784,)), keras.layers.Dense(10, "softmax")]).save(args[-1])
     elif case == "logits":
         args.append(tmp_path / "logits.keras")
         small_classifier(activation=None).save(args[-1])
@@ -281,3 +292,56 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     assert err.count("\n") == 1
     assert not (tmp_path / "logs" / "combine.json").exists()
     assert case != "logs-dir is a file" or (tmp_path / "logs").is_file()  # left as it was
+
+
+def grey_reader():
+    """Reads the class of write_grey_tree's images from pixel (0, 0), 100 * class: no error."""
+    inputs = keras.Input((12, 10, 1))
+    x = keras.layers.Flatten()(keras.layers.Cropping2D(((0, 11), (0, 9)))(inputs))
+    dense = keras.layers.Dense(3, activation="softmax")
+    model = keras.Model(inputs, dense(x), name="reader")
+    # logit k = 625 (c^2 - (k - c)^2) for the pixel 100 c / 255: largest at k = c.
+    k = np.arange(3)
+    dense.set_weights([(3187.5 * k)[None].astype("float32"), (-625.0 * k**2).astype("float32")])
+    return model
+
+
+def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
+    """Not CIFAR-10: three classes of 12x10 grey images, the classes named by their folders,
+    all the way to an exported file whose predictions `predict` prints by those names."""
+    tree = write_grey_tree(tmp_path / "tree", per_class=4, size=(12, 10))
+    paths = [tmp_path / "reader.keras", tmp_path / "small.keras"]
+    grey_reader().save(paths[0])
+    small_classifier(3, (12, 10, 1)).save(paths[1])
+    exported = tmp_path / "shapes.keras"
+    argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--combine", "weighted",
+            "--logs-dir", str(tmp_path / "logs"), "--export", str(exported)]  # fmt: skip
+    assert ensemble.main(argv) == 0
+    assert "2 models, 12 test images, 3 validation images, 3 classes" in capsys.readouterr().out
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    assert results["classes"] == sorted(SHAPES)
+    rows = {row["row"]: row for row in results["results"]}
+    assert rows["reader"]["test_error"] == 0.0
+    assert "reader" not in results["at_chance"]  # 0 against chance's 2/3
+
+    arrays, _ = data.load_labelled(tree, channels=1)
+    (_, _), (x_test, y_test) = arrays
+    models = [keras.saving.load_model(path) for path in paths]
+    mean = np.mean([m.predict(x_test, verbose=0) for m in models], axis=0)
+    assert rows["reader+small"]["test_error"] == pytest.approx(
+        np.mean(mean.argmax(1) != y_test[:, 0])
+    )
+    reloaded = keras.saving.load_model(exported)
+    assert tuple(reloaded.input_shape) == (None, 12, 10, 1)
+    assert export.class_names(exported, 3) == sorted(SHAPES)
+
+    # The exported file names its classes: predict prints them, not CIFAR-10's.
+    image = tree / "test" / "triangle" / "0002.png"
+    assert export.predict_main(["--model", str(exported), str(image), "--top", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: triangle 0.")
+    # A file that names none: CIFAR-10's classes for ten, numbers otherwise, or --classes.
+    assert export.predict_main(["--model", str(paths[0]), str(image), "--top", "1"]) == 0
+    assert capsys.readouterr().out == f"{image}: class 2 1.000\n"
+    named = ["--classes", "o,[],^", "--top", "1"]  # before the images too
+    assert export.predict_main(["--model", str(paths[0]), *named, str(image)]) == 0
+    assert capsys.readouterr().out == f"{image}: ^ 1.000\n"

@@ -9,7 +9,15 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import pixel_ids, synthetic_split, write_batches, write_tar, write_tree
+from conftest import (
+    SHAPES,
+    pixel_ids,
+    synthetic_split,
+    write_batches,
+    write_grey_tree,
+    write_tar,
+    write_tree,
+)
 
 import data
 
@@ -106,7 +114,9 @@ def test_limit_keeps_a_deterministic_subset_and_decodes_only_it(image_tree, monk
     full = data.load_data(image_tree, seed=5)
     decoded = []
     real_decode = data._decode_image
-    monkeypatch.setattr(data, "_decode_image", lambda b, w: decoded.append(w) or real_decode(b, w))
+    monkeypatch.setattr(
+        data, "_decode_image", lambda b, w, *spec: decoded.append(w) or real_decode(b, w, *spec)
+    )
     (x_train, y_train), (x_test, y_test) = data.load_data(image_tree, limit=12, seed=5)
     assert x_train.shape[0] == 12 and x_test.shape[0] == 12
     assert len(decoded) == 24
@@ -254,3 +264,56 @@ def test_decoded_arrays_come_back_bit_for_bit(tmp_path, image_tree):
     # Every pixel value survives the float32 round trip, not only those in the tree.
     every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
     assert np.array_equal(data._pixels(every.astype(np.float32) / np.float32(255)), every)
+
+
+def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path):
+    """`load_labelled`: the classes and image size of the tree, grey or RGB, read exactly."""
+    tree = write_grey_tree(tmp_path / "shapes", per_class=4, size=(12, 10))
+    archive = write_tar(tree, tmp_path / "shapes.tar.gz")
+    for source in (tree, archive):
+        arrays, classes = data.load_labelled(source, channels=1)
+        (x_train, y_train), (x_test, y_test) = arrays
+        assert classes == tuple(sorted(SHAPES))
+        assert x_train.shape == (12, 12, 10, 1) and x_test.shape == (12, 12, 10, 1)
+        assert y_train.shape == (12, 3) and y_test.shape == (12, 1)
+        labels = np.rint(x_test[:, 0, 0, 0] * 255).astype(int) // 100
+        np.testing.assert_array_equal(labels, y_test[:, 0])
+        np.testing.assert_array_equal(np.rint(x_train[:, 0, 0, 0] * 255) // 100, y_train.argmax(1))
+    # An RGB model reads the same grey images as three equal channels.
+    (_, _), (rgb, _) = data.load_labelled(tree, channels=3)[0]
+    assert rgb.shape == (12, 12, 10, 3)
+    np.testing.assert_array_equal(rgb, np.repeat(x_test, 3, axis=3))
+    # Training stays the article's: CIFAR-10's ten classes.
+    with pytest.raises(data.DataError, match="expected 10 class folders, found 3"):
+        data.load_data(tree)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("other size", "test/square/0001.png is 9x12, TREE:train/circle/0000.png is 10x12: "),
+        ("colour", "0001.png is a colour image; the models take grey images (1 channel)"),
+        ("one class", "found one class folder (circle); a classifier's images come in two"),
+        ("cifar batches", "is CIFAR-10, RGB images; the models take 1-channel ones"),
+        ("four channels", "the models take 4-channel images; combine reads grey or RGB ones"),
+    ],
+)
+def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
+    from PIL import Image
+
+    tree = write_grey_tree(tmp_path / "tree")
+    channels = 4 if damage == "four channels" else 1
+    if damage == "other size":
+        Image.new("L", (9, 12)).save(tree / "test" / "square" / "0001.png")
+    elif damage == "colour":
+        Image.new("RGB", (10, 12), (200, 10, 10)).save(tree / "test" / "square" / "0001.png")
+    elif damage == "one class":
+        for split in ("train", "test"):
+            for name in ("square", "triangle"):
+                shutil.rmtree(tree / split / name)
+    elif damage == "cifar batches":
+        tree = tmp_path / "batches"
+        write_batches(tree)
+    with pytest.raises(data.DataError) as error:
+        data.load_labelled(tree, channels=channels)
+    assert message.replace("TREE", str(tree)) in str(error.value)

@@ -1,5 +1,7 @@
 """Metrics against hand-computed values, combination rules, and the full table."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,28 @@ def test_mcnemar_p_by_hand():
     # 3,000 against 2,800 disagreements: tiny, but computed, not underflowed to 0.
     many = ev.mcnemar_p(np.arange(5800) < 3000, np.arange(5800) >= 3000)
     assert 0 < many < 0.02
+
+
+def test_binomial_tail_by_hand_and_at_chance_for_two_classes_as_for_ten():
+    for n, k, p in ((5, 3, 0.3), (10, 0, 0.5), (10, 11, 0.5), (7, 7, 0.9), (40, 9, 0.1)):
+        exact = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+        assert ev.binomial_tail(n, k, p) == pytest.approx(exact, abs=1e-15)
+
+    def answers(labels, right):  # one-hot answers, the first `right` of them correct
+        predicted = np.where(np.arange(len(labels)) < right, labels, (labels + 1) % 2)
+        return np.eye(10)[predicted]
+
+    two = np.repeat([0, 1], 1000)  # cats and dogs: guessing gets 1000 of 2000 right
+    assert not ev.at_chance(answers(two, 1070), two)  # error 0.465: weak, but p ~ 0.001
+    assert ev.at_chance(answers(two, 1020), two)  # error 0.49: p ~ 0.19
+    ten = np.repeat(np.arange(10), 100)
+    assert ev.at_chance(np.eye(10)[np.zeros(1000, int)], ten)  # one class for all: 0.90
+    assert not ev.at_chance(np.eye(10)[ten], ten)
+    # CIFAR-10's 10,000 test images: at chance from error 0.893 up (README).
+    assert ev.binomial_tail(10000, 1070, 0.1) >= 0.01 > ev.binomial_tail(10000, 1071, 0.1)
+    # Against the commonest class, not 1/K: 80% of the images in one class.
+    skewed = np.repeat([0, 1], [800, 200])
+    assert ev.at_chance(np.eye(10)[np.zeros(1000, int)], skewed)  # error 0.2, yet no skill
 
 
 def test_the_gain_p_value_compares_the_ensemble_with_its_best_member():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import ensemble
 import evaluation
 import export
@@ -113,6 +114,7 @@ def test_an_export_cut_short_leaves_no_file_behind(tmp_path, members, monkeypatc
 
 def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, members, capsys):
     export.export(tmp_path / "e.keras", members, "average")
+    assert export.class_names(tmp_path / "e.keras", 10) == list(data.CLASS_NAMES)
     rng = np.random.default_rng(2)
     big = tmp_path / "big.png"
     Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(big)
@@ -147,7 +149,10 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("image folder", "folder PHOTOS holds no PNG or JPEG files"),
         ("empty image", "an image path is empty (an unset shell variable?)"),
         ("empty", "--model is empty (an unset shell variable?)"),
-        ("other_shapes", "maps 28x28x1 to 5; this needs one 32x32x3 image input"),
+        ("not_images", "maps 784 to 5; this needs one input of grey or RGB images"),
+        ("logits", "does not output probabilities (its rows sum to"),
+        ("top", "--top must lie between 1 and 10, got 11"),
+        ("classes", "--classes names 2 classes; --model MODEL scores 10"),
     ],
 )
 def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys, problem, message):
@@ -174,12 +179,17 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
         message = message.replace("PHOTOS", str(image))
     elif problem == "empty image":
         image = ""
-    else:  # a loadable classifier of other images (MNIST-like, 5 classes)
+    elif problem == "not_images":  # flattened pixels: not a model of images
         model = tmp_path / "other.keras"
+        keras.Sequential([keras.Input((784,)), keras.layers.Dense(5, "softmax")]).save(model)
+    elif problem == "logits":
+        model = tmp_path / "logits.keras"
         keras.Sequential(
             [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5)]
         ).save(model)
-    assert export.predict_main(["--model", str(model), str(image)]) == 2
+    extra = {"top": ["--top", "11"], "classes": ["--classes", "cat,dog"]}.get(problem, [])
+    message = message.replace("MODEL", str(model))
+    assert export.predict_main(["--model", str(model), str(image), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1
     assert message in err
