@@ -14,7 +14,6 @@ training set, never on the test set; they are fair only if the models did not tr
 on those images (the article's members hold them out).
 """
 
-import math
 import os
 import re
 import sys
@@ -141,12 +140,15 @@ def run(args):
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
     channels = _one_kind(args.models, list(models.values()))
-    arrays, classes = data.load_labelled(args.data_dir, args.limit, args.seed, channels)
-    (x_train, y_train), (x_test, y_test) = arrays
+    # The fitted rules learn on the training set's last --validation-split only: the
+    # rest is never decoded (a data set of large images would not fit in memory).
+    arrays, classes = data.load_labelled(
+        args.data_dir, args.limit, args.seed, channels, args.validation_split
+    )
+    (x_val, y_val), (x_test, y_test) = arrays
+    val_labels = np.argmax(y_val, axis=1)
     for path, model in zip(args.models, models.values(), strict=True):
         export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
-    split_at = math.floor(len(x_train) * (1 - args.validation_split))  # as Keras' split
-    x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
     print(f"{len(names)} models, {len(x_test)} test images, {len(x_val)} validation images, "
           f"{len(classes)} classes")  # fmt: skip
     if len(names) > evaluation.EVERY_SUBSET_UP_TO and not args.every_subset:

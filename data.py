@@ -25,6 +25,7 @@ go through an unpickler that only rebuilds NumPy arrays.
 import dataclasses
 import hashlib
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -80,12 +81,14 @@ def load_data(data_dir=None, limit=None, seed=0):
     return arrays
 
 
-def load_labelled(data_dir=None, limit=None, seed=0, channels=3):
+def load_labelled(data_dir=None, limit=None, seed=0, channels=3, validation_split=None):
     """Labelled images for `combine`: CIFAR-10 as `load_data` reads it, or any class-folder tree.
 
     A tree's classes are its folders, sorted by name (at least two), and its images
     must share one size; with `channels=1` they are read as grey, which only an image
-    without colour is (a colour one is refused rather than converted).
+    without colour is (a colour one is refused rather than converted). With
+    `validation_split`, only the last fraction of the training images is kept (those
+    Keras' `validation_split` would hold out), and only those are decoded.
 
     Returns:
         `(((x_train, y_train), (x_test, y_test)), class_names)`, the arrays as
@@ -95,7 +98,7 @@ def load_labelled(data_dir=None, limit=None, seed=0, channels=3):
         raise DataError(
             f"the models take {channels}-channel images; combine reads grey or RGB ones (1 or 3)"
         )
-    return _load(data_dir, limit, seed, _Spec(None, None, channels))
+    return _load(data_dir, limit, seed, _Spec(None, None, channels), validation_split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +119,7 @@ class _Spec:
 CIFAR10 = _Spec(NUM_CLASSES, IMAGE_SHAPE[:2], IMAGE_SHAPE[2])
 
 
-def _load(data_dir, limit, seed, spec):
+def _load(data_dir, limit, seed, spec, validation_split=None):
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be a positive number of images, got {limit}")
     if data_dir is None:
@@ -126,6 +129,8 @@ def _load(data_dir, limit, seed, spec):
     train_index, test_index = _selection(
         len(train.labels), len(test.labels), ordered_by_class, limit, seed
     )
+    if validation_split is not None:  # as Keras splits: the last fraction, rounded up
+        train_index = train_index[math.floor(len(train_index) * (1 - validation_split)) :]
     arrays = _normalise(*train.take(train_index), *test.take(test_index), len(train.classes))
     return arrays, train.classes
 

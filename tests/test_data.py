@@ -266,7 +266,7 @@ def test_decoded_arrays_come_back_bit_for_bit(tmp_path, image_tree):
     assert np.array_equal(data._pixels(every.astype(np.float32) / np.float32(255)), every)
 
 
-def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path):
+def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path, monkeypatch):
     """`load_labelled`: the classes and image size of the tree, grey or RGB, read exactly."""
     tree = write_grey_tree(tmp_path / "shapes", per_class=4, size=(12, 10))
     archive = write_tar(tree, tmp_path / "shapes.tar.gz")
@@ -279,6 +279,16 @@ def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path):
         labels = np.rint(x_test[:, 0, 0, 0] * 255).astype(int) // 100
         np.testing.assert_array_equal(labels, y_test[:, 0])
         np.testing.assert_array_equal(np.rint(x_train[:, 0, 0, 0] * 255) // 100, y_train.argmax(1))
+    # combine's validation images: the training set's last quarter, only they decoded.
+    decoded = []
+    real_decode = data._decode_image
+    monkeypatch.setattr(
+        data, "_decode_image", lambda b, w, *spec: decoded.append(w) or real_decode(b, w, *spec)
+    )
+    (x_val, y_val), _ = data.load_labelled(tree, channels=1, validation_split=0.25)[0]
+    assert len(decoded) == 3 + 12
+    np.testing.assert_array_equal(x_val, x_train[9:])
+    np.testing.assert_array_equal(y_val, y_train[9:])
     # An RGB model reads the same grey images as three equal channels.
     (_, _), (rgb, _) = data.load_labelled(tree, channels=3)[0]
     assert rgb.shape == (12, 12, 10, 3)
