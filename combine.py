@@ -9,9 +9,10 @@ once, and every subset of models (beyond six: each, all but each, and all) is sc
 under every `--combine` rule with the full report's metrics, exactly as `ensemble.py`
 scores its own members; `--export` writes the chosen combination as one `.keras` file.
 
-The fitted rules (`weighted`, `stack`) learn on the last `--validation-split` of the
-training set, never on the test set; they are fair only if the models did not train
-on those images (the article's members hold them out).
+The fitted rules (`weighted`, `stack`) learn on the tree's own `val/` folder if it
+has one, else on the last `--validation-split` of the training set, never on the test
+set; they are fair only if the models did not train on those images (the article's
+members hold that split out).
 """
 
 import os
@@ -48,9 +49,10 @@ def parse_args(argv):
                         "(default: download CIFAR-10 with Keras)")  # fmt: skip
     parser.add_argument("--limit", type=int, help="keep N train and N test images")
     parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")
-    parser.add_argument("--validation-split", type=float, default=0.2,
+    parser.add_argument("--validation-split", type=float,
                         help="last fraction of the training set the fitted rules learn on "
-                        "(default: 0.2, the article's)")  # fmt: skip
+                        f"(default: a tree's own val/ folder, else {data.VALIDATION_SPLIT}, the "
+                        "article's)")  # fmt: skip
     parser.add_argument("--combine", nargs="+", choices=evaluation.RULES, default=["average"],
                         help="rules to score; the average always comes first")  # fmt: skip
     parser.add_argument("--every-subset", action="store_true",
@@ -107,7 +109,7 @@ def check(args):
         raise export.ExportError(f"model {twice} is given twice; give each model once")
     # Named after the paths as given (a link's name, not its target's), tidied of "..".
     names = model_names([Path(os.path.normpath(Path(path).absolute())) for path in args.models])
-    if not 0 < args.validation_split < 1:
+    if args.validation_split is not None and not 0 < args.validation_split < 1:
         raise export.ExportError(
             f"--validation-split must lie strictly between 0 and 1, got {args.validation_split}"
         )
@@ -140,17 +142,17 @@ def run(args):
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
     channels = _one_kind(args.models, list(models.values()))
-    # The fitted rules learn on the training set's last --validation-split only: the
-    # rest is never decoded (a data set of large images would not fit in memory).
-    arrays, classes = data.load_labelled(
+    # The fitted rules learn on the validation images only: the rest of the training
+    # set is never decoded (a data set of large images would not fit in memory).
+    arrays, classes, held_out = data.load_labelled(
         args.data_dir, args.limit, args.seed, channels, args.validation_split
     )
     (x_val, y_val), (x_test, y_test) = arrays
     val_labels = np.argmax(y_val, axis=1)
     for path, model in zip(args.models, models.values(), strict=True):
         export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
-    print(f"{len(names)} models, {len(x_test)} test images, {len(x_val)} validation images, "
-          f"{len(classes)} classes")  # fmt: skip
+    print(f"{len(names)} models, {len(classes)} classes, {len(x_test)} test images, "
+          f"{len(x_val)} validation images ({held_out})")  # fmt: skip
     if len(names) > evaluation.EVERY_SUBSET_UP_TO and not args.every_subset:
         print(f"{len(names)} models make {2 ** len(names) - 1} subsets, too many to score "
               "in good time: scoring each model, all but each one, and all of them "
@@ -185,6 +187,7 @@ def run(args):
     extra = {
         "models": dict(zip(names, args.models, strict=True)),
         "classes": list(classes),
+        "validation_images": held_out,
         "at_chance": at_chance,
     }
     if args.export:

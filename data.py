@@ -53,6 +53,10 @@ OFFICIAL_BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# A tree's own held-out images, beside train/ and test/, for combine's fitted rules.
+HELD_OUT_FOLDERS = ("val", "valid", "validation")
+SPLITS = ("train", "test", *HELD_OUT_FOLDERS)
+VALIDATION_SPLIT = 0.2  # the article's, and combine's default
 
 
 class DataError(ValueError):
@@ -77,7 +81,7 @@ def load_data(data_dir=None, limit=None, seed=0):
     Raises:
         DataError: with a one-line message naming the problem and the fix.
     """
-    arrays, _ = _load(data_dir, limit, seed, CIFAR10)
+    arrays, _, _ = _load(data_dir, limit, seed, CIFAR10)
     return arrays
 
 
@@ -86,19 +90,24 @@ def load_labelled(data_dir=None, limit=None, seed=0, channels=3, validation_spli
 
     A tree's classes are its folders, sorted by name (at least two), and its images
     must share one size; with `channels=1` they are read as grey, which only an image
-    without colour is (a colour one is refused rather than converted). With
-    `validation_split`, only the last fraction of the training images is kept (those
-    Keras' `validation_split` would hold out), and only those are decoded.
+    without colour is (a colour one is refused rather than converted).
+
+    The validation images, which combine's fitted rules learn on, are the tree's own
+    held-out folder (`val/`, `valid/` or `validation/` beside `train/`) if it has one,
+    else the last `validation_split` (default 0.2) of the training images, those Keras'
+    `validation_split` holds out. Only they are decoded, not the rest of `train/`.
 
     Returns:
-        `(((x_train, y_train), (x_test, y_test)), class_names)`, the arrays as
-        `load_data`'s but of the tree's image shape and class count.
+        `(((x_val, y_val), (x_test, y_test)), class_names, held_out)`, the arrays as
+        `load_data`'s but of the tree's image shape and class count; `held_out` says
+        where the validation images came from.
     """
     if channels not in (1, 3):
         raise DataError(
             f"the models take {channels}-channel images; combine reads grey or RGB ones (1 or 3)"
         )
-    return _load(data_dir, limit, seed, _Spec(None, None, channels), validation_split)
+    spec = _Spec(None, None, channels)
+    return _load(data_dir, limit, seed, spec, validation_split, held_out=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,20 +128,34 @@ class _Spec:
 CIFAR10 = _Spec(NUM_CLASSES, IMAGE_SHAPE[:2], IMAGE_SHAPE[2])
 
 
-def _load(data_dir, limit, seed, spec, validation_split=None):
+def _load(data_dir, limit, seed, spec, validation_split=None, held_out=False):
+    """(arrays, class names, where the validation images came from): with `held_out`,
+    the first arrays are the validation images only (`load_labelled`)."""
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be a positive number of images, got {limit}")
     if data_dir is None:
         train, test, ordered_by_class = _load_keras_download(spec)
     else:
-        train, test, ordered_by_class = _load_from_path(Path(data_dir), spec)
+        train, test, ordered_by_class = _load_from_path(Path(data_dir), spec, held_out)
     train_index, test_index = _selection(
         len(train.labels), len(test.labels), ordered_by_class, limit, seed
     )
-    if validation_split is not None:  # as Keras splits: the last fraction, rounded up
-        train_index = train_index[math.floor(len(train_index) * (1 - validation_split)) :]
+    where = None
+    if held_out and train.held_out is not None:
+        folder, train = train.held_out
+        if validation_split is not None:
+            raise DataError(
+                f"{data_dir} holds its own validation images in {folder}/; drop "
+                "--validation-split, which would take them from train/ instead"
+            )
+        train_index = _selection(len(train.labels), 0, False, limit, seed)[0]
+        where = f"{folder}/"
+    elif held_out:  # as Keras splits: the last fraction, rounded up
+        fraction = VALIDATION_SPLIT if validation_split is None else validation_split
+        train_index = train_index[math.floor(len(train_index) * (1 - fraction)) :]
+        where = f"the last {fraction * 100:g}% of the training images"
     arrays = _normalise(*train.take(train_index), *test.take(test_index), len(train.classes))
-    return arrays, train.classes
+    return arrays, train.classes, where
 
 
 def _selection(num_train, num_test, ordered_by_class, limit, seed):
@@ -197,6 +220,8 @@ def describe_source(data_dir):
 class _Split:
     """Labels up front, images on demand: a subset decodes only the images it keeps."""
 
+    held_out = None  # (folder, _Split): a tree's own validation images, beside train/
+
     def __init__(self, labels, classes, images=None, decode=None, shape=IMAGE_SHAPE):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = tuple(classes)
@@ -239,7 +264,7 @@ def _load_keras_download(spec):
     )
 
 
-def _load_from_path(path, spec):
+def _load_from_path(path, spec, held_out=False):
     if not path.exists():
         raise DataError(f"--data-dir {path} does not exist; point it at CIFAR-10 (see README)")
     if path.is_dir():
@@ -249,7 +274,7 @@ def _load_from_path(path, spec):
             if (folder / TEST_BATCH).is_file():
                 _cifar10_only(spec, folder)
                 return *_load_batches_dir(folder), False
-        return *_load_image_tree(_folder_files(path), path, spec), True
+        return *_load_image_tree(_folder_files(path), path, spec, held_out), True
     if not tarfile.is_tarfile(path):
         raise DataError(
             f"{path} is neither a folder nor a readable .tar/.tar.gz archive "
@@ -265,7 +290,7 @@ def _load_from_path(path, spec):
             f"published {OFFICIAL_ARCHIVE_SHA256}; download it again (or, if you packed "
             f"it yourself, pass the extracted {OFFICIAL_BATCHES_DIR} folder)"
         )
-    return *_load_image_tree(files, path, spec), True
+    return *_load_image_tree(files, path, spec, held_out), True
 
 
 def _load_batches_dir(folder):
@@ -290,9 +315,27 @@ def _load_official_archive(path):
     return _join_batches([read(n) for n in TRAIN_BATCHES]), read(TEST_BATCH)
 
 
-def _load_image_tree(files, source, spec):
-    """train/<class>/* and test/<class>/*; `files` maps names to byte readers."""
+def _load_image_tree(files, source, spec, held_out=False):
+    """train/<class>/* and test/<class>/*; `files` maps names to byte readers.
+
+    With `held_out`, also a val/ (valid/, validation/) folder, if there is one, as
+    the train split's `held_out`."""
     entries = {split: _image_entries(files, split, source) for split in ("train", "test")}
+    if held_out:
+        found = [f for f in HELD_OUT_FOLDERS if _image_entries(files, f, source, required=False)]
+        if len(found) > 1:
+            raise DataError(
+                f"{source} has {' and '.join(f + '/' for f in found)}; keep one folder of "
+                "validation images"
+            )
+        for folder in found:
+            entries[folder] = _image_entries(files, folder, source)
+            other = sorted({label for label, _ in entries[folder]})
+            if other != sorted({label for label, _ in entries["train"]}):
+                raise DataError(
+                    f"{source}: {folder}/ must hold the same class folders as train/ "
+                    f"and test/; it holds {', '.join(other)}"
+                )
     train_classes = sorted({label for label, _ in entries["train"]})
     test_classes = sorted({label for label, _ in entries["test"]})
     if train_classes != test_classes:
@@ -328,18 +371,21 @@ def _load_image_tree(files, source, spec):
         labels = [label_of[label] for label, _ in split_entries]
         return _Split(labels, train_classes, decode=decode, shape=spec.shape)
 
-    return split(entries["train"]), split(entries["test"])
+    train = split(entries["train"])
+    for folder in set(entries) - {"train", "test"}:
+        train.held_out = folder, split(entries[folder])
+    return train, split(entries["test"])
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _image_entries(files, split, source):
+def _image_entries(files, split, source, required=True):
     """[(class, name)] for the images under <split>/<class>/, with one optional top folder."""
     entries = []
     for name in files:
         parts = PurePosixPath(name).parts
-        if len(parts) == 4 and parts[1] in ("train", "test"):
+        if len(parts) == 4 and parts[1] in SPLITS:
             parts = parts[1:]  # archive wrapped in one top-level folder
         if len(parts) != 3 or parts[0] != split or parts[2].startswith("."):
             continue
@@ -348,7 +394,7 @@ def _image_entries(files, split, source):
                 f"{source}: {name} is not a PNG or JPEG image; remove it from the class folder"
             )
         entries.append((parts[1], name))
-    if not entries:
+    if not entries and required:
         raise DataError(
             f"{source} has no images under {split}/<class>/; expected train/<class>/*.jpg "
             "and test/<class>/*.jpg, cifar-10-batches-py or cifar-10-python.tar.gz"

@@ -10,6 +10,7 @@ from conftest import SHAPES, write_grey_tree, write_tree
 import combine as combine_module
 import data
 import ensemble
+import evaluation
 import export
 from models import nin_cnn
 
@@ -308,29 +309,34 @@ def grey_reader():
 
 def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
     """Not CIFAR-10: three classes of 12x10 grey images, the classes named by their folders,
-    all the way to an exported file whose predictions `predict` prints by those names."""
-    tree = write_grey_tree(tmp_path / "tree", per_class=4, size=(12, 10))
+    the weights fitted on the tree's own val/ folder, all the way to an exported file
+    whose predictions `predict` prints by those names."""
+    tree = write_grey_tree(tmp_path / "tree", per_class=4, splits=("train", "test", "val"))
     paths = [tmp_path / "reader.keras", tmp_path / "small.keras"]
     grey_reader().save(paths[0])
     small_classifier(3, (12, 10, 1)).save(paths[1])
     exported = tmp_path / "shapes.keras"
     argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--combine", "weighted",
-            "--logs-dir", str(tmp_path / "logs"), "--export", str(exported)]  # fmt: skip
+            "--logs-dir", str(tmp_path / "logs"), "--export", str(exported),
+            "--export-rule", "weighted"]  # fmt: skip
     assert ensemble.main(argv) == 0
-    assert "2 models, 12 test images, 3 validation images, 3 classes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 models, 3 classes, 12 test images, 12 validation images (val/)" in out
     results = json.loads((tmp_path / "logs" / "combine.json").read_text())
-    assert results["classes"] == sorted(SHAPES)
+    assert results["classes"] == sorted(SHAPES) and results["validation_images"] == "val/"
     rows = {row["row"]: row for row in results["results"]}
     assert rows["reader"]["test_error"] == 0.0
     assert "reader" not in results["at_chance"]  # 0 against chance's 2/3
 
-    arrays, _ = data.load_labelled(tree, channels=1)
-    (_, _), (x_test, y_test) = arrays
+    ((x_val, y_val), (x_test, y_test)), _, _ = data.load_labelled(tree, channels=1)
     models = [keras.saving.load_model(path) for path in paths]
     mean = np.mean([m.predict(x_test, verbose=0) for m in models], axis=0)
     assert rows["reader+small"]["test_error"] == pytest.approx(
         np.mean(mean.argmax(1) != y_test[:, 0])
     )
+    val_probs = [m.predict(x_val, verbose=0) for m in models]
+    weights = evaluation.fit_weights(val_probs, y_val.argmax(1))
+    np.testing.assert_allclose(results["export"]["weights"], weights, atol=1e-5)
     reloaded = keras.saving.load_model(exported)
     assert tuple(reloaded.input_shape) == (None, 12, 10, 1)
     assert export.class_names(exported, 3) == sorted(SHAPES)
@@ -338,7 +344,7 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
     # The exported file names its classes: predict prints them, not CIFAR-10's.
     image = tree / "test" / "triangle" / "0002.png"
     assert export.predict_main(["--model", str(exported), str(image), "--top", "1"]) == 0
-    assert capsys.readouterr().out.startswith(f"{image}: triangle 0.")
+    assert capsys.readouterr().out.startswith(f"{image}: triangle ")
     # A file that names none: CIFAR-10's classes for ten, numbers otherwise, or --classes.
     assert export.predict_main(["--model", str(paths[0]), str(image), "--top", "1"]) == 0
     assert capsys.readouterr().out == f"{image}: class 2 1.000\n"

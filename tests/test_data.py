@@ -267,28 +267,33 @@ def test_decoded_arrays_come_back_bit_for_bit(tmp_path, image_tree):
 
 
 def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path, monkeypatch):
-    """`load_labelled`: the classes and image size of the tree, grey or RGB, read exactly."""
+    """`load_labelled`: the classes and image size of the tree, grey or RGB, read exactly;
+    of the training images, only the last fifth, which combine's fitted rules learn on."""
     tree = write_grey_tree(tmp_path / "shapes", per_class=4, size=(12, 10))
     archive = write_tar(tree, tmp_path / "shapes.tar.gz")
-    for source in (tree, archive):
-        arrays, classes = data.load_labelled(source, channels=1)
-        (x_train, y_train), (x_test, y_test) = arrays
-        assert classes == tuple(sorted(SHAPES))
-        assert x_train.shape == (12, 12, 10, 1) and x_test.shape == (12, 12, 10, 1)
-        assert y_train.shape == (12, 3) and y_test.shape == (12, 1)
-        labels = np.rint(x_test[:, 0, 0, 0] * 255).astype(int) // 100
-        np.testing.assert_array_equal(labels, y_test[:, 0])
-        np.testing.assert_array_equal(np.rint(x_train[:, 0, 0, 0] * 255) // 100, y_train.argmax(1))
-    # combine's validation images: the training set's last quarter, only they decoded.
     decoded = []
     real_decode = data._decode_image
     monkeypatch.setattr(
         data, "_decode_image", lambda b, w, *spec: decoded.append(w) or real_decode(b, w, *spec)
     )
-    (x_val, y_val), _ = data.load_labelled(tree, channels=1, validation_split=0.25)[0]
-    assert len(decoded) == 3 + 12
-    np.testing.assert_array_equal(x_val, x_train[9:])
-    np.testing.assert_array_equal(y_val, y_train[9:])
+    for source in (tree, archive):
+        decoded.clear()
+        ((x_val, y_val), (x_test, y_test)), classes, held_out = data.load_labelled(
+            source, channels=1
+        )
+        assert classes == tuple(sorted(SHAPES))
+        assert held_out == "the last 20% of the training images"
+        assert x_val.shape == (3, 12, 10, 1) and x_test.shape == (12, 12, 10, 1)
+        assert y_val.shape == (3, 3) and y_test.shape == (12, 1)
+        assert len(decoded) == 3 + 12  # not the 9 training images before them
+        labels = np.rint(x_test[:, 0, 0, 0] * 255).astype(int) // 100
+        np.testing.assert_array_equal(labels, y_test[:, 0])
+        np.testing.assert_array_equal(np.rint(x_val[:, 0, 0, 0] * 255) // 100, y_val.argmax(1))
+    # The last images of the shuffled training set, as Keras' validation_split takes them.
+    (every, _), _ = data.load_labelled(tree, channels=1, validation_split=0.999)[0]
+    assert len(every) == 12
+    (x_quarter, _), _ = data.load_labelled(tree, channels=1, validation_split=0.25)[0]
+    np.testing.assert_array_equal(x_quarter, every[9:])
     # An RGB model reads the same grey images as three equal channels.
     (_, _), (rgb, _) = data.load_labelled(tree, channels=3)[0]
     assert rgb.shape == (12, 12, 10, 3)
@@ -296,6 +301,21 @@ def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path, monkeyp
     # Training stays the article's: CIFAR-10's ten classes.
     with pytest.raises(data.DataError, match="expected 10 class folders, found 3"):
         data.load_data(tree)
+
+
+@pytest.mark.parametrize("folder", data.HELD_OUT_FOLDERS)
+def test_a_trees_own_validation_folder_is_what_the_fitted_rules_learn_on(tmp_path, folder):
+    tree = write_grey_tree(tmp_path / "tree", per_class=2, splits=("train", "test", folder))
+    ((x_val, y_val), (x_test, _)), _, held_out = data.load_labelled(tree, channels=1)
+    assert held_out == f"{folder}/" and len(x_val) == 6 and len(x_test) == 6
+    assert set(np.rint(x_val[:, 0, 2, 0] * 255).astype(int)) == {20}  # all from val/
+    np.testing.assert_array_equal(np.rint(x_val[:, 0, 0, 0] * 255) // 100, y_val.argmax(1))
+    assert len(data.load_labelled(tree, limit=4, channels=1)[0][0][0]) == 4
+    # Training ignores such a folder, as before.
+    cifar = write_tree(tmp_path / "cifar", train_per_class=2, test_per_class=1)
+    shutil.copytree(cifar / "test", cifar / folder)
+    (x_train, _), (x_test, _) = data.load_data(cifar)
+    assert len(x_train) == 20 and len(x_test) == 10
 
 
 @pytest.mark.parametrize(
@@ -306,6 +326,9 @@ def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path, monkeyp
         ("one class", "found one class folder (circle); a classifier's images come in two"),
         ("cifar batches", "is CIFAR-10, RGB images; the models take 1-channel ones"),
         ("four channels", "the models take 4-channel images; combine reads grey or RGB ones"),
+        ("two val folders", "has val/ and validation/; keep one folder of validation images"),
+        ("val lacks a class", "val/ must hold the same class folders as train/ and test/"),
+        ("val and a split", "holds its own validation images in val/; drop --validation-split"),
     ],
 )
 def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
@@ -324,6 +347,13 @@ def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
     elif damage == "cifar batches":
         tree = tmp_path / "batches"
         write_batches(tree)
+    elif damage in ("two val folders", "val lacks a class", "val and a split"):
+        shutil.copytree(tree / "test", tree / "val")
+    if damage == "two val folders":
+        shutil.copytree(tree / "test", tree / "validation")
+    elif damage == "val lacks a class":
+        shutil.rmtree(tree / "val" / "circle")
+    split = 0.2 if damage == "val and a split" else None
     with pytest.raises(data.DataError) as error:
-        data.load_labelled(tree, channels=channels)
+        data.load_labelled(tree, channels=channels, validation_split=split)
     assert message.replace("TREE", str(tree)) in str(error.value)
