@@ -1,7 +1,8 @@
 """`python ensemble.py combine A.keras B.keras ...`: any saved image classifiers, ensembled.
 
 The article's members are not the only ones worth combining. Each file is loaded in
-safe mode and must take images scaled to [0, 1] (the article's x / 255) to class
+safe mode and must take images scaled to [0, 1] (the article's x / 255; one at chance
+on them but not on 0..255 pixels is given those, `on_raw_pixels`) to class
 probabilities, whatever its architecture: CIFAR-10's 32x32x3 images and 10 classes,
 or those of any class-folder tree `--data-dir` names (`data.load_labelled`: any
 number of classes, any one image size, RGB or grey). Every model predicts the test set
@@ -20,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 
 import config
@@ -158,21 +160,34 @@ def run(args):
               "in good time: scoring each model, all but each one, and all of them "
               "(--every-subset scores every one)")  # fmt: skip
 
+    def predict_one(name, images):
+        probs = fast.predict(models[name], images, args.batch_size, args.tta)
+        return export.probabilities(name, probs)
+
     def predict(images):
-        return {
-            name: export.probabilities(name, fast.predict(model, images, args.batch_size, args.tta))
-            for name, model in models.items()
-        }
+        return {name: predict_one(name, images) for name in names}
 
     test_probs = predict(x_test)
     # A model no better than guessing has almost surely been given its images on the
     # wrong scale; a fixed threshold would not do for two classes as for ten.
     at_chance = [name for name in names if evaluation.at_chance(test_probs[name], y_test[:, 0])]
+    raw_pixels = []
+    for name in at_chance:
+        # The likeliest cause: a model that rescales its input itself (Rescaling(1/255),
+        # as Keras' examples train on image_dataset_from_directory's 0..255 pixels).
+        # Whether it is right is decided on the validation images, not the test set.
+        if not evaluation.at_chance(predict_one(name, x_val * 255), val_labels):
+            raw_pixels.append(name)
+            models[name] = on_raw_pixels(models[name])  # the export takes [0, 1] alike
+            test_probs[name] = predict_one(name, x_test)
+            print(f"note: model {name} is at chance on pixels in [0, 1] but not on 0..255 "
+                  "(it rescales its input itself, as Keras' examples do): it is given "
+                  "0..255")  # fmt: skip
+    at_chance = [name for name in at_chance if name not in raw_pixels]
     for name in at_chance:  # silently wrong otherwise: every row with it would be noise
         error = evaluation.error_rate(test_probs[name], y_test[:, 0])
-        print(f"note: model {name} is at chance level (test error {error:.2f}); does it "
-              "take images scaled to [0, 1]? One that rescales its input itself (a "
-              "Rescaling(1/255) layer, as in Keras' examples) wants pixels in 0..255")  # fmt: skip
+        print(f"note: model {name} is at chance level (test error {error:.2f}), on pixels in "
+              "[0, 1] and in 0..255; is it a classifier of these images?")  # fmt: skip
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
     val_probs = predict(x_val) if fitted & {"weighted", "stack"} else {}
     rows = table_rows(
@@ -188,6 +203,7 @@ def run(args):
         "models": dict(zip(names, args.models, strict=True)),
         "classes": list(classes),
         "validation_images": held_out,
+        "raw_pixels": raw_pixels,
         "at_chance": at_chance,
     }
     if args.export:
@@ -200,6 +216,14 @@ def run(args):
             classes,
         )
     return rows, extra
+
+
+def on_raw_pixels(model):
+    """`model` behind a Rescaling(255): it takes [0, 1] images, as every model here does,
+    and passes them on in 0..255, the pixels it wants. The wrapper keeps its name."""
+    inputs = keras.Input(model.input_shape[1:], name=f"{model.name}_images")
+    scaled = keras.layers.Rescaling(255.0, name=f"{model.name}_to_0_255")(inputs)
+    return keras.Model(inputs, model(scaled), name=model.name)
 
 
 def _one_kind(paths, models):

@@ -13,9 +13,10 @@
 * a class-folder tree `train/<class>/*.jpg|png`, `test/<class>/*.jpg|png`, as a
   folder or as a `.tar`/`.tar.gz` of one (how `../shared/data` ships CIFAR-10).
 
-`load_labelled`, for `combine`, also reads a class-folder tree of any other labelled
-images: any number of classes (the folders, sorted by name), any one image size, RGB
-or grey; it returns the same arrays, of that shape and class count, and the class names.
+`load_labelled`, for `combine`, reads the test images and the validation images (its
+fitted rules learn on them) from the same sources, or from a class-folder tree of any
+other labelled images: any number of classes (the folders, sorted by name), any one
+image size, RGB or grey; the arrays are of that shape and class count.
 
 Nothing is ever extracted to disk and nothing in the data can run code: tar members
 are read in memory (links, absolute paths and `..` refused) and the pickled batches

@@ -288,7 +288,8 @@ def predict_main(argv):
     parser.add_argument("--model", required=True, help="a .keras file written by --export")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
-    parser.add_argument("--top", type=int, default=TOP_CLASSES, help="classes shown per image")
+    parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
+                        f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
     # One comma-separated value, not nargs="+", which would take the images after it too.
     parser.add_argument("--classes", metavar="NAME,NAME,...", type=_comma_separated,
                         help="the model's class names, in the order of its outputs (default: "
@@ -300,6 +301,7 @@ def predict_main(argv):
         model = load(args.model)
         shape, num_classes = image_classifier(model, f"--model {args.model}")
         names = _names(args, num_classes or data.NUM_CLASSES)
+        args.top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
         if not 1 <= args.top <= len(names):
             raise ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
         images = np.stack([read_image(path, shape) for path in paths])

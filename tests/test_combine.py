@@ -170,18 +170,37 @@ def pixel_reader(rescales=False):
     return model
 
 
-def test_a_model_at_chance_gets_a_note_on_the_scale_of_its_images(tmp_path, capsys):
+def test_a_model_that_rescales_its_input_itself_is_given_0_to_255(tmp_path, capsys):
+    """Keras' examples train on 0..255 pixels behind a Rescaling(1/255): on [0, 1] such a
+    model is at chance. Found so on the validation images, it is given 0..255, in the
+    table and in the export; a model at chance on both scales gets a note instead."""
     write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
-    paths = [tmp_path / "reads.keras", tmp_path / "rescales.keras"]
+    paths = [tmp_path / "reads.keras", tmp_path / "rescales.keras", tmp_path / "blind.keras"]
     pixel_reader().save(paths[0])
     pixel_reader(rescales=True).save(paths[1])
-    assert combine(tmp_path, *paths) == 0
+    blind = small_classifier()
+    blind.layers[-1].set_weights([np.zeros((4, 10), "float32"), np.zeros(10, "float32")])
+    blind.save(paths[2])  # the same answer for every image, whatever its scale
+    exported = tmp_path / "e.keras"
+    assert combine(tmp_path, *paths, "--export", exported) == 0
     out = capsys.readouterr().out
-    assert "note: model rescales is at chance level (test error 0.90); does it take" in out
+    assert "note: model rescales is at chance on pixels in [0, 1] but not on 0..255" in out
+    assert "note: model blind is at chance level (test error 0.90), on pixels in [0, 1]" in out
     assert "note: model reads" not in out
     results = json.loads((tmp_path / "logs" / "combine.json").read_text())
-    assert results["at_chance"] == ["rescales"]
-    assert results["results"][0]["test_error"] == 0.0  # the reader: right on every image
+    assert results["raw_pixels"] == ["rescales"] and results["at_chance"] == ["blind"]
+    rows = {row["row"]: row for row in results["results"]}
+    assert rows["reads"]["test_error"] == rows["rescales"]["test_error"] == 0.0
+
+    # The exported file takes [0, 1] images and gives the rescaling model 0..255.
+    _, (x_test, _) = data.load_data(tmp_path / "tree")
+    models = [keras.saving.load_model(path) for path in paths]
+    scales = (1, 255, 1)
+    outputs = [m.predict(x_test * k, verbose=0) for m, k in zip(models, scales, strict=True)]
+    mean = np.mean(outputs, axis=0)
+    np.testing.assert_allclose(
+        keras.saving.load_model(exported).predict(x_test, verbose=0), mean, atol=1e-6
+    )
 
 
 def test_combine_takes_fully_convolutional_and_legacy_h5_models(tmp_path, saved):
@@ -345,6 +364,11 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
     image = tree / "test" / "triangle" / "0002.png"
     assert export.predict_main(["--model", str(exported), str(image), "--top", "1"]) == 0
     assert capsys.readouterr().out.startswith(f"{image}: triangle ")
+    # By default the top 3, or every class of fewer: both of two.
+    small_classifier(2, (12, 10, 1)).save(tmp_path / "two.keras")
+    assert export.predict_main(["--model", str(tmp_path / "two.keras"), str(image)]) == 0
+    ranked = capsys.readouterr().out.split(": ", 1)[1].split(", ")
+    assert sorted(item.rsplit(" ", 1)[0] for item in ranked) == ["class 0", "class 1"]
     # A file that names none: CIFAR-10's classes for ten, numbers otherwise, or --classes.
     assert export.predict_main(["--model", str(paths[0]), str(image), "--top", "1"]) == 0
     assert capsys.readouterr().out == f"{image}: class 2 1.000\n"
