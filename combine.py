@@ -49,7 +49,8 @@ def parse_args(argv):
     parser.add_argument("--data-dir", help="offline CIFAR-10, as for ensemble.py, or any "
                         "train/<class>/ and test/<class>/ tree of images of one size "
                         "(default: download CIFAR-10 with Keras)")  # fmt: skip
-    parser.add_argument("--limit", type=int, help="keep N train and N test images")
+    parser.add_argument("--limit", type=int, help="keep N test images, and N training images "
+                        "(or N of a val/ folder) to take the validation images from")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")
     parser.add_argument("--validation-split", type=float,
                         help="last fraction of the training set the fitted rules learn on "
