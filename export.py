@@ -285,7 +285,8 @@ def predict_main(argv):
         description="Classify images with an ensemble exported by --export (or combine "
         "--export), or any Keras classifier of images.",
     )
-    parser.add_argument("--model", required=True, help="a .keras file written by --export")
+    parser.add_argument("--model", required=True, help="a .keras (or .h5) classifier of "
+                        "images; one written by --export names its classes")  # fmt: skip
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
     parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
