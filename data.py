@@ -141,21 +141,21 @@ def _load(data_dir, limit, seed, spec, validation_split=None, held_out=False):
     train_index, test_index = _selection(
         len(train.labels), len(test.labels), ordered_by_class, limit, seed
     )
-    where = None
+    first, first_index, where = train, train_index, None  # the first arrays returned
     if held_out and train.held_out is not None:
-        folder, train = train.held_out
+        folder, first = train.held_out
         if validation_split is not None:
             raise DataError(
                 f"{data_dir} holds its own validation images in {folder}/; drop "
                 "--validation-split, which would take them from train/ instead"
             )
-        train_index = _selection(len(train.labels), 0, False, limit, seed)[0]
+        first_index = _selection(len(first.labels), 0, False, limit, seed)[0]
         where = f"{folder}/"
     elif held_out:  # as Keras splits: the last fraction, rounded up
         fraction = VALIDATION_SPLIT if validation_split is None else validation_split
-        train_index = train_index[math.floor(len(train_index) * (1 - fraction)) :]
+        first_index = train_index[math.floor(len(train_index) * (1 - fraction)) :]
         where = f"the last {fraction * 100:g}% of the training images"
-    arrays = _normalise(*train.take(train_index), *test.take(test_index), len(train.classes))
+    arrays = _normalise(*first.take(first_index), *test.take(test_index), len(train.classes))
     return arrays, train.classes, where
 
 
