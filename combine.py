@@ -146,9 +146,10 @@ def run(args):
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
     channels = _one_kind(args.models, list(models.values()))
     # The fitted rules learn on the validation images only: the rest of the training
-    # set is never decoded (a data set of large images would not fit in memory).
+    # set is never decoded, and the images stay uint8 pixels until a batch is predicted
+    # (a data set of large images would not fit in memory in float32).
     arrays, classes, held_out = data.load_labelled(
-        args.data_dir, args.limit, args.seed, channels, args.validation_split
+        args.data_dir, args.limit, args.seed, channels, args.validation_split, pixels=True
     )
     (x_val, y_val), (x_test, y_test) = arrays
     val_labels = np.argmax(y_val, axis=1)
@@ -161,8 +162,8 @@ def run(args):
               "in good time: scoring each model, all but each one, and all of them "
               "(--every-subset scores every one)")  # fmt: skip
 
-    def predict_one(name, images):
-        probs = fast.predict(models[name], images, args.batch_size, args.tta)
+    def predict_one(name, images, raw=False):
+        probs = fast.predict(models[name], images, args.batch_size, args.tta, raw)
         return export.probabilities(name, probs)
 
     def predict(images):
@@ -177,7 +178,7 @@ def run(args):
         # The likeliest cause: a model that rescales its input itself (Rescaling(1/255),
         # as Keras' examples train on image_dataset_from_directory's 0..255 pixels).
         # Whether it is right is decided on the validation images, not the test set.
-        if not evaluation.at_chance(predict_one(name, x_val * 255), val_labels):
+        if not evaluation.at_chance(predict_one(name, x_val, raw=True), val_labels):
             raw_pixels.append(name)
             models[name] = on_raw_pixels(models[name])  # the export takes [0, 1] alike
             test_probs[name] = predict_one(name, x_test)

@@ -86,7 +86,9 @@ def load_data(data_dir=None, limit=None, seed=0):
     return arrays
 
 
-def load_labelled(data_dir=None, limit=None, seed=0, channels=3, validation_split=None):
+def load_labelled(
+    data_dir=None, limit=None, seed=0, channels=3, validation_split=None, pixels=False
+):
     """Labelled images for `combine`: CIFAR-10 as `load_data` reads it, or any class-folder tree.
 
     A tree's classes are its folders, sorted by name (at least two), and its images
@@ -100,15 +102,16 @@ def load_labelled(data_dir=None, limit=None, seed=0, channels=3, validation_spli
 
     Returns:
         `(((x_val, y_val), (x_test, y_test)), class_names, held_out)`, the arrays as
-        `load_data`'s but of the tree's image shape and class count; `held_out` says
-        where the validation images came from.
+        `load_data`'s but of the tree's image shape and class count (with `pixels`,
+        the images stay uint8 pixels, a quarter of float32's memory, which `scale`
+        makes `load_data`'s); `held_out` says where the validation images came from.
     """
     if channels not in (1, 3):
         raise DataError(
             f"the models take {channels}-channel images; combine reads grey or RGB ones (1 or 3)"
         )
     spec = _Spec(None, None, channels)
-    return _load(data_dir, limit, seed, spec, validation_split, held_out=True)
+    return _load(data_dir, limit, seed, spec, validation_split, held_out=True, pixels=pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +132,7 @@ class _Spec:
 CIFAR10 = _Spec(NUM_CLASSES, IMAGE_SHAPE[:2], IMAGE_SHAPE[2])
 
 
-def _load(data_dir, limit, seed, spec, validation_split=None, held_out=False):
+def _load(data_dir, limit, seed, spec, validation_split=None, held_out=False, pixels=False):
     """(arrays, class names, where the validation images came from): with `held_out`,
     the first arrays are the validation images only (`load_labelled`)."""
     if limit is not None and limit < 1:
@@ -155,7 +158,9 @@ def _load(data_dir, limit, seed, spec, validation_split=None, held_out=False):
         fraction = VALIDATION_SPLIT if validation_split is None else validation_split
         first_index = train_index[math.floor(len(train_index) * (1 - fraction)) :]
         where = f"the last {fraction * 100:g}% of the training images"
-    arrays = _normalise(*first.take(first_index), *test.take(test_index), len(train.classes))
+    arrays = _normalise(
+        *first.take(first_index), *test.take(test_index), len(train.classes), pixels
+    )
     return arrays, train.classes, where
 
 
@@ -555,14 +560,20 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _normalise(x_train, y_train, x_test, y_test, num_classes=NUM_CLASSES):
-    """The article's scaling: x / 255, one-hot training labels, (N, 1) test labels."""
+def scale(pixels):
+    """uint8 pixels as the article's images: x / 255 in float32."""
+    # float32, not the article's float64: Keras casts inputs to float32 anyway.
+    return pixels.astype(np.float32) / np.float32(255)
+
+
+def _normalise(x_train, y_train, x_test, y_test, num_classes=NUM_CLASSES, pixels=False):
+    """The article's scaling: x / 255 (unless `pixels`), one-hot training labels, (N, 1)
+    test labels."""
     from keras.utils import to_categorical
 
     if y_train.size and (y_train.min() < 0 or y_train.max() >= num_classes):
         raise DataError(f"labels must lie in 0..{num_classes - 1}")
-    # float32, not the article's float64: Keras casts inputs to float32 anyway.
-    x_train = x_train.astype(np.float32) / np.float32(255)
-    x_test = x_test.astype(np.float32) / np.float32(255)
+    if not pixels:
+        x_train, x_test = scale(x_train), scale(x_test)
     y_train = to_categorical(y_train, num_classes=num_classes).astype(np.float32)
     return (x_train, y_train), (x_test, y_test.reshape(-1, 1).astype(np.int64))

@@ -28,6 +28,8 @@ import keras
 import numpy as np
 from keras import ops
 
+import data
+
 PRESETS = {
     "article": {},
     # Measured on one H100 (bench/RESULTS.md): 150 epochs take 223 s end to end.
@@ -207,9 +209,36 @@ def flip(images):
     return images[:, :, ::-1, :]
 
 
-def predict(model, images, batch_size, tta=False):
-    """Softmax outputs of `model`; with `tta`, averaged with the mirrored images' outputs."""
-    probs = model.predict(images, batch_size=batch_size, verbose=0)
+def predict(model, images, batch_size, tta=False, raw=False):
+    """Softmax outputs of `model`; with `tta`, averaged with the mirrored images' outputs.
+
+    uint8 `images` are pixels, given to the model as `data.scale` makes them (or, with
+    `raw`, as 0..255 in float32), one batch at a time (`Pixels`).
+    """
+
+    def batches(mirror):
+        if images.dtype == np.uint8:
+            return {"x": Pixels(images, batch_size, mirror, raw)}
+        return {"x": flip(images) if mirror else images, "batch_size": batch_size}
+
+    probs = model.predict(**batches(False), verbose=0)
     if tta:
-        probs = (probs + model.predict(flip(images), batch_size=batch_size, verbose=0)) / 2
+        probs = (probs + model.predict(**batches(True), verbose=0)) / 2
     return np.asarray(probs, dtype=np.float32)
+
+
+class Pixels(keras.utils.PyDataset):
+    """uint8 pixels as float32 images, a batch at a time: a test set of large images
+    never sits in memory in float32 whole (10,000 at 224x224 would take 6 GB)."""
+
+    def __init__(self, pixels, batch_size, mirror=False, raw=False):
+        super().__init__()
+        self.pixels, self.batch_size, self.mirror, self.raw = pixels, batch_size, mirror, raw
+
+    def __len__(self):
+        return -(-len(self.pixels) // self.batch_size)
+
+    def __getitem__(self, index):
+        batch = self.pixels[index * self.batch_size : (index + 1) * self.batch_size]
+        batch = flip(batch) if self.mirror else batch
+        return batch.astype(np.float32) if self.raw else data.scale(batch)

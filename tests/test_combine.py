@@ -12,6 +12,7 @@ import data
 import ensemble
 import evaluation
 import export
+import fast
 from models import nin_cnn
 
 
@@ -375,3 +376,20 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
     named = ["--classes", "o,[],^", "--top", "1"]  # before the images too
     assert export.predict_main(["--model", str(paths[0]), *named, str(image)]) == 0
     assert capsys.readouterr().out == f"{image}: ^ 1.000\n"
+
+
+def test_combine_keeps_images_as_pixels_until_a_batch_is_predicted(tmp_path):
+    """uint8 pixels, a quarter of float32's memory, scaled a batch at a time: the same
+    predictions as from load_data's float32 images, also mirrored and on 0..255."""
+    tree = write_grey_tree(tmp_path / "tree", per_class=4)
+    ((_, _), (pixels, _)), _, _ = data.load_labelled(tree, channels=1, pixels=True)
+    ((_, _), (images, _)), _, _ = data.load_labelled(tree, channels=1)
+    assert pixels.dtype == np.uint8 and images.dtype == np.float32
+    np.testing.assert_array_equal(data.scale(pixels), images)
+    model = small_classifier(3, (12, 10, 1))
+    for tta in (False, True):  # 12 images in batches of 5: the last one short
+        np.testing.assert_allclose(
+            fast.predict(model, pixels, 5, tta), fast.predict(model, images, 5, tta), atol=1e-6
+        )
+    raw = model.predict(pixels.astype("float32"), verbose=0)
+    np.testing.assert_allclose(fast.predict(model, pixels, 5, raw=True), raw, atol=1e-6)
