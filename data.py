@@ -328,15 +328,16 @@ def _load_image_tree(files, source, spec, held_out=False):
     the train split's `held_out`."""
     entries = {split: _image_entries(files, split, source) for split in ("train", "test")}
     if held_out:
-        found = [f for f in HELD_OUT_FOLDERS if _image_entries(files, f, source, required=False)]
+        found = {f: _image_entries(files, f, source, required=False) for f in HELD_OUT_FOLDERS}
+        found = {folder: listed for folder, listed in found.items() if listed}
         if len(found) > 1:
             raise DataError(
                 f"{source} has {' and '.join(f + '/' for f in found)}; keep one folder of "
                 "validation images"
             )
-        for folder in found:
-            entries[folder] = _image_entries(files, folder, source)
-            other = sorted({label for label, _ in entries[folder]})
+        for folder, listed in found.items():
+            entries[folder] = listed
+            other = sorted({label for label, _ in listed})
             if other != sorted({label for label, _ in entries["train"]}):
                 raise DataError(
                     f"{source}: {folder}/ must hold the same class folders as train/ "
