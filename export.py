@@ -252,7 +252,7 @@ def read_image(path, shape=data.IMAGE_SHAPE):
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")
             image = image.resize((width, height), Image.Resampling.BICUBIC)
-            return np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
+            return data.scale(np.asarray(image).reshape(height, width, channels))
     except FileNotFoundError as error:
         raise ExportError(f"image {path} does not exist") from error
     except (UnidentifiedImageError, OSError) as error:
