@@ -3,9 +3,10 @@
 The article's members are not the only ones worth combining. Each file is loaded in
 safe mode and must take images scaled to [0, 1] (the article's x / 255; one at chance
 on them but not on 0..255 pixels is given those, `on_raw_pixels`) to class
-probabilities, whatever its architecture: CIFAR-10's 32x32x3 images and 10 classes,
-or those of any class-folder tree `--data-dir` names (`data.load_labelled`: any
-number of classes, any one image size, RGB or grey). Every model predicts the test set
+probabilities (or logits, or one unit for two classes: `export.output_kind`),
+whatever its architecture: CIFAR-10's 32x32x3 images and 10 classes, or those of any
+class-folder tree `--data-dir` names (`data.load_labelled`: any number of classes,
+any one image size, RGB or grey). Every model predicts the test set
 once, and every subset of models (beyond six: each, all but each, and all) is scored
 under every `--combine` rule with the full report's metrics, exactly as `ensemble.py`
 scores its own members; `--export` writes the chosen combination as one `.keras` file.
@@ -44,8 +45,8 @@ def parse_args(argv):
     )
     parser.add_argument("models", nargs="+", metavar="MODEL.keras",
                         help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
-                        "32x32x3, 10 classes) to class probabilities; each is named after "
-                        "its file (and folders, if files share a name)")  # fmt: skip
+                        "32x32x3, 10 classes) to class probabilities or logits; each is "
+                        "named after its file (and folders, if files share a name)")  # fmt: skip
     parser.add_argument("--data-dir", help="offline CIFAR-10, as for ensemble.py, or any "
                         "train/<class>/ and test/<class>/ tree of images of one size "
                         "(default: download CIFAR-10 with Keras)")  # fmt: skip
@@ -169,7 +170,17 @@ def run(args):
     def predict(images):
         return {name: predict_one(name, images) for name in names}
 
-    test_probs = predict(x_test)
+    test_probs, kinds = {}, {}
+    for name, path in zip(names, args.models, strict=True):
+        outputs = fast.predict(models[name], x_test, args.batch_size, args.tta)
+        kinds[name] = export.output_kind(models[name], outputs, f"model {path}")
+        if kinds[name] != "softmax":
+            # Wrapped, it outputs probabilities in the table and the export alike; predicted
+            # again so, since --tta averages probabilities, not logits.
+            models[name] = export.with_probabilities(models[name], kinds[name])
+            outputs = fast.predict(models[name], x_test, args.batch_size, args.tta)
+            print(f"note: model {name} outputs {_KIND_NOTES[kinds[name]]}")
+        test_probs[name] = export.probabilities(name, outputs)
     # A model no better than guessing has almost surely been given its images on the
     # wrong scale; a fixed threshold would not do for two classes as for ten.
     at_chance = [name for name in names if evaluation.at_chance(test_probs[name], y_test[:, 0])]
@@ -205,6 +216,7 @@ def run(args):
         "models": dict(zip(names, args.models, strict=True)),
         "classes": list(classes),
         "validation_images": held_out,
+        "outputs": kinds,
         "raw_pixels": raw_pixels,
         "at_chance": at_chance,
     }
@@ -218,6 +230,13 @@ def run(args):
             classes,
         )
     return rows, extra
+
+
+_KIND_NOTES = {  # export.output_kind's kinds other than "softmax"
+    "logits": "logits: it is scored, and exported, behind a softmax",
+    "sigmoid": "one sigmoid unit: its p scores class 1 and 1 - p class 0",
+    "logit": "one logit unit: its sigmoid p scores class 1 and 1 - p class 0",
+}
 
 
 def on_raw_pixels(model):

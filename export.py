@@ -30,6 +30,7 @@ import evaluation
 
 EXPORT_RULES = ("average", "weighted", "stack")
 TOP_CLASSES = 3
+PIXELS = ("auto", "0-1", "0-255")  # predict --pixels
 
 
 class ExportError(ValueError):
@@ -172,8 +173,8 @@ def load(path, what="--model", written_by="written by --export"):
 
 def image_classifier(model, label):
     """`model`'s (height, width, channels) input and class count (None: any size, or
-    unknown), or an ExportError unless it maps one image batch to one score per class.
-    `label` names the model in the error."""
+    unknown), or an ExportError unless it maps one image batch to one score per class
+    (or one unit, which scores two: `output_kind`). `label` names the model in the error."""
     inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
     if not (inputs and outputs):  # a subclassed model: its shapes show only when it runs
         return (None, None, None), None
@@ -189,7 +190,8 @@ def image_classifier(model, label):
             f"{label} maps {_shapes(inputs)} to {_shapes(outputs)}; this needs one input of "
             "grey or RGB images (height x width x 1 or 3) and one output of class scores"
         )
-    return tuple(inputs[0].shape[1:]), outputs[0].shape[-1]
+    units = outputs[0].shape[-1]
+    return tuple(inputs[0].shape[1:]), 2 if units == 1 else units
 
 
 def check_fits(model, label, image_shape=data.IMAGE_SHAPE, num_classes=data.NUM_CLASSES):
@@ -240,9 +242,10 @@ def image_files(path):
     return found
 
 
-def read_image(path, shape=data.IMAGE_SHAPE):
-    """A PNG or JPEG of any size as a float32 array in [0, 1] of `shape` (height, width,
-    1 or 3 channels; an axis of None, as a fully convolutional model's, is CIFAR-10's)."""
+def read_image(path, shape=data.IMAGE_SHAPE, raw=False):
+    """A PNG or JPEG of any size as a float32 array in [0, 1] (with `raw`, 0..255) of
+    `shape` (height, width, 1 or 3 channels; an axis of None, as a fully convolutional
+    model's, is CIFAR-10's)."""
     from PIL import Image, UnidentifiedImageError
 
     if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
@@ -252,11 +255,49 @@ def read_image(path, shape=data.IMAGE_SHAPE):
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")
             image = image.resize((width, height), Image.Resampling.BICUBIC)
-            return data.scale(np.asarray(image).reshape(height, width, channels))
+            pixels = np.asarray(image).reshape(height, width, channels)
+            return pixels.astype(np.float32) if raw else data.scale(pixels)
     except FileNotFoundError as error:
         raise ExportError(f"image {path} does not exist") from error
     except (UnidentifiedImageError, OSError) as error:
         raise ExportError(f"image {path} is not a readable PNG or JPEG ({error})") from error
+
+
+def rescales_itself(model):
+    """Whether `model` wants pixels in 0..255 because it rescales its input itself: the
+    first layer that changes values (past augmentation, off when predicting, and
+    resizing or cropping) is a Rescaling by 1/100 or less (Keras' examples'
+    Rescaling(1/255); MobileNetV3's and EfficientNet's own) or a Normalization by a
+    mean above 2 (ConvNeXt's, or one adapted to 0..255 pixels)."""
+    layer = _first_computing_layer(model)
+    if isinstance(layer, keras.layers.Rescaling):
+        return bool(np.max(np.abs(keras.ops.convert_to_numpy(layer.scale))) <= 0.01)
+    if isinstance(layer, keras.layers.Normalization) and getattr(layer, "mean", None) is not None:
+        return bool(np.max(np.abs(keras.ops.convert_to_numpy(layer.mean))) > 2)
+    return False
+
+
+_PASSING = (
+    keras.layers.InputLayer,
+    keras.layers.Resizing,
+    keras.layers.CenterCrop,
+    keras.layers.Cropping2D,
+    keras.layers.ZeroPadding2D,
+)
+
+
+def _first_computing_layer(model):
+    """The first of `model`'s layers (nested models' included) that is not in _PASSING
+    nor a Random* augmentation layer, or None. Layers come in the order they are called,
+    which is the input's path through a model that is one chain at its start."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found = _first_computing_layer(layer)  # None: augmentation only, go on
+            if found is not None:
+                return found
+        elif not (isinstance(layer, _PASSING) or type(layer).__name__.startswith("Random")):
+            return layer
+    return None
 
 
 def probabilities(name, probs):
@@ -268,12 +309,92 @@ def probabilities(name, probs):
     class, do not come within 2% of one on every row.
     """
     sums = probs.sum(axis=1)
-    if probs.min() < -1e-6 or np.abs(sums - 1).max() > 2e-2:
+    if not _sum_to_one(probs):
         raise ExportError(
             f"model {name} does not output probabilities (its rows sum to "
             f"{sums.min():.3g}..{sums.max():.3g}); end it with a softmax"
         )
     return probs / sums[:, None]
+
+
+def _sum_to_one(probs):
+    return probs.min() >= -1e-6 and np.abs(probs.sum(axis=1) - 1).max() <= 2e-2
+
+
+OUTPUT_KINDS = ("softmax", "logits", "sigmoid", "logit")
+
+
+def output_kind(model, outputs, label):
+    """What `model`'s outputs are: "softmax" (class probabilities), "logits" (before a
+    softmax, as the TensorFlow tutorials' `Dense(10)` trained `from_logits=True`), or
+    for one unit, which scores two classes, "sigmoid" (the probability of class 1) or
+    "logit" (before that sigmoid, as Keras' binary examples end). An ExportError for
+    one sigmoid per class: a multi-label model, not a classifier of one class each.
+
+    A last softmax or sigmoid says so (also of a dead model's NaNs). Otherwise the
+    `outputs` (float32, a batch of them) decide where they can, as no logits' rows sum
+    to one and only a logit leaves [0, 1]; and a linear end means logits, as a few
+    images' logits may all lie in [0, 1].
+    """
+    activation = _last_activation(model)
+    inside = outputs.min() >= 0 and outputs.max() <= 1
+    if outputs.shape[1] == 1:
+        sigmoid = activation == "sigmoid" or (inside and activation != "linear")
+        return "sigmoid" if sigmoid else "logit"
+    if activation == "softmax" or _sum_to_one(outputs):  # `probabilities` checks the sums
+        return "softmax"
+    if activation == "sigmoid" or (inside and activation != "linear"):
+        raise ExportError(
+            f"{label} scores each class with a sigmoid of its own (a multi-label model); "
+            "this needs a classifier of one class per image, ending in a softmax or logits"
+        )
+    return "logits"
+
+
+def _last_activation(model):
+    """The name of the activation that ends `model` ("softmax", "linear", ...), or None."""
+    layer = model
+    while isinstance(layer, keras.Model) and layer.layers:  # nested models: the inner end
+        layer = layer.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", None)
+
+
+def to_probabilities(outputs, kind):
+    """float32 `outputs` of `kind` (`output_kind`) as class probabilities, as
+    `with_probabilities`' layers compute them."""
+    if kind == "logits":
+        exp = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+    if kind == "softmax":
+        return outputs
+    p = 1 / (1 + np.exp(-outputs)) if kind == "logit" else outputs
+    return np.concatenate([1 - p, p], axis=1)
+
+
+def with_probabilities(model, kind):
+    """`model` ending in class probabilities: a softmax after logits, [1 - p, p] after
+    one sigmoid unit. Built-in layers in float32, so the file loads in safe mode; the
+    wrapper keeps the model's name, which names its rows and its part of an export."""
+    if kind == "softmax":
+        return model
+    inputs = keras.Input(model.input_shape[1:], name=f"{model.name}_input")
+    outputs = model(inputs)
+    if kind == "logits":
+        probs = keras.layers.Softmax(name=f"{model.name}_softmax", dtype="float32")(outputs)
+    else:
+        if kind == "logit":
+            outputs = keras.layers.Activation(
+                "sigmoid", name=f"{model.name}_sigmoid", dtype="float32"
+            )(outputs)
+        # 1 - p as a built-in layer: Rescaling computes x * scale + offset.
+        other = keras.layers.Rescaling(-1.0, offset=1.0, name=f"{model.name}_class_0",
+                                       dtype="float32")(outputs)  # fmt: skip
+        probs = keras.layers.Concatenate(name=f"{model.name}_two_classes", dtype="float32")(
+            [other, outputs]
+        )
+    return keras.Model(inputs, probs, name=model.name)
 
 
 def predict_main(argv):
@@ -292,6 +413,10 @@ def predict_main(argv):
     parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
                         f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
     # One comma-separated value, not nargs="+", which would take the images after it too.
+    parser.add_argument("--pixels", choices=PIXELS, default="auto",
+                        help="the images' scale: 0-1 (x / 255, the article's, and every "
+                        "exported file's), 0-255, or auto: 0-255 for a model that rescales "
+                        "its input itself (a first Rescaling(1/255), say), else 0-1")  # fmt: skip
     parser.add_argument("--classes", metavar="NAME,NAME,...", type=_comma_separated,
                         help="the model's class names, in the order of its outputs (default: "
                         "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
@@ -305,8 +430,16 @@ def predict_main(argv):
         args.top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
         if not 1 <= args.top <= len(names):
             raise ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
-        images = np.stack([read_image(path, shape) for path in paths])
-        scores = probabilities(args.model, model.predict(images, verbose=0).astype("float32"))
+        raw = args.pixels == "0-255"
+        if args.pixels == "auto" and class_names(args.model, num_classes) is None:
+            raw = rescales_itself(model)  # an exported file takes [0, 1], whatever it holds
+            if raw:
+                print(f"note: --model {args.model} rescales its input itself: it is given "
+                      "pixels in 0..255 (--pixels 0-1 overrides)", file=sys.stderr)  # fmt: skip
+        images = np.stack([read_image(path, shape, raw) for path in paths])
+        outputs = model.predict(images, verbose=0).astype("float32")
+        kind = output_kind(model, outputs, f"--model {args.model}")
+        scores = probabilities(args.model, to_probabilities(outputs, kind))
     except ExportError as error:
         print(f"ensemble.py predict: error: {error}", file=sys.stderr)
         return 2

@@ -60,8 +60,8 @@ def write_tree(root, train_per_class=8, test_per_class=2, suffix=".png"):
 SHAPES = ("triangle", "square", "circle")  # sorted: circle 0, square 1, triangle 2
 
 
-def write_grey_tree(root, per_class=4, size=(12, 10), splits=("train", "test")):
-    """Not CIFAR-10: three classes of grey `size` (height, width) images, MNIST-like.
+def write_grey_tree(root, per_class=4, size=(12, 10), splits=("train", "test"), classes=SHAPES):
+    """Not CIFAR-10: `classes` (three) of grey `size` (height, width) images, MNIST-like.
 
     Image i of class c has pixel (0, 0) = 100 * c, pixel (0, 1) = i and pixel (0, 2)
     = 10 * the split's place in `splits`; noise elsewhere.
@@ -70,8 +70,8 @@ def write_grey_tree(root, per_class=4, size=(12, 10), splits=("train", "test")):
 
     rng = np.random.default_rng(3)
     for place, split in enumerate(splits):
-        for name in SHAPES:  # unsorted on purpose: labels come from the sorted names
-            label = sorted(SHAPES).index(name)
+        for name in classes:  # unsorted on purpose: labels come from the sorted names
+            label = sorted(classes).index(name)
             folder = Path(root) / split / name
             folder.mkdir(parents=True)
             for index in range(per_class):

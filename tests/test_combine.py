@@ -153,16 +153,17 @@ def test_a_mixed_precision_model_whose_softmax_is_bfloat16_is_taken(tmp_path, sa
     assert all(np.isfinite(row["nll"]) for row in rows)
 
 
-def pixel_reader(rescales=False):
+def pixel_reader(rescales=False, activation="softmax"):
     """Reads the class from pixel (0, 0)'s red value, 25 * class (conftest): no error.
 
     With `rescales`, it divides its input by 255 first, as Keras' examples do, and so
-    wants pixels in 0..255; given the article's [0, 1], it is at chance.
+    wants pixels in 0..255; given the article's [0, 1], it is at chance. With
+    `activation=None` it ends in logits, as the TensorFlow tutorials' models do.
     """
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 255)(inputs) if rescales else inputs
     x = keras.layers.Flatten()(keras.layers.Cropping2D(((0, 31), (0, 31)))(x))
-    dense = keras.layers.Dense(10, activation="softmax")
+    dense = keras.layers.Dense(10, activation=activation)
     model = keras.Model(inputs, dense(x), name="rescales" if rescales else "reads")
     # logit k = 625 (c^2 - (k - c)^2) for red = 25 c / 255: largest at k = c.
     k = np.arange(10)
@@ -259,7 +260,7 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
         ("other classes", "nin.keras scores 10 classes and model FIVE scores 5 classes"),
         ("not images", "maps 784 to 10; this needs one input of grey or RGB images"),
         ("missing", "model MISSING does not exist"),
-        ("logits", "model logits does not output probabilities"),
+        ("sigmoids", "sigmoids.keras scores each class with a sigmoid of its own"),
         ("not .keras", "--export ensemble.h5 must end in .keras"),
         ("negative seed", "--seed must lie between 0 and 4294967295"),
         ("logs-dir is a file", "logs is a file, not a folder"),
@@ -287,9 +288,9 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     elif case == "not images":
         args.append(tmp_path / "flat.keras")
         keras.Sequential([keras.Input((784,)), keras.layers.Dense(10, "softmax")]).save(args[-1])
-    elif case == "logits":
-        args.append(tmp_path / "logits.keras")
-        small_classifier(activation=None).save(args[-1])
+    elif case == "sigmoids":  # a multi-label model: no one class per image
+        args.append(tmp_path / "sigmoids.keras")
+        small_classifier(activation="sigmoid").save(args[-1])
     elif case == "missing":
         args.append(tmp_path / "gone.keras")
         message = message.replace("MISSING", str(args[-1]))
@@ -313,6 +314,114 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     assert err.count("\n") == 1
     assert not (tmp_path / "logs" / "combine.json").exists()
     assert case != "logs-dir is a file" or (tmp_path / "logs").is_file()  # left as it was
+
+
+def test_a_model_that_ends_in_logits_is_scored_and_exported_behind_a_softmax(tmp_path, capsys):
+    """The TensorFlow tutorials end their models in Dense(10), trained from_logits=True.
+    Such a model is scored on softmax(logits), with --tta on the mean of the original's
+    and the mirror's probabilities, not of their logits; the export computes the same."""
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
+    paths = [tmp_path / "reads.keras", tmp_path / "logits.keras"]
+    pixel_reader().save(paths[0])
+    pixel_reader(activation=None).save(paths[1])
+    exported = tmp_path / "e.keras"
+    assert combine(tmp_path, *paths, "--tta", "--export", exported) == 0
+    assert "note: model logits outputs logits: it is scored, and exported, behind a softmax" in (
+        capsys.readouterr().out
+    )
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    assert results["outputs"] == {"reads": "softmax", "logits": "logits"}
+    assert results["at_chance"] == results["raw_pixels"] == []
+    rows = {row["row"]: row for row in results["results"]}
+
+    _, (x_test, y_test) = data.load_data(tmp_path / "tree")
+    logits = keras.saving.load_model(paths[1])
+    probs = [keras.ops.convert_to_numpy(keras.ops.softmax(logits.predict(x, verbose=0)))
+             for x in (x_test, fast.flip(x_test))]  # fmt: skip
+    mean = np.mean(probs, axis=0)
+    labels = y_test[:, 0]
+    assert rows["logits"]["test_error"] == pytest.approx(np.mean(mean.argmax(1) != labels))
+    nll = -np.mean(np.log(mean[np.arange(len(labels)), labels]))
+    assert rows["logits"]["nll"] == pytest.approx(nll, rel=1e-3)
+    # The exported file (no TTA in it) averages the reader with softmax(logits).
+    reads = keras.saving.load_model(paths[0]).predict(x_test, verbose=0)
+    np.testing.assert_allclose(
+        keras.saving.load_model(exported).predict(x_test, verbose=0),
+        (reads + probs[0]) / 2,
+        atol=1e-5,
+    )
+
+
+def binary_reader(activation, rescales=False):
+    """Reads write_grey_tree's two classes (pixel (0, 0) = 0 or 100) with one unit, as
+    Keras' binary examples end: z = 51 x - 10, -10 for class 0 and +10 for class 1."""
+    inputs = keras.Input((12, 10, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs) if rescales else inputs
+    x = keras.layers.Flatten()(keras.layers.Cropping2D(((0, 11), (0, 9)))(x))
+    dense = keras.layers.Dense(1, activation=activation)
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([np.array([[51.0]], "float32"), np.array([-10.0], "float32")])
+    return model
+
+
+def test_a_binary_classifier_of_one_unit_scores_two_classes(tmp_path, capsys):
+    """One sigmoid unit is p for class 1 and 1 - p for class 0; one logit unit is that
+    after a sigmoid (Keras' image classification example, behind its own Rescaling(1/255),
+    so given 0..255). Beside a two-unit softmax model, scored, exported and predicted."""
+    tree = write_grey_tree(
+        tmp_path / "tree", splits=("train", "test", "val"), classes=("square", "circle")
+    )
+    paths = [tmp_path / f"{name}.keras" for name in ("sigmoid", "logit", "rescales", "softmax")]
+    binary_reader("sigmoid").save(paths[0])
+    binary_reader(None).save(paths[1])
+    binary_reader(None, rescales=True).save(paths[2])
+    small_classifier(2, (12, 10, 1)).save(paths[3])
+    exported = tmp_path / "e.keras"
+    argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--combine", "stack",
+            "--logs-dir", str(tmp_path / "logs"), "--export", str(exported)]  # fmt: skip
+    assert ensemble.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: model sigmoid outputs one sigmoid unit: its p scores class 1" in out
+    assert "note: model logit outputs one logit unit: its sigmoid p scores class 1" in out
+    assert "note: model rescales is at chance on pixels in [0, 1] but not on 0..255" in out
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    assert results["classes"] == ["circle", "square"]
+    assert results["outputs"] == {
+        "sigmoid": "sigmoid", "logit": "logit", "rescales": "logit", "softmax": "softmax"
+    }  # fmt: skip
+    assert results["raw_pixels"] == ["rescales"]
+    rows = {row["row"]: row for row in results["results"]}
+    assert rows["sigmoid"]["test_error"] == rows["logit"]["test_error"] == 0.0
+    assert rows["rescales"]["test_error"] == rows["sigmoid+logit+rescales"]["test_error"] == 0.0
+
+    # The file averages [1 - p, p] of each unit (on 0..255 for rescales) with the softmax.
+    ((_, _), (x_test, _)), _, _ = data.load_labelled(tree, channels=1)
+    models = [keras.saving.load_model(path) for path in paths]
+
+    def sigmoid(model, x):
+        return 1 / (1 + np.exp(-model.predict(x, verbose=0)))
+
+    p = [models[0].predict(x_test, verbose=0), sigmoid(models[1], x_test)]
+    p.append(sigmoid(models[2], x_test * 255))
+    two = [np.concatenate([1 - q, q], axis=1) for q in p]
+    expected = np.mean([*two, models[3].predict(x_test, verbose=0)], axis=0)
+    np.testing.assert_allclose(
+        keras.saving.load_model(exported).predict(x_test, verbose=0), expected, atol=1e-5
+    )
+    image = tree / "test" / "square" / "0001.png"
+    assert export.predict_main(["--model", str(exported), str(image), "--top", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: square ")
+    # predict takes a one-unit file of its own too: two classes.
+    assert export.predict_main(["--model", str(paths[1]), str(image)]) == 0
+    assert capsys.readouterr().out == f"{image}: class 1 1.000, class 0 0.000\n"
+    # One that rescales its input itself is given 0..255, unless --pixels says otherwise.
+    assert export.predict_main(["--model", str(paths[2]), str(image)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{image}: class 1 1.000, class 0 0.000\n"
+    assert "rescales.keras rescales its input itself: it is given pixels in 0..255" in err
+    assert export.predict_main(["--model", str(paths[2]), "--pixels", "0-1", str(image)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{image}: class 0 1.000, class 1 0.000\n" and err == ""
 
 
 def grey_reader():

@@ -150,7 +150,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("empty image", "an image path is empty (an unset shell variable?)"),
         ("empty", "--model is empty (an unset shell variable?)"),
         ("not_images", "maps 784 to 5; this needs one input of grey or RGB images"),
-        ("logits", "does not output probabilities (its rows sum to"),
+        ("sigmoids", "scores each class with a sigmoid of its own (a multi-label model)"),
         ("top", "--top must lie between 1 and 10, got 11"),
         ("classes", "--classes names 2 classes; --model MODEL scores 10"),
     ],
@@ -182,10 +182,10 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
     elif problem == "not_images":  # flattened pixels: not a model of images
         model = tmp_path / "other.keras"
         keras.Sequential([keras.Input((784,)), keras.layers.Dense(5, "softmax")]).save(model)
-    elif problem == "logits":
-        model = tmp_path / "logits.keras"
+    elif problem == "sigmoids":
+        model = tmp_path / "sigmoids.keras"
         keras.Sequential(
-            [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5)]
+            [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5, "sigmoid")]
         ).save(model)
     extra = {"top": ["--top", "11"], "classes": ["--classes", "cat,dog"]}.get(problem, [])
     message = message.replace("MODEL", str(model))
@@ -193,3 +193,135 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
     err = capsys.readouterr().err
     assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1
     assert message in err
+
+
+def ending(units, activation=None, last=None):
+    """A model of 4x4 grey images ending in Dense(units, activation), then `last`."""
+    layers = [keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(units, activation)]
+    return keras.Sequential(layers + ([last] if last else []))
+
+
+def test_output_kind_reads_logits_and_one_unit_from_values_and_the_last_activation():
+    rng = np.random.default_rng(0)
+    soft = rng.dirichlet(np.ones(5), 8).astype("float32")
+    inside = rng.random((8, 5), dtype=np.float32)  # in [0, 1], rows not summing to one
+    spread = rng.normal(size=(8, 5)).astype("float32") * 4
+    kind = export.output_kind
+    assert kind(ending(5, "softmax"), soft, "m") == "softmax"
+    assert kind(ending(5, last=keras.layers.Softmax()), soft, "m") == "softmax"
+    # Rows summing to one are probabilities whatever the model's end (an Average, say).
+    assert kind(ending(5, last=keras.layers.Identity()), soft, "m") == "softmax"
+    assert kind(ending(5), spread, "m") == "logits"
+    # A few images' logits may all lie in [0, 1]: a linear end still says logits.
+    assert kind(ending(5), inside, "m") == "logits"
+    for model in (ending(5, "sigmoid"), ending(5, last=keras.layers.Identity())):
+        with pytest.raises(export.ExportError, match="m scores each class with a sigmoid"):
+            kind(model, inside, "m")
+    one_inside, one_outside = inside[:, :1], spread[:, :1]
+    assert kind(ending(1, "sigmoid"), one_inside, "m") == "sigmoid"
+    assert kind(ending(1), one_inside, "m") == "logit"
+    assert kind(ending(1, last=keras.layers.Identity()), one_inside, "m") == "sigmoid"
+    assert kind(ending(1, last=keras.layers.Identity()), one_outside, "m") == "logit"
+    # A dead model's NaNs: its last activation says what they are.
+    nan = np.full((2, 5), np.nan, "float32")
+    assert kind(ending(5, "softmax"), nan, "m") == "softmax"
+    assert kind(ending(1, "sigmoid"), nan[:, :1], "m") == "sigmoid"
+    assert kind(ending(1), nan[:, :1], "m") == "logit"
+    # A nested model ends where its own last layer does.
+    inputs = keras.Input((4, 4, 1))
+    nested = keras.Model(inputs, ending(5)(inputs))
+    assert kind(nested, inside, "m") == "logits"
+
+
+@pytest.mark.parametrize(
+    "kind, units", [("softmax", 3), ("logits", 3), ("sigmoid", 1), ("logit", 1)]
+)
+def test_with_probabilities_computes_what_to_probabilities_does(tmp_path, kind, units):
+    """The wrapper's layers (the export's) and the NumPy conversion (predict's) agree,
+    and the wrapped model keeps its name and reloads in safe mode."""
+    activation = {"softmax": "softmax", "sigmoid": "sigmoid"}.get(kind)
+    model = ending(units, activation)
+    model.name = "mine"
+    x = np.random.default_rng(1).random((6, 4, 4, 1), dtype=np.float32) * 3
+    outputs = model.predict(x, verbose=0)
+    wrapped = export.with_probabilities(model, kind)
+    assert wrapped.name == "mine" and (wrapped is model) == (kind == "softmax")
+    wrapped.save(tmp_path / "w.keras")
+    probs = keras.saving.load_model(tmp_path / "w.keras", safe_mode=True).predict(x, verbose=0)
+    np.testing.assert_allclose(probs, export.to_probabilities(outputs, kind), atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
+    assert probs.shape == (6, max(units, 2))
+    if kind == "sigmoid":
+        np.testing.assert_allclose(probs[:, 1], outputs[:, 0], atol=1e-6)
+
+
+def test_predict_takes_a_model_that_ends_in_logits(tmp_path, capsys):
+    """As a TensorFlow tutorial saves it: the top classes of softmax(logits)."""
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    model.save(tmp_path / "logits.keras")
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)).save(image)
+    assert export.predict_main(["--model", str(tmp_path / "logits.keras"), str(image)]) == 0
+    logits = model.predict(export.read_image(image)[None], verbose=0)[0]
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    top = np.argsort(probs)[::-1][:3]
+    expected = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
+    assert capsys.readouterr().out == f"{image}: {expected}\n"
+
+
+def test_rescales_itself_finds_a_first_rescaling_or_normalization_to_0_255():
+    """What predict's --pixels auto goes by: the first layer that changes values, past
+    augmentation (off when predicting) and cropping, in nested models too."""
+
+    def starts_with(*layers):
+        return keras.Sequential([keras.Input((8, 8, 3)), *layers, keras.layers.Conv2D(2, 3)])
+
+    augment = keras.Sequential([keras.layers.RandomFlip(), keras.layers.RandomRotation(0.1)])
+    assert export.rescales_itself(starts_with(keras.layers.Rescaling(1 / 255)))
+    assert export.rescales_itself(  # as Keras' fine-tuning example: augment, then rescale
+        starts_with(augment, keras.layers.CenterCrop(6, 6), keras.layers.Rescaling(1 / 127.5, -1))
+    )
+    assert not export.rescales_itself(starts_with(keras.layers.Rescaling(255.0)))  # combine's
+    assert not export.rescales_itself(starts_with(augment))
+    assert not export.rescales_itself(nin_cnn(keras.Input((32, 32, 3))))
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3)).astype("float32")
+    for images, expected in ((pixels, True), (pixels / 255, False)):
+        normalize = keras.layers.Normalization()
+        normalize.adapt(images)
+        assert export.rescales_itself(starts_with(normalize)) is expected
+
+
+def test_predict_gives_an_exported_file_pixels_in_0_1_whatever_its_members_start_with(
+    tmp_path, capsys
+):
+    """Every exported file takes [0, 1] images: --pixels auto does not look inside it."""
+    inputs = keras.Input((32, 32, 3))
+    dense = keras.layers.Dense(10, "softmax")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    member = keras.Model(inputs, dense(pooled), name="rescaler")
+    dense.set_weights([np.arange(-15, 15, dtype="float32").reshape(3, 10), np.zeros(10, "float32")])
+    assert export.rescales_itself(member)
+    export.export(tmp_path / "e.keras", [member, nin_cnn(inputs)], "average")
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    assert export.predict_main(["--model", str(tmp_path / "e.keras"), str(image)]) == 0
+    out, err = capsys.readouterr()
+    model = keras.saving.load_model(tmp_path / "e.keras")
+    expected = {}
+    for raw in (False, True):
+        probs = model.predict(export.read_image(image, raw=raw)[None], verbose=0)[0]
+        top = np.argsort(probs)[::-1][:3]
+        expected[raw] = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
+    assert out == f"{image}: {expected[False]}\n" and err == ""
+    assert expected[False] != expected[True]  # the scale shows in what is printed
+
+
+@pytest.mark.parametrize("name", ["MobileNetV3Small", "EfficientNetB0", "ConvNeXtTiny", "ResNet50"])
+def test_rescales_itself_knows_the_keras_applications_that_take_0_255(name):
+    """The README's claim: MobileNetV3 and EfficientNet start with a Rescaling, ConvNeXt
+    with a Normalization of 0..255 pixels; ResNet50 takes its caffe-style input from
+    outside, so it is not found to rescale (predict's --pixels then decides)."""
+    model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), classes=10)
+    assert export.rescales_itself(model) == (name != "ResNet50")
