@@ -302,7 +302,8 @@ def _first_computing_layer(model):
 
 def probabilities(name, probs):
     """A model's float32 outputs with each row divided by its sum, or an ExportError
-    for logits, which would make every metric but the error wrong.
+    where they are no probabilities (`output_kind` took them for a softmax's), which
+    would make every metric but the error wrong.
 
     A mixed-precision model's softmax may come out in bfloat16, whose rows sum to one
     within a few thousandths only (8 bits of mantissa); logits, or one sigmoid per
@@ -319,9 +320,6 @@ def probabilities(name, probs):
 
 def _sum_to_one(probs):
     return probs.min() >= -1e-6 and np.abs(probs.sum(axis=1) - 1).max() <= 2e-2
-
-
-OUTPUT_KINDS = ("softmax", "logits", "sigmoid", "logit")
 
 
 def output_kind(model, outputs, label):
@@ -412,11 +410,11 @@ def predict_main(argv):
                         help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
     parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
                         f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
-    # One comma-separated value, not nargs="+", which would take the images after it too.
     parser.add_argument("--pixels", choices=PIXELS, default="auto",
                         help="the images' scale: 0-1 (x / 255, the article's, and every "
                         "exported file's), 0-255, or auto: 0-255 for a model that rescales "
                         "its input itself (a first Rescaling(1/255), say), else 0-1")  # fmt: skip
+    # One comma-separated value, not nargs="+", which would take the images after it too.
     parser.add_argument("--classes", metavar="NAME,NAME,...", type=_comma_separated,
                         help="the model's class names, in the order of its outputs (default: "
                         "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
