@@ -165,22 +165,20 @@ def run(args):
 
     def predict_one(name, images, raw=False):
         probs = fast.predict(models[name], images, args.batch_size, args.tta, raw)
-        return export.probabilities(name, probs)
+        return export.probabilities(f"model {name}", probs)
 
     def predict(images):
         return {name: predict_one(name, images) for name in names}
 
     test_probs, kinds = {}, {}
     for name, path in zip(names, args.models, strict=True):
-        outputs = fast.predict(models[name], x_test, args.batch_size, args.tta)
-        kinds[name] = export.output_kind(models[name], outputs, f"model {path}")
+        # One that outputs logits or one unit is wrapped to output probabilities: then
+        # the table and the exported file compute the same.
+        models[name], kinds[name], test_probs[name] = export.predict_probabilities(
+            models[name], x_test, args.batch_size, args.tta, label=f"model {path}"
+        )
         if kinds[name] != "softmax":
-            # Wrapped, it outputs probabilities in the table and the export alike; predicted
-            # again so, since --tta averages probabilities, not logits.
-            models[name] = export.with_probabilities(models[name], kinds[name])
-            outputs = fast.predict(models[name], x_test, args.batch_size, args.tta)
             print(f"note: model {name} outputs {_KIND_NOTES[kinds[name]]}")
-        test_probs[name] = export.probabilities(name, outputs)
     # A model no better than guessing has almost surely been given its images on the
     # wrong scale; a fixed threshold would not do for two classes as for ten.
     at_chance = [name for name in names if evaluation.at_chance(test_probs[name], y_test[:, 0])]

@@ -27,6 +27,7 @@ import numpy as np
 import checkpoints
 import data
 import evaluation
+import fast
 
 EXPORT_RULES = ("average", "weighted", "stack")
 TOP_CLASSES = 3
@@ -242,10 +243,14 @@ def image_files(path):
     return found
 
 
-def read_image(path, shape=data.IMAGE_SHAPE, raw=False):
-    """A PNG or JPEG of any size as a float32 array in [0, 1] (with `raw`, 0..255) of
-    `shape` (height, width, 1 or 3 channels; an axis of None, as a fully convolutional
-    model's, is CIFAR-10's)."""
+def read_image(path, shape=data.IMAGE_SHAPE):
+    """A PNG or JPEG of any size as a float32 array in [0, 1] of `shape` (`read_pixels`)."""
+    return data.scale(read_pixels(path, shape))
+
+
+def read_pixels(path, shape=data.IMAGE_SHAPE):
+    """A PNG or JPEG of any size as uint8 pixels of `shape` (height, width, 1 or 3
+    channels; an axis of None, as a fully convolutional model's, is CIFAR-10's)."""
     from PIL import Image, UnidentifiedImageError
 
     if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
@@ -255,8 +260,7 @@ def read_image(path, shape=data.IMAGE_SHAPE, raw=False):
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")
             image = image.resize((width, height), Image.Resampling.BICUBIC)
-            pixels = np.asarray(image).reshape(height, width, channels)
-            return pixels.astype(np.float32) if raw else data.scale(pixels)
+            return np.asarray(image).reshape(height, width, channels)
     except FileNotFoundError as error:
         raise ExportError(f"image {path} does not exist") from error
     except (UnidentifiedImageError, OSError) as error:
@@ -300,10 +304,28 @@ def _first_computing_layer(model):
     return None
 
 
-def probabilities(name, probs):
+def predict_probabilities(model, images, batch_size, tta=False, raw=False, label="model"):
+    """`model`'s class probabilities for `images` (`fast.predict`), whatever it outputs:
+    (model, kind, probabilities), the model being one that outputs them
+    (`with_probabilities`) and kind what `output_kind` found. `label` names it in errors.
+    """
+    outputs = fast.predict(model, images, batch_size, tta, raw)
+    kind = output_kind(model, outputs, label)
+    if kind != "softmax":
+        model = with_probabilities(model, kind)
+        # --tta averages probabilities, not logits: the wrapped model predicts again.
+        outputs = (
+            fast.predict(model, images, batch_size, tta, raw)
+            if tta
+            else to_probabilities(outputs, kind)
+        )
+    return model, kind, probabilities(label, outputs)
+
+
+def probabilities(label, probs):
     """A model's float32 outputs with each row divided by its sum, or an ExportError
     where they are no probabilities (`output_kind` took them for a softmax's), which
-    would make every metric but the error wrong.
+    would make every metric but the error wrong. `label` names the model in it.
 
     A mixed-precision model's softmax may come out in bfloat16, whose rows sum to one
     within a few thousandths only (8 bits of mantissa); logits, or one sigmoid per
@@ -312,7 +334,7 @@ def probabilities(name, probs):
     sums = probs.sum(axis=1)
     if not _sum_to_one(probs):
         raise ExportError(
-            f"model {name} does not output probabilities (its rows sum to "
+            f"{label} does not output probabilities (its rows sum to "
             f"{sums.min():.3g}..{sums.max():.3g}); end it with a softmax"
         )
     return probs / sums[:, None]
@@ -410,6 +432,9 @@ def predict_main(argv):
                         help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
     parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
                         f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
+    parser.add_argument("--tta", action="store_true", help="average with the mirror image's "
+                        "probabilities, as combine --tta scores them")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
     parser.add_argument("--pixels", choices=PIXELS, default="auto",
                         help="the images' scale: 0-1 (x / 255, the article's, and every "
                         "exported file's), 0-255, or auto: 0-255 for a model that rescales "
@@ -425,6 +450,8 @@ def predict_main(argv):
         model = load(args.model)
         shape, num_classes = image_classifier(model, f"--model {args.model}")
         names = _names(args, num_classes or data.NUM_CLASSES)
+        if args.batch_size < 1:
+            raise ExportError(f"--batch-size must be at least 1, got {args.batch_size}")
         args.top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
         if not 1 <= args.top <= len(names):
             raise ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
@@ -434,10 +461,10 @@ def predict_main(argv):
             if raw:
                 print(f"note: --model {args.model} rescales its input itself: it is given "
                       "pixels in 0..255 (--pixels 0-1 overrides)", file=sys.stderr)  # fmt: skip
-        images = np.stack([read_image(path, shape, raw) for path in paths])
-        outputs = model.predict(images, verbose=0).astype("float32")
-        kind = output_kind(model, outputs, f"--model {args.model}")
-        scores = probabilities(args.model, to_probabilities(outputs, kind))
+        # uint8 until a batch is predicted, as in combine: a quarter of float32's memory.
+        pixels = np.stack([read_pixels(path, shape) for path in paths])
+        label = f"--model {args.model}"
+        _, _, scores = predict_probabilities(model, pixels, args.batch_size, args.tta, raw, label)
     except ExportError as error:
         print(f"ensemble.py predict: error: {error}", file=sys.stderr)
         return 2

@@ -152,6 +152,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("not_images", "maps 784 to 5; this needs one input of grey or RGB images"),
         ("sigmoids", "scores each class with a sigmoid of its own (a multi-label model)"),
         ("top", "--top must lie between 1 and 10, got 11"),
+        ("batch size", "--batch-size must be at least 1, got 0"),
         ("classes", "--classes names 2 classes; --model MODEL scores 10"),
     ],
 )
@@ -187,7 +188,8 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
         keras.Sequential(
             [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5, "sigmoid")]
         ).save(model)
-    extra = {"top": ["--top", "11"], "classes": ["--classes", "cat,dog"]}.get(problem, [])
+    extra = {"top": ["--top", "11"], "classes": ["--classes", "cat,dog"],
+             "batch size": ["--batch-size", "0"]}.get(problem, [])  # fmt: skip
     message = message.replace("MODEL", str(model))
     assert export.predict_main(["--model", str(model), str(image), *extra]) == 2
     err = capsys.readouterr().err
@@ -263,12 +265,24 @@ def test_predict_takes_a_model_that_ends_in_logits(tmp_path, capsys):
     model.save(tmp_path / "logits.keras")
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)).save(image)
+    x = export.read_image(image)[None]
+
+    def printed(probs):
+        top = np.argsort(probs)[::-1][:3]
+        return f"{image}: " + ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
+
+    def softmax(logits):
+        exp = np.exp(logits - logits.max())
+        return exp / exp.sum()
+
     assert export.predict_main(["--model", str(tmp_path / "logits.keras"), str(image)]) == 0
-    logits = model.predict(export.read_image(image)[None], verbose=0)[0]
-    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    top = np.argsort(probs)[::-1][:3]
-    expected = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
-    assert capsys.readouterr().out == f"{image}: {expected}\n"
+    assert capsys.readouterr().out == printed(softmax(model.predict(x, verbose=0)[0])) + "\n"
+    # --tta averages the original's and the mirror's probabilities, as combine --tta.
+    assert (
+        export.predict_main(["--model", str(tmp_path / "logits.keras"), "--tta", str(image)]) == 0
+    )
+    both = [softmax(model.predict(images, verbose=0)[0]) for images in (x, x[:, :, ::-1])]
+    assert capsys.readouterr().out == printed(np.mean(both, axis=0)) + "\n"
 
 
 def test_rescales_itself_finds_a_first_rescaling_or_normalization_to_0_255():
@@ -310,8 +324,9 @@ def test_predict_gives_an_exported_file_pixels_in_0_1_whatever_its_members_start
     out, err = capsys.readouterr()
     model = keras.saving.load_model(tmp_path / "e.keras")
     expected = {}
+    images = {False: export.read_image(image), True: export.read_pixels(image).astype("float32")}
     for raw in (False, True):
-        probs = model.predict(export.read_image(image, raw=raw)[None], verbose=0)[0]
+        probs = model.predict(images[raw][None], verbose=0)[0]
         top = np.argsort(probs)[::-1][:3]
         expected[raw] = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
     assert out == f"{image}: {expected[False]}\n" and err == ""
