@@ -389,7 +389,8 @@ def to_probabilities(outputs, kind):
         return exp / exp.sum(axis=1, keepdims=True)
     if kind == "softmax":
         return outputs
-    p = 1 / (1 + np.exp(-outputs)) if kind == "logit" else outputs
+    # The sigmoid as tanh: 1 / (1 + exp(-x)) overflows for a logit below -88 in float32.
+    p = 0.5 * (1 + np.tanh(outputs / 2)) if kind == "logit" else outputs
     return np.concatenate([1 - p, p], axis=1)
 
 

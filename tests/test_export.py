@@ -340,3 +340,15 @@ def test_rescales_itself_knows_the_keras_applications_that_take_0_255(name):
     outside, so it is not found to rescale (predict's --pixels then decides)."""
     model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), classes=10)
     assert export.rescales_itself(model) == (name != "ResNet50")
+
+
+def test_to_probabilities_of_extreme_scores_is_exact_and_raises_no_overflow():
+    with np.errstate(over="raise", divide="raise", invalid="raise"):  # underflow to 0 is right
+        one = np.array([[-1000.0], [1000.0], [0.0]], "float32")
+        np.testing.assert_allclose(
+            export.to_probabilities(one, "logit"), [[1, 0], [0, 1], [0.5, 0.5]], atol=1e-7
+        )
+        many = np.array([[1000.0, -1000.0, 0.0], [5.0, 5.0, 5.0]], "float32")
+        np.testing.assert_allclose(
+            export.to_probabilities(many, "logits"), [[1, 0, 0], [1 / 3] * 3], atol=1e-7
+        )
