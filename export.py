@@ -232,7 +232,7 @@ def _shapes(tensors):
 def image_files(path):
     """[path] for a file; for a folder, the PNG and JPEG files in it, by name."""
     if str(path) == "" or not Path(path).is_dir():
-        return [path]  # read_image says what is wrong with it, if anything
+        return [path]  # read_pixels says what is wrong with it, if anything
     found = sorted(
         p
         for p in Path(path).iterdir()
@@ -241,11 +241,6 @@ def image_files(path):
     if not found:
         raise ExportError(f"folder {path} holds no PNG or JPEG files")
     return found
-
-
-def read_image(path, shape=data.IMAGE_SHAPE):
-    """A PNG or JPEG of any size as a float32 array in [0, 1] of `shape` (`read_pixels`)."""
-    return data.scale(read_pixels(path, shape))
 
 
 def read_pixels(path, shape=data.IMAGE_SHAPE):
@@ -449,22 +444,24 @@ def predict_main(argv):
     try:
         paths = [found for given in args.images for found in image_files(given)]
         model = load(args.model)
-        shape, num_classes = image_classifier(model, f"--model {args.model}")
-        names = _names(args, num_classes or data.NUM_CLASSES)
+        label = f"--model {args.model}"
+        shape, num_classes = image_classifier(model, label)
+        num_classes = num_classes or data.NUM_CLASSES  # a subclassed model: CIFAR-10's
+        exported_names = class_names(args.model, num_classes)  # only exported files have them
+        names = _names(args, num_classes, exported_names)
         if args.batch_size < 1:
             raise ExportError(f"--batch-size must be at least 1, got {args.batch_size}")
         args.top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
         if not 1 <= args.top <= len(names):
             raise ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
         raw = args.pixels == "0-255"
-        if args.pixels == "auto" and class_names(args.model, num_classes) is None:
+        if args.pixels == "auto" and exported_names is None:
             raw = rescales_itself(model)  # an exported file takes [0, 1], whatever it holds
             if raw:
                 print(f"note: --model {args.model} rescales its input itself: it is given "
                       "pixels in 0..255 (--pixels 0-1 overrides)", file=sys.stderr)  # fmt: skip
         # uint8 until a batch is predicted, as in combine: a quarter of float32's memory.
         pixels = np.stack([read_pixels(path, shape) for path in paths])
-        label = f"--model {args.model}"
         _, _, scores = predict_probabilities(model, pixels, args.batch_size, args.tta, raw, label)
     except ExportError as error:
         print(f"ensemble.py predict: error: {error}", file=sys.stderr)
@@ -480,7 +477,7 @@ def _comma_separated(text):
     return [name.strip() for name in text.split(",")]
 
 
-def _names(args, num_classes):
+def _names(args, num_classes, exported_names):
     """The class names `predict` prints: --classes, the file's own, or defaults."""
     if args.classes is not None:
         if len(args.classes) != num_classes:
@@ -489,8 +486,8 @@ def _names(args, num_classes):
                 f"scores {num_classes}"
             )
         return args.classes
-    if names := class_names(args.model, num_classes):
-        return names
+    if exported_names:
+        return exported_names
     if num_classes == data.NUM_CLASSES:  # files exported before they carried names
         return list(data.CLASS_NAMES)
     return [f"class {k}" for k in range(num_classes)]

@@ -210,7 +210,7 @@ def flip(images):
 
 
 def predict(model, images, batch_size, tta=False, raw=False):
-    """Softmax outputs of `model`; with `tta`, averaged with the mirrored images' outputs.
+    """`model`'s outputs in float32; with `tta`, averaged with the mirrored images'.
 
     uint8 `images` are pixels, given to the model as `data.scale` makes them (or, with
     `raw`, as 0..255 in float32), one batch at a time (`Pixels`).

@@ -265,7 +265,7 @@ def test_predict_takes_a_model_that_ends_in_logits(tmp_path, capsys):
     model.save(tmp_path / "logits.keras")
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)).save(image)
-    x = export.read_image(image)[None]
+    x = data.scale(export.read_pixels(image))[None]
 
     def printed(probs):
         top = np.argsort(probs)[::-1][:3]
@@ -324,7 +324,8 @@ def test_predict_gives_an_exported_file_pixels_in_0_1_whatever_its_members_start
     out, err = capsys.readouterr()
     model = keras.saving.load_model(tmp_path / "e.keras")
     expected = {}
-    images = {False: export.read_image(image), True: export.read_pixels(image).astype("float32")}
+    pixels = export.read_pixels(image)
+    images = {False: data.scale(pixels), True: pixels.astype("float32")}
     for raw in (False, True):
         probs = model.predict(images[raw][None], verbose=0)[0]
         top = np.argsort(probs)[::-1][:3]
