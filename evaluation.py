@@ -178,7 +178,7 @@ def fit_stacking(val_member_probs, val_labels, steps=300, l2=1e-3, learning_rate
     params = [np.zeros((features.shape[1], num_classes)), np.zeros(num_classes)]
     moments = [[np.zeros_like(p), np.zeros_like(p)] for p in params]
     for step in range(1, steps + 1):
-        probs = _softmax(features @ params[0] + params[1])
+        probs = softmax(features @ params[0] + params[1])
         delta = (probs - one_hot) / len(val_labels)
         grads = [features.T @ delta + l2 * params[0], delta.sum(axis=0)]
         for param, grad, (m, v) in zip(params, grads, moments, strict=True):
@@ -190,10 +190,11 @@ def fit_stacking(val_member_probs, val_labels, steps=300, l2=1e-3, learning_rate
 
 
 def apply_stacking(stacker, member_probs):
-    return _softmax(np.concatenate(member_probs, axis=1) @ stacker["kernel"] + stacker["bias"])
+    return softmax(np.concatenate(member_probs, axis=1) @ stacker["kernel"] + stacker["bias"])
 
 
-def _softmax(logits):
+def softmax(logits):
+    """Each row of `logits` as probabilities (shifted by its maximum: no overflow)."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 

@@ -380,8 +380,7 @@ def to_probabilities(outputs, kind):
     """float32 `outputs` of `kind` (`output_kind`) as class probabilities, as
     `with_probabilities`' layers compute them."""
     if kind == "logits":
-        exp = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
+        return evaluation.softmax(outputs)
     if kind == "softmax":
         return outputs
     # The sigmoid as tanh: 1 / (1 + exp(-x)) overflows for a logit below -88 in float32.

@@ -197,6 +197,12 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
     assert message in err
 
 
+def printed(image, probs):
+    """The line predict prints for `image` of a CIFAR-10 model's `probs`: its top 3."""
+    top = np.argsort(probs)[::-1][:3]
+    return f"{image}: " + ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top) + "\n"
+
+
 def ending(units, activation=None, last=None):
     """A model of 4x4 grey images ending in Dense(units, activation), then `last`."""
     layers = [keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(units, activation)]
@@ -267,22 +273,18 @@ def test_predict_takes_a_model_that_ends_in_logits(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)).save(image)
     x = data.scale(export.read_pixels(image))[None]
 
-    def printed(probs):
-        top = np.argsort(probs)[::-1][:3]
-        return f"{image}: " + ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
-
     def softmax(logits):
         exp = np.exp(logits - logits.max())
         return exp / exp.sum()
 
     assert export.predict_main(["--model", str(tmp_path / "logits.keras"), str(image)]) == 0
-    assert capsys.readouterr().out == printed(softmax(model.predict(x, verbose=0)[0])) + "\n"
+    assert capsys.readouterr().out == printed(image, softmax(model.predict(x, verbose=0)[0]))
     # --tta averages the original's and the mirror's probabilities, as combine --tta.
     assert (
         export.predict_main(["--model", str(tmp_path / "logits.keras"), "--tta", str(image)]) == 0
     )
     both = [softmax(model.predict(images, verbose=0)[0]) for images in (x, x[:, :, ::-1])]
-    assert capsys.readouterr().out == printed(np.mean(both, axis=0)) + "\n"
+    assert capsys.readouterr().out == printed(image, np.mean(both, axis=0))
 
 
 def test_rescales_itself_finds_a_first_rescaling_or_normalization_to_0_255():
@@ -323,14 +325,11 @@ def test_predict_gives_an_exported_file_pixels_in_0_1_whatever_its_members_start
     assert export.predict_main(["--model", str(tmp_path / "e.keras"), str(image)]) == 0
     out, err = capsys.readouterr()
     model = keras.saving.load_model(tmp_path / "e.keras")
-    expected = {}
     pixels = export.read_pixels(image)
     images = {False: data.scale(pixels), True: pixels.astype("float32")}
-    for raw in (False, True):
-        probs = model.predict(images[raw][None], verbose=0)[0]
-        top = np.argsort(probs)[::-1][:3]
-        expected[raw] = ", ".join(f"{data.CLASS_NAMES[k]} {probs[k]:.3f}" for k in top)
-    assert out == f"{image}: {expected[False]}\n" and err == ""
+    expected = {raw: printed(image, model.predict(images[raw][None], verbose=0)[0])
+                for raw in (False, True)}  # fmt: skip
+    assert out == expected[False] and err == ""
     assert expected[False] != expected[True]  # the scale shows in what is printed
 
 
