@@ -11,7 +11,8 @@
 #   parallel the plain path for 5 epochs, one member after the other, then with --parallel
 #            (each member in a process of its own, all at once), and their speed ratio;
 #   seeds    the plain path and --joint in full, with the seeds PLAIN_SEEDS (default "1 2 3")
-#            and JOINT_SEEDS (default "2"), PARALLEL runs at a time (default: all), compared
+#            and JOINT_SEEDS (default "2"; set but empty, e.g. PLAIN_SEEDS="", runs none of
+#            that path), PARALLEL runs at a time (default: all), compared
 #            with the earlier GPU runs in bench/seed_runs.json (bench_seeds.py);
 # then a short table (bench/summary.py). Each step has its own time limit and is skipped
 # when too little of LIMIT seconds (default 480) is left, so that the table always prints.
@@ -78,8 +79,9 @@ step_parallel() {
 }
 step_seeds() {
   local plain joint
-  read -r -a plain <<< "${PLAIN_SEEDS:-1 2 3}"
-  read -r -a joint <<< "${JOINT_SEEDS:-2}"
+  # "-", not ":-": an empty PLAIN_SEEDS="" means no plain runs, not the default seeds.
+  read -r -a plain <<< "${PLAIN_SEEDS-1 2 3}"
+  read -r -a joint <<< "${JOINT_SEEDS-2}"
   # Its own budget, under the step's limit: it stops its runs, then prints what finished.
   timeout "$1" python3 bench/bench_seeds.py --data-dir "$data" --out "$out" --work "$work/seeds" \
     --plain-seeds "${plain[@]}" --joint-seeds "${joint[@]}" \
