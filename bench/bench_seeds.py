@@ -216,15 +216,21 @@ class Run:
                   *tail, sep="\n  ", flush=True)  # fmt: skip
             return {**outcome, "failed": self.process.returncode, "errors": {}}
         results = json.loads(results_file.read_text())
+        # A dead member's restart lines (training.restart_if_dead): the run's log stays
+        # in the temporary work folder, so seeds.json keeps which member died, and when.
+        log = (self.folder / "log.txt").read_text(errors="replace").splitlines()
         outcome.update(
             errors=average_errors(results),
             train_seconds=round(sum(results["train_seconds"].values()), 1),
             attempts=results["attempts"],
+            restarts=[line.strip() for line in log if " died in epoch " in line],
             environment=results["environment"],
         )
         print(
             f"{self.path} seed {self.seed}: {self.wall:.1f} s, errors "
             + ", ".join(f"{k} {v:.4f}" for k, v in outcome["errors"].items()),
+            *outcome["restarts"],
+            sep="\n  ",
             flush=True,
         )
         return outcome

@@ -135,8 +135,9 @@ def test_the_earlier_gpu_runs_file_reads_and_bad_files_are_refused(tmp_path, cap
     assert "each run needs a path (plain or joint)" in capsys.readouterr().err
 
 
-def fake_run(tmp_path, path, seed, seconds, error):
-    """A Run whose process sleeps, then writes the results.json ensemble.py would."""
+def fake_run(tmp_path, path, seed, seconds, error, says=""):
+    """A Run whose process prints `says`, sleeps, then writes the results.json
+    ensemble.py would."""
     run = bench_seeds.Run(path, seed, tmp_path, "unused", [])
     results = {
         "results": [{"row": "ALL-CNN-C", "rule": "average", "test_error": error},
@@ -144,20 +145,26 @@ def fake_run(tmp_path, path, seed, seconds, error):
         "train_seconds": {"all_cnn": 1.0}, "attempts": {"all_cnn": 1}, "environment": {},
     }  # fmt: skip
     target = run.folder / "logs" / "results.json"
-    run.command = [sys.executable, "-c", f"import pathlib, time; time.sleep({seconds}); "
+    run.command = [sys.executable, "-c", f"import pathlib, time; print({says!r}); "
+                   f"time.sleep({seconds}); "
                    f"p = pathlib.Path({str(target)!r}); p.parent.mkdir(parents=True); "
                    f"p.write_text({json.dumps(results)!r})"]  # fmt: skip
     return run
 
 
-def test_schedule_runs_in_parallel_and_keeps_each_runs_average_errors(tmp_path):
+def test_schedule_runs_in_parallel_and_keeps_each_runs_average_errors(tmp_path, capsys):
+    died = "all_cnn died in epoch 2 (same output for every image); restarting from fresh"
     runs = [fake_run(tmp_path, "plain", 1, 0, 0.26), fake_run(tmp_path, "joint", 1, 0, 0.28),
-            fake_run(tmp_path, "plain", 2, 0, 0.27)]  # fmt: skip
+            fake_run(tmp_path, "plain", 2, 0, 0.27, says=f"Epoch 2/20\n{died}")]  # fmt: skip
     outcomes = []
     bench_seeds.schedule(runs, 2, None, outcomes.append)
     assert sorted((o["path"], o["seed"], o["errors"]["ALL-CNN-C"]) for o in outcomes) == [
         ("joint", 1, 0.28), ("plain", 1, 0.26), ("plain", 2, 0.27)]  # fmt: skip
     assert all(set(o["errors"]) == {"ALL-CNN-C"} for o in outcomes)  # the article's rule only
+    # Which member died, and when: the run's own log is in a temporary folder.
+    restarts = {(o["path"], o["seed"]): o["restarts"] for o in outcomes}
+    assert restarts == {("plain", 1): [], ("joint", 1): [], ("plain", 2): [died]}
+    assert f"\n  {died}\n" in capsys.readouterr().out  # printed under its run's line
 
 
 def test_schedule_stops_at_the_budget_and_starts_no_run_that_cannot_end(tmp_path, capsys):
