@@ -161,6 +161,14 @@ def load(path, what="--model", written_by="written by --export"):
     if path == "":  # an unset shell variable; Path("") would be the current folder
         raise ExportError(f"{what} is empty (an unset shell variable?); give the .keras file")
     path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        # What tf.keras 2's model.save("folder") wrote; Keras 3 reads it only as an
+        # inference layer on TensorFlow (TFSMLayer), with no softmax to tell apart.
+        raise ExportError(
+            f"{what} {path} is a TensorFlow SavedModel folder, which Keras 3 cannot load "
+            "as a model; save it again from the Keras that wrote it, as one file: "
+            'model.save("model.keras"), or "model.h5" where that Keras has no .keras format'
+        )
     if path.is_dir():
         raise ExportError(f"{what} {path} is a folder; give the .keras file {written_by}")
     if not path.is_file():

@@ -260,6 +260,7 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
         ("other classes", "nin.keras scores 10 classes and model FIVE scores 5 classes"),
         ("not images", "maps 784 to 10; this needs one input of grey or RGB images"),
         ("missing", "model MISSING does not exist"),
+        ("saved model folder", "resnet is a TensorFlow SavedModel folder, which Keras 3 cannot"),
         ("sigmoids", "sigmoids.keras scores each class with a sigmoid of its own"),
         ("not .keras", "--export ensemble.h5 must end in .keras"),
         ("negative seed", "--seed must lie between 0 and 4294967295"),
@@ -291,6 +292,10 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     elif case == "sigmoids":  # a multi-label model: no one class per image
         args.append(tmp_path / "sigmoids.keras")
         small_classifier(activation="sigmoid").save(args[-1])
+    elif case == "saved model folder":  # tf.keras 2's model.save("resnet")
+        args.append(tmp_path / "resnet")
+        (args[-1] / "variables").mkdir(parents=True)
+        (args[-1] / "saved_model.pb").write_bytes(b"\x08\x01")
     elif case == "missing":
         args.append(tmp_path / "gone.keras")
         message = message.replace("MISSING", str(args[-1]))

@@ -146,6 +146,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("not_an_image", "notes.png is not a readable PNG or JPEG"),
         ("bad_model", "broken.keras is not a loadable Keras model"),
         ("folder", "is a folder; give the .keras file"),
+        ("saved model", "is a TensorFlow SavedModel folder, which Keras 3 cannot load"),
         ("image folder", "folder PHOTOS holds no PNG or JPEG files"),
         ("empty image", "an image path is empty (an unset shell variable?)"),
         ("empty", "--model is empty (an unset shell variable?)"),
@@ -171,6 +172,10 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
         model.write_bytes(b"PK\x03\x04 truncated")
     elif problem == "folder":
         model = tmp_path
+    elif problem == "saved model":  # what tf.keras 2's model.save("folder") left
+        model = tmp_path / "classifier"
+        (model / "variables").mkdir(parents=True)
+        (model / "saved_model.pb").write_bytes(b"\x08\x01")
     elif problem == "empty":
         model = ""
     elif problem == "image folder":
