@@ -162,8 +162,9 @@ def load(path, what="--model", written_by="written by --export"):
         raise ExportError(f"{what} is empty (an unset shell variable?); give the .keras file")
     path = Path(path)
     if (path / "saved_model.pb").is_file():
-        # What tf.keras 2's model.save("folder") wrote; Keras 3 reads it only as an
-        # inference layer on TensorFlow (TFSMLayer), with no softmax to tell apart.
+        # What tf.keras 2's model.save("folder") wrote. Keras 3 reads it only as an
+        # opaque inference layer on TensorFlow (TFSMLayer): no layers to find the output
+        # kind or the pixel range in, and no other backend, so it is not taken here.
         raise ExportError(
             f"{what} {path} is a TensorFlow SavedModel folder, which Keras 3 cannot load "
             "as a model; save it again from the Keras that wrote it, as one file: "
