@@ -262,6 +262,10 @@ def read_pixels(path, shape=data.IMAGE_SHAPE):
     height, width, channels = (d or c for d, c in zip(shape, data.IMAGE_SHAPE, strict=True))
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):  # a 16-bit grey PNG ("I;16", or "I" in old Pillow)
+                # Pillow's convert() clips it to 255 instead of scaling: an image of white.
+                levels = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+                image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
             image = image.convert("L" if channels == 1 else "RGB")
             image = image.resize((width, height), Image.Resampling.BICUBIC)
             return np.asarray(image).reshape(height, width, channels)

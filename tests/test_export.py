@@ -268,6 +268,18 @@ def test_with_probabilities_computes_what_to_probabilities_does(tmp_path, kind, 
         np.testing.assert_allclose(probs[:, 1], outputs[:, 0], atol=1e-6)
 
 
+def test_read_pixels_scales_a_16_bit_grey_png_to_8_bits(tmp_path):
+    """Pillow's convert() clips 16-bit grey to 255, which would make it all white."""
+    grey = np.random.default_rng(3).integers(0, 256, (20, 24), dtype=np.uint16)
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(grey * 257).save(tmp_path / "16.png")  # 255 -> 65535
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    for shape in ((32, 32, 3), (20, 24, 1)):
+        eight = export.read_pixels(tmp_path / "8.png", shape)
+        np.testing.assert_array_equal(export.read_pixels(tmp_path / "16.png", shape), eight)
+    assert eight[..., 0].tolist() == grey.tolist()  # no resize: the very pixels
+
+
 def test_predict_takes_a_model_that_ends_in_logits(tmp_path, capsys):
     """As a TensorFlow tutorial saves it: the top classes of softmax(logits)."""
     model = keras.Sequential(
