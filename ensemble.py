@@ -529,6 +529,16 @@ def main(argv=None):
         return code
 
 
+def _storage_error(error, then):
+    """One line for a full disk or an unwritable folder (exit code 2); re-raises others."""
+    if error.errno not in STORAGE_ERRNOS:
+        raise error
+    where = f" writing {error.filename}" if error.filename else ""
+    print(f"ensemble.py: error: {error.strerror or error}{where}; free space or fix "
+          f"permissions, {then}", file=sys.stderr)  # fmt: skip
+    return 2
+
+
 def _train_and_report(settings):
     try:
         check_settings(settings)
@@ -557,15 +567,7 @@ def _train_and_report(settings):
         print(f"ensemble.py: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:
-        if error.errno not in STORAGE_ERRNOS:
-            raise
-        where = f" writing {error.filename}" if error.filename else ""
-        print(
-            f"ensemble.py: error: {error.strerror or error}{where}; free space or fix "
-            "permissions, then run the same command again: it resumes",
-            file=sys.stderr,
-        )
-        return 2
+        return _storage_error(error, "then run the same command again: it resumes")
     logs_dir = Path(settings.logs_dir)
     print()
     print(format_table(rows))
@@ -574,9 +576,13 @@ def _train_and_report(settings):
     if "costs" in extra:
         print("\ncost on " + ", ".join(fast.devices()))
         print(report.cost_table(extra["costs"]))
-    plots = report.plot_training_curves(logs_dir, settings.models)
-    plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
+    try:
+        plots = report.plot_training_curves(logs_dir, settings.models)
+        plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
+    except OSError as error:  # the results are saved; only the plots are missing
+        return _storage_error(error, "then python ensemble.py --eval-only with the same "
+                              "--weights-dir draws the plots again")  # fmt: skip
     print("plots: " + ", ".join(str(p) for p in plots))
     tta = "; without flip TTA, which the table used" if settings.tta else ""
     if "export" in extra:

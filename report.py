@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 import fast
-from checkpoints import replace_text
+from checkpoints import replace_text, replacing
 
 RESULTS_STEM = "results"  # results.json and results.md in --logs-dir
 
@@ -108,10 +108,20 @@ def plot_training_curves(logs_dir, names):
             axis.legend()
         figure.tight_layout()
         path = Path(logs_dir) / f"{name}_curves.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
+        _save_figure(figure, path)
         written.append(path)
     return written
+
+
+def _save_figure(figure, path):
+    """As results.json: whole or not at all, so a full disk keeps the last run's plot."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with replacing(path) as temporary:
+            figure.savefig(temporary, dpi=100, format="png")
+    finally:
+        plt.close(figure)
 
 
 def plot_test_errors(rows, path):
@@ -128,8 +138,7 @@ def plot_test_errors(rows, path):
     axis.set(xlabel="test error", title="test error of every member and ensemble")
     axis.set_xlim(0, max(errors) * 1.2 if max(errors) > 0 else 1)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_figure(figure, path)
     return Path(path)
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,6 +182,34 @@ def test_a_full_disk_while_writing_the_results_keeps_the_last_ones_whole(
     assert "No space left on device writing" in capsys.readouterr().err
     assert results.read_text() == before  # the last run's, whole
     assert sorted(p.name for p in results.parent.glob("results*")) == ["results.json", "results.md"]
+
+
+def test_a_full_disk_while_plotting_is_one_line_exit_2_and_keeps_the_last_plots(
+    tmp_path, tree, capsys, monkeypatch
+):
+    import errno
+
+    import matplotlib.figure
+
+    assert cli(tmp_path, "--models", "nin_cnn") == 0
+    plots = sorted((tmp_path / "logs").glob("*.png"))
+    assert [p.name for p in plots] == ["nin_cnn_curves.png", "test_errors.png"]
+    before = {p: p.read_bytes() for p in plots}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def half_then_no_space(self, path, *args, **kwargs):
+        savefig(self, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_no_space)
+    capsys.readouterr()
+    assert cli(tmp_path, "--models", "nin_cnn", "--eval-only", "--tta") == 2
+    out, err = capsys.readouterr()
+    assert "results saved to" in out  # before the plots, and whole
+    assert err.count("\n") == 1 and "No space left on device writing" in err
+    assert "--eval-only with the same --weights-dir draws the plots again" in err
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "logs").glob("*.png*"))} == before
 
 
 def test_a_weights_dir_that_is_a_file_is_refused(tmp_path, tree, capsys):
