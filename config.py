@@ -9,8 +9,10 @@ file is written.
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,10 @@ class Settings:
     train_only: bool = False  # stop after training: no evaluation, no results.json
 
 
+# `python ensemble.py COMMAND ...`: the two besides training (ensemble.main runs them).
+COMMANDS = ("combine", "predict")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage error in one line, as every other bad input gets.
 
@@ -83,6 +89,9 @@ def parse_args(argv=None):
         description="Train the article's three CIFAR-10 ConvNets and evaluate their "
         "averaged ensembles. Defaults reproduce the article; --preset fast trades the "
         "recipe for accuracy per minute (see fast.py).",
+        epilog="Commands: python ensemble.py combine A.keras B.keras ... ensembles any "
+        "saved classifiers; python ensemble.py predict --model FILE.keras IMAGE ... "
+        "classifies images. Each has its own --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,  # absent flags leave the preset's value
     )
@@ -237,6 +246,16 @@ def parse_args(argv=None):
         action=argparse.BooleanOptionalAction,
         help="average each test prediction with the prediction for its mirror image",
     )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-"):
+        # argparse would say "unrecognized arguments", leaving a mistyped command a
+        # mystery; training takes flags only, so a first word can only be a command.
+        close = difflib.get_close_matches(argv[0].lower(), COMMANDS, n=1, cutoff=0.6)
+        parser.error(
+            f"unknown command {argv[0]!r}"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + f"; the commands are {' and '.join(COMMANDS)}, and training takes flags only"
+        )
     args = vars(parser.parse_args(argv))
     return settings_from(args)
 

@@ -50,7 +50,7 @@ from checkpoints import (
     settle_joint_backup,
     unfinished,
 )
-from config import Settings, check_settings, parse_args
+from config import COMMANDS, Settings, check_settings, parse_args
 from models import MODELS, PAPER_NAMES
 from training import (
     StopWhenDead,
@@ -497,7 +497,7 @@ INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT (128 + 2)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["predict"], ["combine"]):
+    if argv[:1] and argv[0] in COMMANDS:
         import combine  # imports this module: loaded only when asked for
 
         command = {"predict": export.predict_main, "combine": combine.main}[argv[0]]

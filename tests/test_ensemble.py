@@ -260,6 +260,16 @@ def test_missing_data_dir_from_the_shell_is_one_line_exit_2(tmp_path):
         (["--nope"], "ensemble.py: error: unrecognized arguments: --nope"),
         (["predict"], "ensemble.py predict: error: the following arguments are required"),
         (["combine", "a.keras", "--top", "3"], "ensemble.py combine: error: unrecognized"),
+        # A mistyped command is named, not "unrecognized arguments: combien a.keras".
+        (
+            ["combien", "a.keras"],
+            "ensemble.py: error: unknown command 'combien' (did you mean combine?)",
+        ),
+        (
+            ["Predict", "x.png"],
+            "ensemble.py: error: unknown command 'Predict' (did you mean predict?)",
+        ),
+        (["train"], "ensemble.py: error: unknown command 'train'; the commands are combine and"),
     ],
 )
 def test_a_usage_error_is_one_line_not_the_whole_usage(capsys, argv, message):
@@ -293,6 +303,8 @@ def test_help_documents_every_flag_with_the_article_default(capsys):
     ):
         assert flag in text
     assert "(article: 20)" in text and "(article: 32)" in text and "(article: 0.2)" in text
+    # The commands beside training are found from the main help.
+    assert "python ensemble.py combine" in text and "python ensemble.py predict" in text
 
 
 def test_format_table_aligns_columns():
