@@ -13,13 +13,19 @@ stages, `input_dropout` the rate on its input images. Their defaults are the
 article's: no dropout in the two All-CNN models (their paper used 0.5 after each
 stage and 0.2 on the input), 0.5 after each stage in NIN. Dropout has no weights,
 so a model built with any rates loads the others' checkpoints.
+
+`num_classes` (default: CIFAR-10's 10) sizes the softmax output, and the input may
+be any image shape the layers fit (NIN needs at least 20x20), for other data:
+
+    grey = keras.Input(shape=(28, 28, 1))
+    model = nin_cnn(grey, num_classes=100)   # (None, 100) probabilities
 """
 
 import keras
 from keras import layers
 
 
-def conv_pool_cnn(model_input, dropout=0.0, input_dropout=0.0):
+def conv_pool_cnn(model_input, dropout=0.0, input_dropout=0.0, num_classes=10):
     """ConvPool-CNN-C: stacked 3x3 convolutions with max pooling and a global-average head.
 
     Reference:
@@ -30,9 +36,10 @@ def conv_pool_cnn(model_input, dropout=0.0, input_dropout=0.0):
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
         dropout: rate after each max pooling; the article's 0 adds no layer.
         input_dropout: rate on the input images; the article's 0 adds no layer.
+        num_classes: classes of the softmax output; the article's CIFAR-10 has 10.
 
     Returns:
-        A `keras.Model` named `conv_pool_cnn` with 10 softmax outputs.
+        A `keras.Model` named `conv_pool_cnn` with `num_classes` softmax outputs.
     """
     x = _dropout(model_input, input_dropout)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
@@ -43,10 +50,10 @@ def conv_pool_cnn(model_input, dropout=0.0, input_dropout=0.0):
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = _dropout(layers.MaxPooling2D(pool_size=(3, 3), strides=2)(x), dropout)
-    return _class_head(model_input, x, "conv_pool_cnn")
+    return _class_head(model_input, x, "conv_pool_cnn", num_classes)
 
 
-def all_cnn(model_input, dropout=0.0, input_dropout=0.0):
+def all_cnn(model_input, dropout=0.0, input_dropout=0.0, num_classes=10):
     """ALL-CNN-C: ConvPool-CNN-C with each max pooling replaced by a stride-2 convolution.
 
     Reference:
@@ -57,9 +64,10 @@ def all_cnn(model_input, dropout=0.0, input_dropout=0.0):
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
         dropout: rate after each stride-2 convolution; the article's 0 adds no layer.
         input_dropout: rate on the input images; the article's 0 adds no layer.
+        num_classes: classes of the softmax output; the article's CIFAR-10 has 10.
 
     Returns:
-        A `keras.Model` named `all_cnn` with 10 softmax outputs.
+        A `keras.Model` named `all_cnn` with `num_classes` softmax outputs.
     """
     x = _dropout(model_input, input_dropout)
     x = layers.Conv2D(96, (3, 3), activation="relu", padding="same")(x)
@@ -70,10 +78,10 @@ def all_cnn(model_input, dropout=0.0, input_dropout=0.0):
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same", strides=2)(x)
     x = _dropout(x, dropout)
-    return _class_head(model_input, x, "all_cnn")
+    return _class_head(model_input, x, "all_cnn", num_classes)
 
 
-def nin_cnn(model_input, dropout=0.5, input_dropout=0.0):
+def nin_cnn(model_input, dropout=0.5, input_dropout=0.0, num_classes=10):
     """Network in Network: three mlpconv blocks (a convolution, then two 1x1) with dropout.
 
     Reference:
@@ -83,9 +91,10 @@ def nin_cnn(model_input, dropout=0.5, input_dropout=0.0):
         model_input: a `keras.Input` of shape (32, 32, 3), possibly shared with other models.
         dropout: rate after each max pooling (the article's 0.5); 0 adds no layer.
         input_dropout: rate on the input images; the article's 0 adds no layer.
+        num_classes: classes of the softmax output; the article's CIFAR-10 has 10.
 
     Returns:
-        A `keras.Model` named `nin_cnn` with 10 softmax outputs.
+        A `keras.Model` named `nin_cnn` with `num_classes` softmax outputs.
     """
     # mlpconv block 1
     x = _dropout(model_input, input_dropout)
@@ -98,10 +107,10 @@ def nin_cnn(model_input, dropout=0.5, input_dropout=0.0):
     x = layers.Conv2D(64, (1, 1), activation="relu")(x)
     x = layers.Conv2D(64, (1, 1), activation="relu")(x)
     x = _dropout(layers.MaxPooling2D((2, 2))(x), dropout)
-    # mlpconv block 3: its last 1x1 convolution is the 10-class map of the head
+    # mlpconv block 3: its last 1x1 convolution is the class map of the head
     x = layers.Conv2D(128, (3, 3), activation="relu", padding="valid")(x)
     x = layers.Conv2D(32, (1, 1), activation="relu")(x)
-    return _softmax_head(model_input, x, "nin_cnn")
+    return _softmax_head(model_input, x, "nin_cnn", num_classes)
 
 
 def _dropout(x, rate):
@@ -111,17 +120,20 @@ def _dropout(x, rate):
     return layers.Dropout(rate)(x) if rate else x
 
 
-def _class_head(model_input, x, name):
-    """The All-CNN top: 3x3 and 1x1 convolutions with ReLU, then the 10-class map."""
+def _class_head(model_input, x, name, num_classes):
+    """The All-CNN top: 3x3 and 1x1 convolutions with ReLU, then the class map."""
     x = layers.Conv2D(192, (3, 3), activation="relu", padding="same")(x)
     x = layers.Conv2D(192, (1, 1), activation="relu")(x)
-    return _softmax_head(model_input, x, name)
+    return _softmax_head(model_input, x, name, num_classes)
 
 
-def _softmax_head(model_input, x, name):
-    # No ReLU on the 10-channel map: it would clip negative class scores to zero
-    # before averaging, and the article notes the model then fails to train.
-    x = layers.Conv2D(10, (1, 1))(x)
+def _softmax_head(model_input, x, name, num_classes):
+    # No ReLU on the class map (10 channels in the article): it would clip negative
+    # class scores to zero before averaging, and the article notes the model then
+    # fails to train.
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2 for a softmax, got {num_classes}")
+    x = layers.Conv2D(num_classes, (1, 1))(x)
     x = layers.GlobalAveragePooling2D()(x)
     # float32 whatever the global policy: under mixed precision a bfloat16 softmax
     # would round confident probabilities to 1 and its log-loss to 0.

@@ -118,6 +118,19 @@ def test_outputs_are_probabilities(name, model_input):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_builders_take_other_class_counts_and_image_shapes(name):
+    # NIN's smallest image is 20x20 (its unpadded convolutions and poolings).
+    grey = keras.Input(shape=(20, 20, 1))
+    model = MODELS[name](grey, num_classes=100)
+    images = np.random.default_rng(2).random((3, 20, 20, 1), dtype=np.float32)
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (3, 100)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_classes must be at least 2 for a softmax, got 1"):
+        MODELS[name](grey, num_classes=1)
+
+
 def test_members_share_one_input_and_the_ensemble_averages_them(model_input):
     members = [conv_pool_cnn(model_input), all_cnn(model_input), nin_cnn(model_input)]
     assert all(member.inputs[0] is model_input for member in members)
