@@ -352,9 +352,13 @@ def _load_image_tree(files, source, spec, held_out=False):
             f"only in one of them: {', '.join(only)}"
         )
     if spec.num_classes is not None and len(train_classes) != spec.num_classes:
+        # Only load_data fixes the class count (CIFAR-10's). A tree of other images is
+        # no broken CIFAR-10: say where such images are taken.
         raise DataError(
             f"{source}: expected {spec.num_classes} class folders, found "
-            f"{len(train_classes)} ({', '.join(train_classes)})"
+            f"{len(train_classes)} ({', '.join(train_classes)}); ensemble.py trains on "
+            "CIFAR-10: for other images build the models with num_classes (models.py) "
+            "and ensemble them with python ensemble.py combine"
         )
     if len(train_classes) < 2:
         raise DataError(

@@ -298,9 +298,12 @@ def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path, monkeyp
     (_, _), (rgb, _) = data.load_labelled(tree, channels=3)[0]
     assert rgb.shape == (12, 12, 10, 3)
     np.testing.assert_array_equal(rgb, np.repeat(x_test, 3, axis=3))
-    # Training stays the article's: CIFAR-10's ten classes.
-    with pytest.raises(data.DataError, match="expected 10 class folders, found 3"):
+    # Training stays the article's: CIFAR-10's ten classes, and the error says where
+    # other images go.
+    with pytest.raises(data.DataError, match="expected 10 class folders, found 3") as error:
         data.load_data(tree)
+    assert str(error.value).endswith("with num_classes (models.py) and ensemble them with "
+                                     "python ensemble.py combine")  # fmt: skip
 
 
 @pytest.mark.parametrize("folder", data.HELD_OUT_FOLDERS)
