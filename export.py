@@ -174,6 +174,14 @@ def load(path, what="--model", written_by="written by --export"):
         raise ExportError(f"{what} {path} is a folder; give the .keras file {written_by}")
     if not path.is_file():
         raise ExportError(f"{what} {path} does not exist; give the .keras file {written_by}")
+    if path.name.endswith(".weights.h5"):
+        # The checkpoints in weights/ are the likeliest such file: they hold no layers.
+        raise ExportError(
+            f"{what} {path} holds weights only, no model; python ensemble.py --eval-only "
+            "--export-members DIR (with the run's --weights-dir) writes each trained member "
+            "as DIR/<name>.keras, and "
+            "model.save('name.keras') any model of yours"
+        )
     try:
         return keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike

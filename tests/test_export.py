@@ -145,6 +145,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         ("missing", "nowhere.png does not exist"),
         ("not_an_image", "notes.png is not a readable PNG or JPEG"),
         ("bad_model", "broken.keras is not a loadable Keras model"),
+        ("checkpoint", "m.01-2.30.weights.h5 holds weights only, no model; python ensemble.py"),
         ("folder", "is a folder; give the .keras file"),
         ("saved model", "is a TensorFlow SavedModel folder, which Keras 3 cannot load"),
         ("image folder", "folder PHOTOS holds no PNG or JPEG files"),
@@ -170,6 +171,9 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
     elif problem == "bad_model":
         model = tmp_path / "broken.keras"
         model.write_bytes(b"PK\x03\x04 truncated")
+    elif problem == "checkpoint":  # what weights/ holds, a real one
+        model = tmp_path / "m.01-2.30.weights.h5"
+        members[0].save_weights(model)
     elif problem == "folder":
         model = tmp_path
     elif problem == "saved model":  # what tf.keras 2's model.save("folder") left
