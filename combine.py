@@ -131,6 +131,11 @@ def check(args):
         # As ensemble.py does: the logs folder first, since the export may go in it.
         Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
         export.check_export_path(args.export)
+        if Path(args.export).resolve() in resolved:  # it would replace that model
+            raise export.ExportError(
+                f"--export {args.export} is one of the models to combine, which it would "
+                "replace; give the ensemble a file of its own"
+            )
     if args.export is None and args.export_rule != "average":
         raise export.ExportError(f"--export-rule {args.export_rule} needs --export PATH.keras")
     return names

@@ -420,3 +420,13 @@ def check_settings(settings):
             export.check_export_path(settings.export)
         except export.ExportError as error:
             raise UsageError(str(error)) from error
+    if settings.export is not None and settings.export_members is not None:
+        # Either file would replace the other, and the last one written would win.
+        member_files = {Path(settings.export_members, f"{name}.keras").resolve(): name
+                        for name in settings.models}  # fmt: skip
+        name = member_files.get(Path(settings.export).resolve())
+        if name is not None:
+            raise UsageError(
+                f"--export {settings.export} is where --export-members writes {name}; "
+                "give the ensemble a file of its own"
+            )

@@ -266,6 +266,7 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
         ("negative seed", "--seed must lie between 0 and 4294967295"),
         ("logs-dir is a file", "logs is a file, not a folder"),
         ("export to a folder", "out.keras is a folder; give a file name ending in .keras"),
+        ("export onto a model", "nin.keras is one of the models to combine, which it would"),
         ("empty data-dir", "--data-dir is empty (an unset shell variable?)"),
     ],
 )
@@ -306,6 +307,9 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     elif case == "export to a folder":
         (tmp_path / "out.keras").mkdir()
         args += ["--export", tmp_path / "out.keras"]
+    elif case == "export onto a model":  # the user's model, lost before this check
+        before = saved[0].read_bytes()
+        args += ["--export", tmp_path / "mine" / ".." / "mine" / "nin.keras"]
     elif case != "empty data-dir":
         (tmp_path / "logs").write_text("a file where the folder should be")
     if case == "empty data-dir":  # --data-dir "$DATA" with DATA unset, after combine()'s own
@@ -319,6 +323,7 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     assert err.count("\n") == 1
     assert not (tmp_path / "logs" / "combine.json").exists()
     assert case != "logs-dir is a file" or (tmp_path / "logs").is_file()  # left as it was
+    assert case != "export onto a model" or saved[0].read_bytes() == before
 
 
 def test_a_model_that_ends_in_logits_is_scored_and_exported_behind_a_softmax(tmp_path, capsys):

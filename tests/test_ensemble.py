@@ -226,6 +226,16 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(
     assert [path.name for path in tmp_path.iterdir()] == ["tree"]  # nothing made or read
 
 
+def test_an_export_onto_an_exported_member_is_refused_before_training(tmp_path, tree, capsys):
+    # Two outputs in one file: the one written last would replace the other.
+    out = tmp_path / "out"
+    flags = ["--export", str(out / ".." / "out" / "nin_cnn.keras"), "--export-members", str(out)]
+    assert cli(tmp_path, "--epochs", "1", *flags) == 2
+    err = capsys.readouterr().err
+    assert "nin_cnn.keras is where --export-members writes nin_cnn; give the ensemble" in err
+    assert err.count("\n") == 1 and not list(tmp_path.glob("weights/*.h5"))
+
+
 def test_an_export_path_that_is_a_folder_is_refused_before_training(tmp_path, tree, capsys):
     (tmp_path / "ensemble.keras").mkdir()
     assert cli(tmp_path, "--epochs", "1", "--export", str(tmp_path / "ensemble.keras")) == 2
