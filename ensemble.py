@@ -271,6 +271,11 @@ def _run(settings):
         f"y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}"
     )
     train_images = int(len(x_train) * (1 - settings.validation_split))
+    if train_images == 0 and not settings.eval_only:  # "lower --batch-size" would not do
+        raise UsageError(
+            f"--validation-split {settings.validation_split:g} of {len(x_train)} images leaves "
+            "none to train on; raise --limit or lower --validation-split"
+        )
     if settings.batch_size > train_images and not settings.eval_only:
         raise UsageError(
             f"--batch-size {settings.batch_size} exceeds the {train_images} training "

@@ -187,6 +187,8 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (["--validation-split", "1.5"], "--validation-split must lie strictly between 0 and 1"),
         (["--validation-split", "0"], "--validation-split must lie strictly between 0 and 1"),
         (["--batch-size", "5000"], "--batch-size 5000 exceeds the 64 training images"),
+        # No image left to train on: a smaller batch would not help.
+        (["--validation-split", "0.99", "--limit", "50"], "0.99 of 50 images leaves none to"),
         (["--eval-only"], "does not exist; train first"),
         (["--limit", "0"], "--limit must be a positive number"),
         (["--restarts", "-1"], "--restarts must be 0 or more"),
