@@ -66,6 +66,8 @@ class Settings:
     train_only: bool = False  # stop after training: no evaluation, no results.json
 
 
+# Keras' backends that train; its numpy and openvino ones only predict.
+TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
 # `python ensemble.py COMMAND ...`: the two besides training (ensemble.main runs them).
 COMMANDS = ("combine", "predict")
 
@@ -367,6 +369,13 @@ def check_settings(settings):
                 f"{flag} writes the evaluated {what} and --train-only evaluates none; "
                 f"drop one, or export later with --eval-only {flag}"
             )
+    if not settings.eval_only and keras.backend.backend() not in TRAINING_BACKENDS:
+        # Keras' numpy and openvino backends only predict: fit raises NotImplementedError.
+        raise UsageError(
+            f"KERAS_BACKEND={keras.backend.backend()} cannot train (Keras' "
+            f"{keras.backend.backend()} backend only predicts); set KERAS_BACKEND to "
+            "tensorflow, jax or torch, or score trained checkpoints with --eval-only"
+        )
     if settings.distribute and keras.backend.backend() not in ("jax", "tensorflow"):
         # Refused here, before the data loads; training.distribution_scope agrees.
         raise UsageError(

@@ -16,13 +16,26 @@ import errno
 import itertools
 import json
 import math
+import os
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-import keras
+try:
+    import keras
+except (ImportError, ValueError) as error:  # the backend Keras was told to use fails
+    if __name__ != "__main__":
+        raise
+    # Run as the program: one line, not Keras' traceback. ValueError: no such backend
+    # ("Unable to import backend : jaxx"); ImportError: it is not installed.
+    chosen = os.environ.get("KERAS_BACKEND")
+    named = f"KERAS_BACKEND={chosen}" if chosen else "the backend in ~/.keras/keras.json"
+    print(f"ensemble.py: error: Keras cannot load {named} ({error}); set KERAS_BACKEND to "
+          "tensorflow, jax or torch, one that is installed (README, 'GPU set-up')",
+          file=sys.stderr)  # fmt: skip
+    sys.exit(2)
 import numpy as np
 
 import data

@@ -57,10 +57,13 @@ def devices():
 
     `keras.distribution.list_devices` has no PyTorch implementation in Keras 3.15
     (it raises AttributeError there), so on torch ask torch itself: its CUDA
-    devices, which Keras' torch backend uses by default, else the CPU.
+    devices, which Keras' torch backend uses by default, else the CPU. Keras' numpy
+    and openvino backends (inference only) have none either, and compute on the CPU.
     """
-    if keras.backend.backend() != "torch":
+    if keras.backend.backend() in ("jax", "tensorflow"):
         return keras.distribution.list_devices()
+    if keras.backend.backend() != "torch":  # numpy, openvino: inference on the CPU only
+        return ["cpu:0"]
     import torch
 
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu:0"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from conftest import write_tree
@@ -264,3 +265,58 @@ def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, 
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in locked.iterdir()) == ["keep.txt"]
     assert (locked / "keep.txt").read_text() == "untouched"
+
+
+@pytest.mark.parametrize(
+    "backend, broken, message",
+    [
+        ("nosuch", None, "Keras cannot load KERAS_BACKEND=nosuch (Unable to import backend"),
+        ("jax", "jax", "Keras cannot load KERAS_BACKEND=jax (import of jax halted"),
+    ],
+    ids=["unknown backend", "backend not installed"],
+)
+def test_a_backend_keras_cannot_load_is_one_line_exit_2(tmp_path, backend, broken, message):
+    # As the program, not a module: a test importing ensemble still gets Keras' error.
+    code = (
+        "import runpy, sys\n"
+        f"sys.modules[{broken!r}] = None  # a backend package that is not installed\n"
+        f"sys.argv = ['ensemble.py', '--epochs', '1']\n"
+        f"runpy.run_path({str(Path(ensemble.__file__))!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    assert shown.returncode == 2, shown.stderr[-500:]
+    assert "Traceback" not in shown.stderr
+    last = shown.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ensemble.py: error: {message}"), last
+    assert last.endswith("set KERAS_BACKEND to tensorflow, jax or torch, one that is installed "
+                         "(README, 'GPU set-up')")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # no weights/ or logs/ made
+
+
+def test_keras_numpy_backend_refuses_training_and_still_combines(tmp_path, tree):
+    # Keras' numpy backend only predicts: its fit raises NotImplementedError.
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    (tmp_path / "mine").mkdir()
+    paths = [str(tmp_path / "mine" / f"{seed}.keras") for seed in (1, 2)]
+    for path in paths:
+        nin_cnn(keras.Input((32, 32, 3))).save(path)
+    base = [sys.executable, str(Path(ensemble.__file__)), "--data-dir", str(tree)]
+    logs = ["--logs-dir", str(tmp_path / "logs")]
+
+    def run(*args):
+        return subprocess.run([*args], capture_output=True, text=True, env=env, timeout=600)
+
+    train = run(*base, "--weights-dir", str(tmp_path / "weights"), *logs, "--epochs", "1")
+    assert train.returncode == 2, train.stderr[-500:]
+    assert train.stderr.strip().splitlines()[-1] == (
+        "ensemble.py: error: KERAS_BACKEND=numpy cannot train (Keras' numpy backend only "
+        "predicts); set KERAS_BACKEND to tensorflow, jax or torch, or score trained "
+        "checkpoints with --eval-only"
+    )
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "logs").exists()
+    combined = run(base[0], base[1], "combine", *paths, *base[2:], *logs)
+    assert combined.returncode == 0, combined.stderr[-500:]
+    saved = json.loads((tmp_path / "logs" / "combine.json").read_text())["environment"]
+    assert saved["backend"] == "numpy" and saved["devices"] == ["cpu:0"]
