@@ -57,8 +57,9 @@ def devices():
 
     `keras.distribution.list_devices` has no PyTorch implementation in Keras 3.15
     (it raises AttributeError there), so on torch ask torch itself: its CUDA
-    devices, which Keras' torch backend uses by default, else the CPU. Keras' numpy
-    and openvino backends (inference only) have none either, and compute on the CPU.
+    devices, which Keras' torch backend uses by default, else the CPU. Keras' other
+    backends (numpy, openvino: inference only) have none either; numpy computes on
+    the CPU, and the CPU is reported for them.
     """
     if keras.backend.backend() in ("jax", "tensorflow"):
         return keras.distribution.list_devices()
