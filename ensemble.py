@@ -13,6 +13,7 @@ reports 24.1 / 26.1 / 31.6% test error for the members and 20.5% for all three.
 
 import dataclasses
 import errno
+import importlib.util
 import itertools
 import json
 import math
@@ -595,13 +596,17 @@ def _train_and_report(settings):
         print("\ncost on " + ", ".join(fast.devices()))
         print(report.cost_table(extra["costs"]))
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
-    try:
-        plots = report.plot_training_curves(logs_dir, settings.models)
-        plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
-    except OSError as error:  # the results are saved; only the plots are missing
-        return _storage_error(error, "then python ensemble.py --eval-only with the same "
-                              "--weights-dir draws the plots again")  # fmt: skip
-    print("plots: " + ", ".join(str(p) for p in plots))
+    if importlib.util.find_spec("matplotlib") is None:  # installed without requirements.txt
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, then "
+              "python ensemble.py --eval-only with the same --weights-dir draws them)")  # fmt: skip
+    else:
+        try:
+            plots = report.plot_training_curves(logs_dir, settings.models)
+            plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
+        except OSError as error:  # the results are saved; only the plots are missing
+            return _storage_error(error, "then python ensemble.py --eval-only with the same "
+                                  "--weights-dir draws the plots again")  # fmt: skip
+        print("plots: " + ", ".join(str(p) for p in plots))
     tta = "; without flip TTA, which the table used" if settings.tta else ""
     if "export" in extra:
         print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']}{tta})")

@@ -213,6 +213,17 @@ def test_a_full_disk_while_plotting_is_one_line_exit_2_and_keeps_the_last_plots(
     assert {p: p.read_bytes() for p in sorted((tmp_path / "logs").glob("*.png*"))} == before
 
 
+def test_without_matplotlib_the_run_ends_well_and_says_how_to_draw_the_plots(
+    tmp_path, tree, capsys, monkeypatch
+):
+    # pip install keras jax, without requirements.txt: only the plots need matplotlib.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" now fails
+    assert cli(tmp_path, "--models", "nin_cnn") == 0
+    out = capsys.readouterr().out
+    assert "results saved to" in out and "plots skipped: matplotlib is not installed" in out
+    assert not list((tmp_path / "logs").glob("*.png"))
+
+
 def test_a_weights_dir_that_is_a_file_is_refused(tmp_path, tree, capsys):
     (tmp_path / "weights").write_text("not a folder")
     assert cli(tmp_path) == 2
