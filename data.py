@@ -455,9 +455,23 @@ def _bytes_reader(data):
 _EXACTLY_RGB = frozenset({"RGB", "L", "P", "1", "RGBA", "LA", "PA"})
 
 
+def pillow():
+    """PIL's `Image` module, or a DataError saying how to install it: only image files
+    need it, and Keras and its backends install without it."""
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise DataError(
+            "reading PNG and JPEG images needs Pillow, which is not installed: "
+            "pip install pillow (requirements.txt has it)"
+        ) from error
+    return Image
+
+
 def _image_size(data, where):
     """(height, width) of one image, to which a tree's others are held."""
-    from PIL import Image, UnidentifiedImageError
+    Image = pillow()
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -467,7 +481,8 @@ def _image_size(data, where):
 
 
 def _decode_image(data, where, spec=CIFAR10):
-    from PIL import Image, UnidentifiedImageError
+    Image = pillow()
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:

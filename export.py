@@ -263,7 +263,11 @@ def image_files(path):
 def read_pixels(path, shape=data.IMAGE_SHAPE):
     """A PNG or JPEG of any size as uint8 pixels of `shape` (height, width, 1 or 3
     channels; an axis of None, as a fully convolutional model's, is CIFAR-10's)."""
-    from PIL import Image, UnidentifiedImageError
+    try:
+        Image = data.pillow()
+    except data.DataError as error:
+        raise ExportError(str(error)) from error
+    from PIL import UnidentifiedImageError
 
     if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
         raise ExportError("an image path is empty (an unset shell variable?); give the file")

@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 
 import numpy as np
@@ -20,6 +21,7 @@ from conftest import (
 )
 
 import data
+import export
 
 
 def check_article_arrays(train, test, num_train, num_test):
@@ -360,3 +362,15 @@ def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
     with pytest.raises(data.DataError) as error:
         data.load_labelled(tree, channels=channels, validation_split=split)
     assert message.replace("TREE", str(tree)) in str(error.value)
+
+
+def test_without_pillow_image_files_ask_for_it_in_one_line(tmp_path, monkeypatch):
+    # Keras and its backends install without Pillow; only image files need it.
+    tree = write_tree(tmp_path / "tree", train_per_class=2, test_per_class=1)
+    image = next(tree.glob("test/*/*.png"))
+    monkeypatch.setitem(sys.modules, "PIL", None)  # "from PIL import Image" now fails
+    wanted = "reading PNG and JPEG images needs Pillow, which is not installed: pip install pillow"
+    with pytest.raises(data.DataError, match=wanted):
+        data.load_data(tree)
+    with pytest.raises(export.ExportError, match=wanted):
+        export.read_pixels(image)
