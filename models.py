@@ -21,10 +21,33 @@ be any image shape the layers fit (NIN needs at least 20x20), for other data:
     model = nin_cnn(grey, num_classes=100)   # (None, 100) probabilities
 """
 
+import functools
+
 import keras
 from keras import layers
 
 
+def _channels_last(builder):
+    """Builds with channels-last layers whatever `image_data_format` Keras' config sets.
+
+    The article's models take (32, 32, 3) images, and a keras.json left with
+    "channels_first" (Theano's order, common in 2017) would have read them as 32
+    channels of 32x3 pixels. Layers fix their data format when made, and save it.
+    """
+
+    @functools.wraps(builder)
+    def build(*args, **kwargs):
+        chosen = keras.config.image_data_format()
+        keras.config.set_image_data_format("channels_last")
+        try:
+            return builder(*args, **kwargs)
+        finally:
+            keras.config.set_image_data_format(chosen)
+
+    return build
+
+
+@_channels_last
 def conv_pool_cnn(model_input, dropout=0.0, input_dropout=0.0, num_classes=10):
     """ConvPool-CNN-C: stacked 3x3 convolutions with max pooling and a global-average head.
 
@@ -53,6 +76,7 @@ def conv_pool_cnn(model_input, dropout=0.0, input_dropout=0.0, num_classes=10):
     return _class_head(model_input, x, "conv_pool_cnn", num_classes)
 
 
+@_channels_last
 def all_cnn(model_input, dropout=0.0, input_dropout=0.0, num_classes=10):
     """ALL-CNN-C: ConvPool-CNN-C with each max pooling replaced by a stride-2 convolution.
 
@@ -81,6 +105,7 @@ def all_cnn(model_input, dropout=0.0, input_dropout=0.0, num_classes=10):
     return _class_head(model_input, x, "all_cnn", num_classes)
 
 
+@_channels_last
 def nin_cnn(model_input, dropout=0.5, input_dropout=0.0, num_classes=10):
     """Network in Network: three mlpconv blocks (a convolution, then two 1x1) with dropout.
 

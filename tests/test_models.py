@@ -131,6 +131,24 @@ def test_builders_take_other_class_counts_and_image_shapes(name):
         MODELS[name](grey, num_classes=1)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_builders_read_channels_last_whatever_keras_json_says(name):
+    # A keras.json of Theano's day says "channels_first": (32, 32, 3) would then be
+    # 32 channels of 32x3 pixels, and NIN's 5x5 convolution would not even fit.
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model = MODELS[name](keras.Input(shape=(32, 32, 3)))
+        with pytest.raises(ValueError, match="num_classes must be at least 2"):
+            MODELS[name](keras.Input(shape=(32, 32, 3)), num_classes=1)
+        assert keras.config.image_data_format() == "channels_first"  # restored, even then
+    finally:
+        keras.config.set_image_data_format("channels_last")
+    formats = {layer.data_format for layer in model.layers if hasattr(layer, "data_format")}
+    assert formats == {"channels_last"}
+    images = np.random.default_rng(3).random((2, 32, 32, 3), dtype=np.float32)
+    assert model.predict(images, verbose=0).shape == (2, 10)
+
+
 def test_members_share_one_input_and_the_ensemble_averages_them(model_input):
     members = [conv_pool_cnn(model_input), all_cnn(model_input), nin_cnn(model_input)]
     assert all(member.inputs[0] is model_input for member in members)
