@@ -100,18 +100,26 @@ def changes_recipe(settings):
 
 
 class DtypePolicy:
-    """Context manager: Keras' global dtype policy for the models built inside it."""
+    """Context manager: Keras' global dtype policy for the models built inside it.
+
+    Keras' float type (`floatx`) is float32 inside too: a keras.json that sets
+    "float16" would otherwise make the metrics, and the logged losses the checkpoints
+    are chosen by, float16 (2.30078125 for 2.3007...), whatever the layers compute in.
+    """
 
     def __init__(self, policy):
         self.policy, self.previous = policy, None
 
     def __enter__(self):
-        self.previous = keras.config.dtype_policy()
+        self.previous = keras.config.dtype_policy(), keras.config.floatx()
+        keras.config.set_floatx("float32")
         keras.config.set_dtype_policy(self.policy)
         return self
 
     def __exit__(self, *exc):
-        keras.config.set_dtype_policy(self.previous)
+        policy, floatx = self.previous
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
 
 
 @keras.saving.register_keras_serializable(package="ensemble")

@@ -221,6 +221,19 @@ def test_mixed_precision_trains_in_bfloat16_and_keeps_float32_weights(settings):
     assert not np.allclose(member.get_weights()[0], before)
 
 
+def test_a_float16_floatx_from_keras_json_is_float32_while_a_run_builds_and_trains():
+    # keras.json's "floatx": "float16" would make the metrics, and the logged losses
+    # checkpoints are chosen by, float16 (2.30078125 for 2.3007839).
+    keras.config.set_floatx("float16")
+    try:
+        with fast.DtypePolicy("float32"):
+            assert keras.config.floatx() == "float32"
+            assert keras.metrics.Mean().variables[0].dtype == "float32"
+        assert keras.config.floatx() == "float16"  # the user's, restored
+    finally:
+        keras.config.set_floatx("float32")
+
+
 def test_fast_preset_cli_trains_evaluates_and_saves_every_choice(tmp_path, capsys):
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
     code = ensemble.main(
