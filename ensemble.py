@@ -512,6 +512,7 @@ def format_table(rows):
 # --------------------------------------------------------------------------- CLI
 
 INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT (128 + 2)
+BROKEN_PIPE = 141  # and for a program SIGPIPE ended (128 + 13): its reader left
 
 
 def main(argv=None):
@@ -618,7 +619,15 @@ def _train_and_report(settings):
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()  # where a closed pipe shows when the output was buffered
+    except BrokenPipeError:
+        # The output's reader left (`predict ... | head`): end quietly, as Unix tools
+        # that SIGPIPE ends do, not with a traceback; stdout goes nowhere from here
+        # on, so that Python's own flush at exit raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = BROKEN_PIPE
     # Done, and saved: a Ctrl-C from here on (or --parallel stopping a process that
     # was just ending) would only print a traceback from JAX's and matplotlib's exit
     # handlers.

@@ -139,6 +139,18 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         assert probabilities == sorted(probabilities, reverse=True)
 
 
+def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
+    # python ensemble.py predict ... | head -1: the reader is gone before the output.
+    export.export(tmp_path / "e.keras", members, "average")
+    Image.new("RGB", (32, 32)).save(tmp_path / "cat.png")
+    argv = [sys.executable, str(ROOT / "ensemble.py"), "predict", "--model", "e.keras", "cat.png"]
+    run = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run.stdout.close()  # long before the model is loaded: every write finds no reader
+    err = run.stderr.read().decode()
+    assert run.wait(timeout=300) == ensemble.BROKEN_PIPE == 141  # as the shell reports SIGPIPE
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
+
+
 @pytest.mark.parametrize(
     "problem, message",
     [
