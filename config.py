@@ -23,7 +23,7 @@ import evaluation
 import export
 import fast
 from checkpoints import UsageError
-from models import MODELS
+from models import MODELS, PAPER_NAMES
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,11 @@ def check_settings(settings):
     """Refuses settings that cannot work, before any data is read or file written."""
     unknown = [name for name in settings.models if name not in MODELS]
     if unknown:
-        raise UsageError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        # The article's names ("NIN", "ALL-CNN-C") are what a reader of it would type.
+        by_paper_name = {paper.lower(): name for name, paper in PAPER_NAMES.items()}
+        meant = by_paper_name.get(unknown[0].lower())
+        hint = f" ({meant} is {PAPER_NAMES[meant]})" if meant else ""
+        raise UsageError(f"unknown model {unknown[0]!r}{hint}; choose from {', '.join(MODELS)}")
     if len(set(settings.models)) != len(settings.models):
         raise UsageError("--models lists a model twice; name each once")
     if settings.epochs < 1:

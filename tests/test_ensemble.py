@@ -182,6 +182,7 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
     "flags, message",
     [
         (["--models", "resnet"], "unknown model 'resnet'"),
+        (["--models", "NIN"], "unknown model 'NIN' (nin_cnn is NIN); choose from conv_pool_cnn,"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--epochs", "-3"], "--epochs must be at least 1"),
         (["--validation-split", "1.5"], "--validation-split must lie strictly between 0 and 1"),
