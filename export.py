@@ -250,14 +250,35 @@ def image_files(path):
     """[path] for a file; for a folder, the PNG and JPEG files in it, by name."""
     if str(path) == "" or not Path(path).is_dir():
         return [path]  # read_pixels says what is wrong with it, if anything
-    found = sorted(
-        p
-        for p in Path(path).iterdir()
-        if p.suffix.lower() in data.IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    )  # hidden files (macOS' ._photo.jpg) are not images
+    found = sorted(p for p in Path(path).iterdir() if _is_image_file(p))
     if not found:
-        raise ExportError(f"folder {path} holds no PNG or JPEG files")
+        # A class-folder tree's test/ holds its images one level down: say so.
+        inner = sorted(p for p in Path(path).iterdir() if p.is_dir())
+        with_images = [p for p in inner if _holds_images(p)]
+        hint = (
+            f" (only in its folders, such as {with_images[0].name}/, which are not "
+            f"searched: give them, e.g. {Path(path) / '*'})"
+            if with_images
+            else ""
+        )
+        raise ExportError(f"folder {path} holds no PNG or JPEG files{hint}")
     return found
+
+
+def _holds_images(folder):
+    try:
+        return any(map(_is_image_file, folder.iterdir()))
+    except OSError:  # unreadable: it says nothing about where the images are
+        return False
+
+
+def _is_image_file(path):
+    # Hidden files (macOS' ._photo.jpg) are not images.
+    return (
+        path.suffix.lower() in data.IMAGE_SUFFIXES
+        and path.is_file()
+        and not path.name.startswith(".")
+    )
 
 
 def read_pixels(path, shape=data.IMAGE_SHAPE):

@@ -161,6 +161,7 @@ def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
         ("folder", "is a folder; give the .keras file"),
         ("saved model", "is a TensorFlow SavedModel folder, which Keras 3 cannot load"),
         ("image folder", "folder PHOTOS holds no PNG or JPEG files"),
+        ("class folders", "PHOTOS holds no PNG or JPEG files (only in its folders, such as cat/"),
         ("empty image", "an image path is empty (an unset shell variable?)"),
         ("empty", "--model is empty (an unset shell variable?)"),
         ("not_images", "maps 784 to 5; this needs one input of grey or RGB images"),
@@ -194,11 +195,15 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
         (model / "saved_model.pb").write_bytes(b"\x08\x01")
     elif problem == "empty":
         model = ""
-    elif problem == "image folder":
+    elif problem in ("image folder", "class folders"):
         image = tmp_path / "photos"
         image.mkdir()
         (image / "notes.txt").write_text("not an image")
         message = message.replace("PHOTOS", str(image))
+        if problem == "class folders":  # a tree's test/: images one level down
+            (image / "empty").mkdir()
+            (image / "cat").mkdir()
+            Image.new("RGB", (32, 32)).save(image / "cat" / "1.png")
     elif problem == "empty image":
         image = ""
     elif problem == "not_images":  # flattened pixels: not a model of images
