@@ -68,8 +68,12 @@ class Settings:
 
 # Keras' backends that train; its numpy and openvino ones only predict.
 TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
-# `python ensemble.py COMMAND ...`: the two besides training (ensemble.main runs them).
-COMMANDS = ("combine", "predict")
+# `python ensemble.py COMMAND ...`: the two besides training (ensemble.main runs them),
+# with how each is called.
+COMMANDS = {
+    "combine": "python ensemble.py combine A.keras B.keras ...",
+    "predict": "python ensemble.py predict --model FILE.keras IMAGE ...",
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -91,9 +95,8 @@ def parse_args(argv=None):
         description="Train the article's three CIFAR-10 ConvNets and evaluate their "
         "averaged ensembles. Defaults reproduce the article; --preset fast trades the "
         "recipe for accuracy per minute (see fast.py).",
-        epilog="Commands: python ensemble.py combine A.keras B.keras ... ensembles any "
-        "saved classifiers; python ensemble.py predict --model FILE.keras IMAGE ... "
-        "classifies images. Each has its own --help.",
+        epilog=f"Commands: {COMMANDS['combine']} ensembles any saved classifiers; "
+        f"{COMMANDS['predict']} classifies images. Each has its own --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,  # absent flags leave the preset's value
     )
@@ -258,8 +261,14 @@ def parse_args(argv=None):
             + (f" (did you mean {close[0]}?)" if close else "")
             + f"; the commands are {' and '.join(COMMANDS)}, and training takes flags only"
         )
-    args = vars(parser.parse_args(argv))
-    return settings_from(args)
+    args, extra = parser.parse_known_args(argv)
+    if extra and extra[0] in COMMANDS:  # python ensemble.py --data-dir D combine a b
+        parser.error(
+            f"{extra[0]} is a command and comes first, its flags after it: {COMMANDS[extra[0]]}"
+        )
+    if extra:  # argparse's own message, as parse_args gives it
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return settings_from(vars(args))
 
 
 def settings_from(flags):

@@ -283,6 +283,11 @@ def test_missing_data_dir_from_the_shell_is_one_line_exit_2(tmp_path):
             "ensemble.py: error: unknown command 'Predict' (did you mean predict?)",
         ),
         (["train"], "ensemble.py: error: unknown command 'train'; the commands are combine and"),
+        (
+            ["--limit", "9", "combine", "a.keras"],
+            "ensemble.py: error: combine is a command and comes first, its flags after "
+            "it: python ensemble.py combine A.keras B.keras ...",
+        ),
     ],
 )
 def test_a_usage_error_is_one_line_not_the_whole_usage(capsys, argv, message):
