@@ -32,8 +32,12 @@ except (ImportError, ValueError) as error:  # the backend Keras was told to use 
     # Run as the program: one line, not Keras' traceback. ValueError: no such backend
     # ("Unable to import backend : jaxx"); ImportError: it is not installed.
     chosen = os.environ.get("KERAS_BACKEND")
-    named = f"KERAS_BACKEND={chosen}" if chosen else "the backend in ~/.keras/keras.json"
-    print(f"ensemble.py: error: Keras cannot load {named} ({error}); set KERAS_BACKEND to "
+    named = (
+        f"KERAS_BACKEND={chosen}"
+        if chosen
+        else "its default backend (KERAS_BACKEND is unset: tensorflow, or what keras.json names)"
+    )
+    print(f"ensemble.py: error: Keras cannot load {named}: {error}; set KERAS_BACKEND to "
           "tensorflow, jax or torch, one that is installed (README, 'GPU set-up')",
           file=sys.stderr)  # fmt: skip
     sys.exit(2)

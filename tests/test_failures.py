@@ -281,10 +281,17 @@ def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, 
 @pytest.mark.parametrize(
     "backend, broken, message",
     [
-        ("nosuch", None, "Keras cannot load KERAS_BACKEND=nosuch (Unable to import backend"),
-        ("jax", "jax", "Keras cannot load KERAS_BACKEND=jax (import of jax halted"),
+        ("nosuch", None, "Keras cannot load KERAS_BACKEND=nosuch: Unable to import backend"),
+        ("jax", "jax", "Keras cannot load KERAS_BACKEND=jax: import of jax halted"),
+        # pip install keras jax, then python ensemble.py without KERAS_BACKEND=jax.
+        (
+            None,
+            "tensorflow",
+            "Keras cannot load its default backend (KERAS_BACKEND is unset: "
+            "tensorflow, or what keras.json names): No module named",
+        ),
     ],
-    ids=["unknown backend", "backend not installed"],
+    ids=["unknown backend", "backend not installed", "default backend not installed"],
 )
 def test_a_backend_keras_cannot_load_is_one_line_exit_2(tmp_path, backend, broken, message):
     # As the program, not a module: a test importing ensemble still gets Keras' error.
@@ -294,7 +301,10 @@ def test_a_backend_keras_cannot_load_is_one_line_exit_2(tmp_path, backend, broke
         f"sys.argv = ['ensemble.py', '--epochs', '1']\n"
         f"runpy.run_path({str(Path(ensemble.__file__))!r}, run_name='__main__')\n"
     )
-    env = {**os.environ, "KERAS_BACKEND": backend}
+    env = {**os.environ, "KERAS_BACKEND": backend or ""}
+    if backend is None:  # unset, and no keras.json to name another: tensorflow
+        del env["KERAS_BACKEND"]
+        env["KERAS_HOME"] = str(tmp_path.parent / f"{tmp_path.name}-keras-home")
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=tmp_path, env=env, timeout=300)  # fmt: skip
     assert shown.returncode == 2, shown.stderr[-500:]
