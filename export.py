@@ -179,8 +179,7 @@ def load(path, what="--model", written_by="written by --export"):
         raise ExportError(
             f"{what} {path} holds weights only, no model; python ensemble.py --eval-only "
             "--export-members DIR (with the run's --weights-dir) writes each trained member "
-            "as DIR/<name>.keras, and "
-            "model.save('name.keras') any model of yours"
+            "as DIR/<name>.keras, and model.save('name.keras') any model of yours"
         )
     try:
         return keras.saving.load_model(path, safe_mode=True)
