@@ -129,6 +129,9 @@ def test_builders_take_other_class_counts_and_image_shapes(name):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="num_classes must be at least 2 for a softmax, got 1"):
         MODELS[name](grey, num_classes=1)
+    if name == "nin_cnn":  # the README's "NIN needs 20x20 or more"
+        with pytest.raises(ValueError, match="output size would be zero or negative"):
+            nin_cnn(keras.Input(shape=(19, 19, 1)))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
