@@ -382,17 +382,18 @@ def check_settings(settings):
                 f"{flag} writes the evaluated {what} and --train-only evaluates none; "
                 f"drop one, or export later with --eval-only {flag}"
             )
-    if not settings.eval_only and keras.backend.backend() not in TRAINING_BACKENDS:
+    backend = keras.backend.backend()
+    if not settings.eval_only and backend not in TRAINING_BACKENDS:
         # Keras' numpy and openvino backends only predict: fit raises NotImplementedError.
         raise UsageError(
-            f"KERAS_BACKEND={keras.backend.backend()} cannot train (Keras' "
-            f"{keras.backend.backend()} backend only predicts); set KERAS_BACKEND to "
-            "tensorflow, jax or torch, or score trained checkpoints with --eval-only"
+            f"KERAS_BACKEND={backend} cannot train (Keras' {backend} backend only "
+            "predicts); set KERAS_BACKEND to tensorflow, jax or torch, or score trained "
+            "checkpoints with --eval-only"
         )
-    if settings.distribute and keras.backend.backend() not in ("jax", "tensorflow"):
+    if settings.distribute and backend not in ("jax", "tensorflow"):
         # Refused here, before the data loads; training.distribution_scope agrees.
         raise UsageError(
-            f"--distribute needs the jax or tensorflow backend, not {keras.backend.backend()}; "
+            f"--distribute needs the jax or tensorflow backend, not {backend}; "
             "set KERAS_BACKEND=jax or drop --distribute"
         )
     if settings.precision not in fast.PRECISIONS:

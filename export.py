@@ -252,8 +252,7 @@ def image_files(path):
     found = sorted(p for p in Path(path).iterdir() if _is_image_file(p))
     if not found:
         # A class-folder tree's test/ holds its images one level down: say so.
-        inner = sorted(p for p in Path(path).iterdir() if p.is_dir())
-        with_images = [p for p in inner if _holds_images(p)]
+        with_images = sorted(p for p in Path(path).iterdir() if p.is_dir() and _holds_images(p))
         hint = (
             f" (only in its folders, such as {with_images[0].name}/, which are not "
             f"searched: give them, e.g. {Path(path) / '*'})"
