@@ -318,6 +318,11 @@ def test_a_backend_keras_cannot_load_is_one_line_exit_2(tmp_path, backend, broke
 
 def test_keras_numpy_backend_refuses_training_and_still_combines(tmp_path, tree):
     # Keras' numpy backend only predicts: its fit raises NotImplementedError.
+    pytest.importorskip(
+        "scipy",
+        reason="Keras' numpy backend needs scipy, which JAX brings (requirements-test.txt); "
+        "requirements.txt alone does not",
+    )
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
     (tmp_path / "mine").mkdir()
     paths = [str(tmp_path / "mine" / f"{seed}.keras") for seed in (1, 2)]
