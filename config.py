@@ -125,7 +125,7 @@ def parse_args(argv=None):
     add(
         "--data-dir",
         help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, or a "
-        "train/<class>/ test/<class>/ image tree (folder, .tar or .tar.gz); "
+        "train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz or .zip); "
         "default: download with Keras",
     )
     add("--limit", type=int, help="keep N train and N test images (default: all)")

@@ -11,15 +11,16 @@
 * a `cifar-10-batches-py` folder (the official batches, extracted);
 * the official `cifar-10-python.tar.gz`, checked against its published sha256;
 * a class-folder tree `train/<class>/*.jpg|png`, `test/<class>/*.jpg|png`, as a
-  folder or as a `.tar`/`.tar.gz` of one (how `../shared/data` ships CIFAR-10).
+  folder or as a `.tar`/`.tar.gz` of one (how `../shared/data` ships CIFAR-10) or a
+  `.zip` (how Kaggle and most image-folder downloads ship).
 
 `load_labelled`, for `combine`, reads the test images and the validation images (its
 fitted rules learn on them) from the same sources, or from a class-folder tree of any
 other labelled images: any number of classes (the folders, sorted by name), any one
 image size, RGB or grey; the arrays are of that shape and class count.
 
-Nothing is ever extracted to disk and nothing in the data can run code: tar members
-are read in memory (links, absolute paths and `..` refused) and the pickled batches
+Nothing is ever extracted to disk and nothing in the data can run code: tar and zip
+members are read in memory (links, absolute paths and `..` refused) and the pickled batches
 go through an unpickler that only rebuilds NumPy arrays.
 """
 
@@ -29,7 +30,10 @@ import io
 import math
 import os
 import pickle
+import stat
 import tarfile
+import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -281,22 +285,30 @@ def _load_from_path(path, spec, held_out=False):
                 _cifar10_only(spec, folder)
                 return *_load_batches_dir(folder), False
         return *_load_image_tree(_folder_files(path), path, spec, held_out), True
-    if not tarfile.is_tarfile(path):
-        raise DataError(
-            f"{path} is neither a folder nor a readable .tar/.tar.gz archive "
-            "(truncated download?); see README, 'Offline data'"
-        )
-    if _sha256(path) == OFFICIAL_ARCHIVE_SHA256:
-        _cifar10_only(spec, path)
-        return *_load_official_archive(path), False
-    files = _tar_files(path)
-    if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
-        raise DataError(
-            f"{path} looks like cifar-10-python.tar.gz but its sha256 is not the "
-            f"published {OFFICIAL_ARCHIVE_SHA256}; download it again (or, if you packed "
-            f"it yourself, pass the extracted {OFFICIAL_BATCHES_DIR} folder)"
-        )
-    return *_load_image_tree(files, path, spec, held_out), True
+    # Tar first: an uncompressed tar that ends in a .keras (zip) file can look like a zip.
+    if tarfile.is_tarfile(path):
+        if _sha256(path) == OFFICIAL_ARCHIVE_SHA256:
+            _cifar10_only(spec, path)
+            return *_load_official_archive(path), False
+        files = _tar_files(path)
+        if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
+            raise DataError(
+                f"{path} looks like cifar-10-python.tar.gz but its sha256 is not the "
+                f"published {OFFICIAL_ARCHIVE_SHA256}; download it again (or, if you packed "
+                f"it yourself, pass the extracted {OFFICIAL_BATCHES_DIR} folder)"
+            )
+        return *_load_image_tree(files, path, spec, held_out), True
+    if zipfile.is_zipfile(path):
+        files = _zip_files(path)
+        if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
+            # The extracted folder, zipped: read as the folder is (no published hash).
+            _cifar10_only(spec, path)
+            return *_read_batches(files, path, "it must hold all six CIFAR-10 batches"), False
+        return *_load_image_tree(files, path, spec, held_out), True
+    raise DataError(
+        f"{path} is neither a folder nor a readable .tar, .tar.gz or .zip archive "
+        "(truncated download?); see README, 'Offline data'"
+    )
 
 
 def _load_batches_dir(folder):
@@ -310,13 +322,18 @@ def _load_batches_dir(folder):
 
 
 def _load_official_archive(path):
-    files = _tar_files(path)
+    return _read_batches(_tar_files(path), path, "download cifar-10-python.tar.gz again")
+
+
+def _read_batches(files, source, remedy):
+    """The six batches from an archive's cifar-10-batches-py/; `files` maps names to
+    byte readers."""
 
     def read(name):
         key = f"{OFFICIAL_BATCHES_DIR}/{name}"
         if key not in files:
-            raise DataError(f"{path} has no {key}; download cifar-10-python.tar.gz again")
-        return _read_batch(files[key](), f"{path}:{key}")
+            raise DataError(f"{source} has no {key}; {remedy}")
+        return _read_batch(files[key](), f"{source}:{key}")
 
     return _join_batches([read(n) for n in TRAIN_BATCHES]), read(TEST_BATCH)
 
@@ -438,6 +455,39 @@ def _tar_files(path):
                     data = archive.extractfile(member).read()
                     files[name.removeprefix("./")] = _bytes_reader(data)
     except (tarfile.TarError, EOFError, OSError) as error:
+        raise DataError(
+            f"{path} is truncated or corrupt ({error}); download or copy it again"
+        ) from error
+    return files
+
+
+def _zip_files(path):
+    """Maps member names to byte readers, refusing members that could escape a folder,
+    as `_tar_files` does."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            files = {}
+            for member in archive.infolist():
+                # The format says "/"; some old Windows tools wrote "\\".
+                name = member.filename.replace("\\", "/")
+                if name.startswith("/") or ".." in PurePosixPath(name).parts:
+                    raise DataError(f"{path}: unsafe member path {name!r}; archive refused")
+                if stat.S_ISLNK(member.external_attr >> 16):  # zip -y stores links so
+                    raise DataError(f"{path}: member {name!r} is a link; archive refused")
+                if member.is_dir():
+                    continue
+                if member.flag_bits & 0x1:
+                    raise DataError(
+                        f"{path} is encrypted ({name}); zip it again without a password, "
+                        "or pass the extracted folder"
+                    )
+                files[name] = _bytes_reader(archive.read(member))
+    except NotImplementedError as error:  # Deflate64, which some Windows tools write
+        raise DataError(
+            f"{path} is compressed in a way Python's zipfile cannot read ({error}); zip "
+            "it again with the usual deflate (zip -r), or pass the extracted folder"
+        ) from error
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
         raise DataError(
             f"{path} is truncated or corrupt ({error}); download or copy it again"
         ) from error

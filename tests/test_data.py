@@ -7,6 +7,8 @@ import pickle
 import shutil
 import sys
 import tarfile
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +77,126 @@ def test_tar_with_one_top_folder_and_plain_tar(tmp_path, image_tree):
     reference = data.load_data(image_tree)[0][1]
     np.testing.assert_array_equal(data.load_data(wrapped)[0][1], reference)
     np.testing.assert_array_equal(data.load_data(plain)[0][1], reference)
+
+
+def write_zip(source_root, zip_path, arcname="", extra=()):
+    """`source_root` zipped as `zip -r` would (folders as entries too), plus `extra`
+    entries of (name, bytes)."""
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(Path(source_root).rglob("*")):
+            archive.write(path, str(Path(arcname) / path.relative_to(source_root)))
+        for name, payload in extra:
+            archive.writestr(name, payload)
+    return Path(zip_path)
+
+
+def test_zip_of_a_tree_matches_the_folder(tmp_path, image_tree):
+    # Image-folder data sets mostly come zipped (Kaggle, the TensorFlow tutorials),
+    # often in one top folder, and from a Mac with __MACOSX/ resource forks beside it.
+    reference = data.load_data(image_tree, seed=2)
+    fork = b"\x00\x05\x16\x07 not an image"  # AppleDouble: a Mac's resource fork
+    mac = [("__MACOSX/train/cat/._0000.png", fork), ("__MACOSX/train/._cat", fork)]
+    plain = write_zip(image_tree, tmp_path / "plain.zip", extra=mac)
+    mac = [(f"__MACOSX/cifar10/{name.split('/', 1)[1]}", fork) for name, _ in mac]
+    wrapped = write_zip(image_tree, tmp_path / "wrapped.zip", arcname="cifar10", extra=mac)
+    for archive in (plain, wrapped):
+        (x_train, y_train), (x_test, y_test) = data.load_data(archive, seed=2)
+        np.testing.assert_array_equal(x_train, reference[0][0])
+        np.testing.assert_array_equal(y_train, reference[0][1])
+        np.testing.assert_array_equal(x_test, reference[1][0])
+        np.testing.assert_array_equal(y_test, reference[1][1])
+    # combine's loader reads a zipped tree of other images, with its val/ folder, too.
+    grey = write_grey_tree(tmp_path / "grey", splits=("train", "val", "test"))
+    zipped = write_zip(grey, tmp_path / "grey.zip", arcname="shapes")
+    from_zip = data.load_labelled(zipped, channels=1)
+    from_folder = data.load_labelled(grey, channels=1)
+    assert from_zip[1] == from_folder[1] and from_zip[2] == from_folder[2] == "val/"
+    for got, want in zip(from_zip[0], from_folder[0], strict=True):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_zip_of_the_batches_folder_reads_as_the_folder(tmp_path):
+    write_batches(tmp_path / "cifar-10-batches-py")
+    archive = write_zip(
+        tmp_path / "cifar-10-batches-py", tmp_path / "b.zip", arcname="cifar-10-batches-py"
+    )
+    got, want = data.load_data(archive), data.load_data(tmp_path / "cifar-10-batches-py")
+    np.testing.assert_array_equal(got[0][0], want[0][0])
+    np.testing.assert_array_equal(got[1][1], want[1][1])
+    with zipfile.ZipFile(tmp_path / "five.zip", "w") as five:  # one batch short
+        for name in sorted(os.listdir(tmp_path / "cifar-10-batches-py"))[1:]:
+            five.write(tmp_path / "cifar-10-batches-py" / name, f"cifar-10-batches-py/{name}")
+    with pytest.raises(data.DataError, match="must hold all six CIFAR-10 batches"):
+        data.load_data(tmp_path / "five.zip")
+
+
+def test_a_tar_ending_in_a_zip_file_is_read_as_the_tar(tmp_path, image_tree):
+    # A .keras file beside the tree, last in the tar: the tar's end then looks like a
+    # zip's to zipfile.is_zipfile, and read as a zip it held no images.
+    reference = data.load_data(image_tree)
+    with zipfile.ZipFile(tmp_path / "zz.keras", "w") as model:  # as Keras writes one
+        model.writestr("config.json", "{}")
+        model.writestr("model.weights.h5", bytes(1000))
+    with tarfile.open(tmp_path / "tree.tar", "w") as archive:
+        archive.add(image_tree, arcname=".")
+        archive.add(tmp_path / "zz.keras", arcname="zz.keras")
+    assert zipfile.is_zipfile(tmp_path / "tree.tar")
+    (x_train, y_train), (x_test, _) = data.load_data(tmp_path / "tree.tar")
+    np.testing.assert_array_equal(x_train, reference[0][0])
+    np.testing.assert_array_equal(y_train, reference[0][1])
+    np.testing.assert_array_equal(x_test, reference[1][0])
+
+
+def _patch_zip_flags(archive, offset_local, offset_central, value, width=2):
+    """Sets a field of every entry's local and central header (the zip format's byte
+    offsets), as tools Python's zipfile cannot imitate would have written it."""
+    raw = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", offset_local), (b"PK\x01\x02", offset_central)):
+        start = raw.find(signature)
+        while start != -1:
+            raw[start + offset : start + offset + width] = value.to_bytes(width, "little")
+            start = raw.find(signature, start + 4)
+    archive.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "backslash dotdot", "symlink"])
+def test_unsafe_zip_members_are_refused(tmp_path, image_tree, kind):
+    bad = write_zip(image_tree, tmp_path / "bad.zip")
+    with zipfile.ZipFile(bad, "a") as archive:
+        name = {"absolute": "/etc/evil", "dotdot": "../evil", "backslash dotdot": "..\\evil"}
+        member = zipfile.ZipInfo(name.get(kind, "train/cat/link.png"))
+        if kind == "symlink":  # as `zip -y` stores a link: its mode, its target as data
+            member.external_attr = 0o120777 << 16
+        archive.writestr(member, b"/etc/passwd")
+    with pytest.raises(data.DataError, match="refused"):
+        data.load_data(bad)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", "neither a folder nor a readable .tar, .tar.gz or .zip archive"),
+        ("corrupt", "bad.zip is truncated or corrupt"),
+        ("encrypted", "bad.zip is encrypted"),
+        ("deflate64", "compressed in a way Python's zipfile cannot read"),
+    ],
+)
+def test_damaged_or_unreadable_zips_give_one_clear_error(tmp_path, image_tree, damage, message):
+    bad = write_zip(image_tree, tmp_path / "bad.zip")
+    if damage == "truncated":  # the directory at its end is gone
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    elif damage == "corrupt":  # a compressed byte flipped: its CRC no longer matches
+        raw = bytearray(bad.read_bytes())
+        raw[200] ^= 0xFF
+        bad.write_bytes(bytes(raw))
+    elif damage == "encrypted":  # bit 0 of the flags: a password-protected entry
+        _patch_zip_flags(bad, 6, 8, 0x1)
+    elif damage == "deflate64":  # method 9, which Windows' and 7-Zip's large zips use
+        _patch_zip_flags(bad, 8, 10, 9)
+    with pytest.raises(data.DataError, match=message) as raised:
+        data.load_data(bad)
+    assert "\n" not in str(raised.value)
 
 
 def test_batches_folder_keeps_the_official_order(tmp_path):
