@@ -343,6 +343,16 @@ def _load_image_tree(files, source, spec, held_out=False):
 
     With `held_out`, also a val/ (valid/, validation/) folder, if there is one, as
     the train split's `held_out`."""
+    if not _image_entries(files, "test", source, required=False):
+        # As the TensorFlow tutorials' cats_and_dogs_filtered.zip is: train/ and
+        # validation/. Say which folder to score on rather than only what is missing.
+        for folder in HELD_OUT_FOLDERS:
+            if _image_entries(files, folder, source, required=False):
+                raise DataError(
+                    f"{source} has train/ and {folder}/ but no test/ to score on; rename "
+                    f"{folder}/ to test/ (combine's fitted rules then learn on the last 20% "
+                    "of train/) or add a test/ folder"
+                )
     entries = {split: _image_entries(files, split, source) for split in ("train", "test")}
     if held_out:
         found = {f: _image_entries(files, f, source, required=False) for f in HELD_OUT_FOLDERS}

@@ -456,6 +456,7 @@ def test_a_trees_own_validation_folder_is_what_the_fitted_rules_learn_on(tmp_pat
         ("two val folders", "has val/ and validation/; keep one folder of validation images"),
         ("val lacks a class", "val/ must hold the same class folders as train/ and test/"),
         ("val and a split", "holds its own validation images in val/; drop --validation-split"),
+        ("validation, no test", "has train/ and validation/ but no test/ to score on; rename "),
     ],
 )
 def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
@@ -476,6 +477,8 @@ def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
         write_batches(tree)
     elif damage in ("two val folders", "val lacks a class", "val and a split"):
         shutil.copytree(tree / "test", tree / "val")
+    elif damage == "validation, no test":  # cats_and_dogs_filtered.zip's layout
+        shutil.move(tree / "test", tree / "validation")
     if damage == "two val folders":
         shutil.copytree(tree / "test", tree / "validation")
     elif damage == "val lacks a class":
