@@ -281,18 +281,22 @@ def _is_image_file(path):
 
 def read_pixels(path, shape=data.IMAGE_SHAPE):
     """A PNG or JPEG of any size as uint8 pixels of `shape` (height, width, 1 or 3
-    channels; an axis of None, as a fully convolutional model's, is CIFAR-10's)."""
+    channels; an axis of None, as a fully convolutional model's, is CIFAR-10's),
+    upright as a viewer shows it (its EXIF orientation applied)."""
     try:
         Image = data.pillow()
     except data.DataError as error:
         raise ExportError(str(error)) from error
-    from PIL import UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
         raise ExportError("an image path is empty (an unset shell variable?); give the file")
     height, width, channels = (d or c for d, c in zip(shape, data.IMAGE_SHAPE, strict=True))
     try:
         with Image.open(path) as image:
+            # A phone stores a portrait photo as landscape pixels plus an EXIF
+            # orientation, which viewers apply; without it the model sees it sideways.
+            image = ImageOps.exif_transpose(image)
             if image.mode.startswith("I"):  # a 16-bit grey PNG ("I;16", or "I" in old Pillow)
                 # Pillow's convert() clips it to 255 instead of scaling: an image of white.
                 levels = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255

@@ -301,6 +301,27 @@ def test_read_pixels_scales_a_16_bit_grey_png_to_8_bits(tmp_path):
     assert eight[..., 0].tolist() == grey.tolist()  # no resize: the very pixels
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_read_pixels_turns_a_photo_upright_by_its_exif_orientation(tmp_path, suffix):
+    """A phone's portrait photo: landscape pixels and Orientation 6 (turn 90 degrees
+    clockwise to view). The model must see what the viewer shows, not a sideways cat."""
+    upright = np.zeros((40, 20, 3), np.uint8)  # 20 wide, 40 high
+    upright[:20] = (250, 0, 0)  # red on top, blue below: wrong if seen sideways
+    upright[20:] = (0, 0, 250)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 40 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    stored.save(tmp_path / f"phone{suffix}", exif=exif.tobytes())
+    seen = export.read_pixels(tmp_path / f"phone{suffix}", (40, 20, 3)).astype(int)
+    away_from_the_edge = np.r_[0:16, 24:40]  # JPEG blurs colours across it
+    assert np.abs(seen - upright)[away_from_the_edge].max() < 8
+    plain = tmp_path / f"plain{suffix}"  # no tag: read as stored, red on the left
+    stored.save(plain)
+    seen = export.read_pixels(plain, (20, 40, 3)).astype(int)
+    assert np.abs(seen[:, :16] - (250, 0, 0)).max() < 8
+    assert np.abs(seen[:, 24:] - (0, 0, 250)).max() < 8
+
+
 def test_predict_takes_a_model_that_ends_in_logits(tmp_path, capsys):
     """As a TensorFlow tutorial saves it: the top classes of softmax(logits)."""
     model = keras.Sequential(
