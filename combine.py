@@ -43,13 +43,13 @@ def parse_args(argv):
         "files) on CIFAR-10 or any class-folder tree, and optionally export one as a "
         "single model.",
     )
-    parser.add_argument("models", nargs="+", metavar="MODEL.keras",
+    parser.add_argument("models", nargs="+", metavar="MODEL.keras", type=config.user_path,
                         help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
                         "32x32x3, 10 classes) to class probabilities or logits; each is "
                         "named after its file (and folders, if files share a name)")  # fmt: skip
-    parser.add_argument("--data-dir", help="offline CIFAR-10, as for ensemble.py, or any "
-                        "train/<class>/ and test/<class>/ tree of images of one size "
-                        "(default: download CIFAR-10 with Keras)")  # fmt: skip
+    parser.add_argument("--data-dir", type=config.user_path, help="offline CIFAR-10, as for "
+                        "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
+                        "of one size (default: download CIFAR-10 with Keras)")  # fmt: skip
     parser.add_argument("--limit", type=int, help="keep N test images, and N training images "
                         "(or N of a val/ folder) to take the validation images from")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")
@@ -64,11 +64,13 @@ def parse_args(argv):
                         "models (default: then each model, all but each one, and all)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
     parser.add_argument("--tta", action="store_true", help="average with the mirror image's")
-    parser.add_argument("--export", metavar="PATH.keras", help="write the combination as one model")
+    parser.add_argument("--export", metavar="PATH.keras", type=config.user_path,
+                        help="write the combination as one model")  # fmt: skip
     parser.add_argument("--export-rule", choices=export.EXPORT_RULES, default="average",
                         help="combining layer of the exported file (default: average)")  # fmt: skip
-    parser.add_argument("--logs-dir", default="logs", help=f"where {RESULTS_STEM}.json and "
-                        f"{RESULTS_STEM}.md go (default: logs)")  # fmt: skip
+    parser.add_argument("--logs-dir", default="logs", type=config.user_path,
+                        help=f"where {RESULTS_STEM}.json and {RESULTS_STEM}.md go (default: "
+                        "logs)")  # fmt: skip
     return parser.parse_args(argv)
 
 

@@ -76,6 +76,13 @@ COMMANDS = {
 }
 
 
+def user_path(text):
+    """A path flag's value, with a leading ~ expanded: the shell expands it only at a
+    word's start, so `--weights-dir=~/ensemble` reaches us as typed, and a folder
+    named ~ made in the current one invites `rm -rf ~`."""
+    return os.path.expanduser(text)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage error in one line, as every other bad input gets.
 
@@ -124,14 +131,19 @@ def parse_args(argv=None):
     )
     add(
         "--data-dir",
+        type=user_path,
         help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, or a "
         "train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz or .zip); "
         "default: download with Keras",
     )
     add("--limit", type=int, help="keep N train and N test images (default: all)")
     add("--seed", type=int, help=f"random seed (default: {defaults.seed})")
-    add("--weights-dir", help=f"checkpoint folder (default: {defaults.weights_dir})")
-    add("--logs-dir", help=f"logs and results folder (default: {defaults.logs_dir})")
+    add(
+        "--weights-dir", type=user_path, help=f"checkpoint folder (default: {defaults.weights_dir})"
+    )
+    add(
+        "--logs-dir", type=user_path, help=f"logs and results folder (default: {defaults.logs_dir})"
+    )
     add(
         "--eval-only",
         action="store_true",
@@ -187,6 +199,7 @@ def parse_args(argv=None):
     )
     add(
         "--export",
+        type=user_path,
         metavar="PATH.keras",
         help="write the ensemble of all --models as one Keras model file",
     )
@@ -197,6 +210,7 @@ def parse_args(argv=None):
     )
     add(
         "--export-members",
+        type=user_path,
         metavar="DIR",
         help="also write each member as DIR/<name>.keras, a model of its own "
         "(python ensemble.py combine takes them, from several runs)",

@@ -462,16 +462,17 @@ def with_probabilities(model, kind):
 
 def predict_main(argv):
     """`python ensemble.py predict --model PATH.keras IMAGE...`: top classes per image."""
-    from config import Parser  # config imports this module
+    from config import Parser, user_path  # config imports this module
 
     parser = Parser(
         prog="ensemble.py predict",
         description="Classify images with an ensemble exported by --export (or combine "
         "--export), or any Keras classifier of images.",
     )
-    parser.add_argument("--model", required=True, help="a .keras (or .h5) classifier of "
-                        "images; one written by --export names its classes")  # fmt: skip
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
+    parser.add_argument("--model", required=True, type=user_path, help="a .keras (or .h5) "
+                        "classifier of images; one written by --export names its "
+                        "classes")  # fmt: skip
+    parser.add_argument("images", nargs="+", metavar="IMAGE", type=user_path,
                         help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
     parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
                         f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip

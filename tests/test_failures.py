@@ -10,8 +10,11 @@ import keras
 import numpy as np
 import pytest
 from conftest import write_tree
+from PIL import Image
 
+import combine
 import ensemble
+import export
 from models import nin_cnn
 
 
@@ -346,3 +349,27 @@ def test_keras_numpy_backend_refuses_training_and_still_combines(tmp_path, tree)
     assert combined.returncode == 0, combined.stderr[-500:]
     saved = json.loads((tmp_path / "logs" / "combine.json").read_text())["environment"]
     assert saved["backend"] == "numpy" and saved["devices"] == ["cpu:0"]
+
+
+def test_a_tilde_after_a_flags_equals_sign_means_home(tmp_path, monkeypatch, capsys):
+    # The shell expands ~ only at a word's start: "--weights-dir=~/w" arrives as typed,
+    # and would make a folder named ~ in the current one, which invites "rm -rf ~".
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    flags = ["data-dir", "weights-dir", "logs-dir", "export", "export-members"]
+    settings = ensemble.parse_args([f"--{flag}=~/{flag}" for flag in flags])
+    for flag in flags:
+        assert getattr(settings, flag.replace("-", "_")) == str(home / flag)
+    args = combine.parse_args(["~/a.keras", "~/b.keras", "--data-dir=~/d", "--logs-dir=~/l",
+                               "--export=~/e.keras"])  # fmt: skip
+    assert args.models == [str(home / "a.keras"), str(home / "b.keras")]
+    assert (args.data_dir, args.logs_dir, args.export) == tuple(
+        str(home / name) for name in ("d", "l", "e.keras")
+    )
+    home.mkdir()
+    nin_cnn(keras.Input((32, 32, 3))).save(home / "nin.keras")
+    Image.new("RGB", (32, 32), (90, 20, 200)).save(home / "cat.png")
+    assert export.predict_main(["--model=~/nin.keras", "~/cat.png"]) == 0
+    assert capsys.readouterr().out.startswith(f"{home / 'cat.png'}: ")
+    assert not (tmp_path / "~").exists()
