@@ -343,19 +343,24 @@ def _load_image_tree(files, source, spec, held_out=False):
 
     With `held_out`, also a val/ (valid/, validation/) folder, if there is one, as
     the train split's `held_out`."""
-    if not _image_entries(files, "test", source, required=False):
+    wrapped = _wrapping_folders(files)
+
+    def listed(split, required=True):
+        return _image_entries(files, split, source, required, wrapped)
+
+    if not listed("test", required=False):
         # As the TensorFlow tutorials' cats_and_dogs_filtered.zip is: train/ and
         # validation/. Say which folder to score on rather than only what is missing.
         for folder in HELD_OUT_FOLDERS:
-            if _image_entries(files, folder, source, required=False):
+            if listed(folder, required=False):
                 raise DataError(
                     f"{source} has train/ and {folder}/ but no test/ to score on; rename "
                     f"{folder}/ to test/ (combine's fitted rules then learn on the last 20% "
                     "of train/) or add a test/ folder"
                 )
-    entries = {split: _image_entries(files, split, source) for split in ("train", "test")}
+    entries = {split: listed(split) for split in ("train", "test")}
     if held_out:
-        found = {f: _image_entries(files, f, source, required=False) for f in HELD_OUT_FOLDERS}
+        found = {folder: listed(folder, required=False) for folder in HELD_OUT_FOLDERS}
         found = {folder: listed for folder, listed in found.items() if listed}
         if len(found) > 1:
             raise DataError(
@@ -418,11 +423,29 @@ def _load_image_tree(files, source, spec, held_out=False):
 # --------------------------------------------------------------------------- helpers
 
 
-def _image_entries(files, split, source, required=True):
-    """[(class, name)] for the images under <split>/<class>/, with one optional top folder."""
+def _wrapping_folders(files):
+    """How many folders wrap the whole tree, as in a zip of a folder of a folder
+    (Kaggle's downloads often nest so); hidden files and macOS' __MACOSX/ aside, and
+    never a split's own folder (a tree of train/ alone is not train/ wrapping it)."""
+    folders = [
+        parts[:-1]
+        for parts in (PurePosixPath(name).parts for name in files)
+        if not any(part.startswith((".", "__MACOSX")) for part in parts)
+    ]
+    common = 0
+    for level in zip(*folders, strict=False):  # down to the shallowest file's folder
+        if len(set(level)) > 1 or level[0] in SPLITS:
+            break
+        common += 1
+    return common
+
+
+def _image_entries(files, split, source, required=True, wrapped=0):
+    """[(class, name)] for the images under <split>/<class>/, below the `wrapped`
+    folders that hold the whole tree and one more optional top folder."""
     entries = []
     for name in files:
-        parts = PurePosixPath(name).parts
+        parts = PurePosixPath(name).parts[wrapped:]
         if len(parts) == 4 and parts[1] in SPLITS:
             parts = parts[1:]  # archive wrapped in one top-level folder
         if len(parts) != 3 or parts[0] != split or parts[2].startswith("."):

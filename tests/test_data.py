@@ -116,6 +116,24 @@ def test_zip_of_a_tree_matches_the_folder(tmp_path, image_tree):
         np.testing.assert_array_equal(got[1], want[1])
 
 
+def test_a_tree_nested_in_several_folders_reads_as_the_tree(tmp_path, image_tree):
+    # Kaggle's zips often hold the uploader's folder in a folder of the data set's name.
+    reference = data.load_data(image_tree, seed=1)
+    readme = [("cifar10/README.txt", b"CIFAR-10, as PNG files")]
+    deep = write_zip(image_tree, tmp_path / "deep.zip", arcname="cifar10/cifar10", extra=readme)
+    nested = tmp_path / "downloads" / "cifar10" / "png"
+    shutil.copytree(image_tree, nested)  # a folder, two levels above the tree
+    for source in (deep, tmp_path / "downloads"):
+        (x_train, y_train), (x_test, y_test) = data.load_data(source, seed=1)
+        np.testing.assert_array_equal(x_train, reference[0][0])
+        np.testing.assert_array_equal(y_train, reference[0][1])
+        np.testing.assert_array_equal(y_test, reference[1][1])
+    # A tree of train/ alone is not train/ wrapping a tree: it lacks test/, and says so.
+    shutil.rmtree(nested / "test")
+    with pytest.raises(data.DataError, match="has no images under test/<class>/"):
+        data.load_data(tmp_path / "downloads")
+
+
 def test_zip_of_the_batches_folder_reads_as_the_folder(tmp_path):
     write_batches(tmp_path / "cifar-10-batches-py")
     archive = write_zip(
