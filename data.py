@@ -20,8 +20,8 @@ other labelled images: any number of classes (the folders, sorted by name), any 
 image size, RGB or grey; the arrays are of that shape and class count.
 
 Nothing is ever extracted to disk and nothing in the data can run code: tar and zip
-members are read in memory (links, absolute paths and `..` refused) and the pickled batches
-go through an unpickler that only rebuilds NumPy arrays.
+members are read in memory (links, absolute paths and `..` refused) and the pickled
+batches go through an unpickler that only rebuilds NumPy arrays.
 """
 
 import dataclasses
@@ -361,15 +361,15 @@ def _load_image_tree(files, source, spec, held_out=False):
     entries = {split: listed(split) for split in ("train", "test")}
     if held_out:
         found = {folder: listed(folder, required=False) for folder in HELD_OUT_FOLDERS}
-        found = {folder: listed for folder, listed in found.items() if listed}
+        found = {folder: images for folder, images in found.items() if images}
         if len(found) > 1:
             raise DataError(
                 f"{source} has {' and '.join(f + '/' for f in found)}; keep one folder of "
                 "validation images"
             )
-        for folder, listed in found.items():
-            entries[folder] = listed
-            other = sorted({label for label, _ in listed})
+        for folder, images in found.items():
+            entries[folder] = images
+            other = sorted({label for label, _ in images})
             if other != sorted({label for label, _ in entries["train"]}):
                 raise DataError(
                     f"{source}: {folder}/ must hold the same class folders as train/ "
