@@ -440,6 +440,16 @@ def _wrapping_folders(files):
     return common
 
 
+# What operating systems leave in a folder of images: Windows Explorer's thumbnail
+# caches and folder settings, which zips made on Windows carry along (hidden files,
+# macOS' .DS_Store and ._ forks among them, are skipped by their dot).
+_OS_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+
+
+def _os_file(name):
+    return name.startswith(".") or name.lower() in _OS_FILES
+
+
 def _image_entries(files, split, source, required=True, wrapped=0):
     """[(class, name)] for the images under <split>/<class>/, below the `wrapped`
     folders that hold the whole tree and one more optional top folder."""
@@ -448,7 +458,7 @@ def _image_entries(files, split, source, required=True, wrapped=0):
         parts = PurePosixPath(name).parts[wrapped:]
         if len(parts) == 4 and parts[1] in SPLITS:
             parts = parts[1:]  # archive wrapped in one top-level folder
-        if len(parts) != 3 or parts[0] != split or parts[2].startswith("."):
+        if len(parts) != 3 or parts[0] != split or _os_file(parts[2]):
             continue
         if not parts[2].lower().endswith(IMAGE_SUFFIXES):
             raise DataError(

@@ -389,8 +389,10 @@ def test_grey_palette_and_opaque_alpha_images_load_as_their_exact_rgb(image_tree
         np.testing.assert_array_equal(data._pixels(x_test[position]), expected, err_msg=name)
 
 
-def test_hidden_files_are_ignored(image_tree):
+def test_hidden_files_and_windows_thumbnail_caches_are_ignored(image_tree):
     (image_tree / "train" / "dog" / ".DS_Store").write_bytes(b"\0\1")
+    (image_tree / "train" / "cat" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (image_tree / "test" / "cat" / "desktop.ini").write_text("[.ShellClassInfo]")
     assert data.load_data(image_tree)[0][0].shape[0] == 80
 
 
