@@ -475,7 +475,19 @@ def _image_entries(files, split, source, required=True, wrapped=0):
 
 def _folder_files(root):
     files = {}
-    for dirpath, _, filenames in os.walk(root):
+    # Linked folders are followed: splits are often made with links (ln -s
+    # ../../all/cat train/cat) rather than copies. A link back to a folder on the way
+    # down to it is not: that would walk round until the system refused the path.
+    chains = {str(root): {os.path.realpath(root)}}  # each folder's real ancestors
+    for dirpath, dirnames, filenames in os.walk(str(root), followlinks=True):
+        chain = chains.pop(dirpath)
+        kept = []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real not in chain:
+                kept.append(name)
+                chains[os.path.join(dirpath, name)] = chain | {real}
+        dirnames[:] = kept
         for filename in filenames:
             file = Path(dirpath) / filename
             files[file.relative_to(root).as_posix()] = file.read_bytes

@@ -396,6 +396,25 @@ def test_hidden_files_and_windows_thumbnail_caches_are_ignored(image_tree):
     assert data.load_data(image_tree)[0][0].shape[0] == 80
 
 
+def test_class_folders_linked_in_are_read_and_a_link_loop_is_not_followed(tmp_path, image_tree):
+    # Splits made with links rather than copies: train/cat -> ../../all/cat.
+    reference = data.load_data(image_tree, seed=4)
+    linked = tmp_path / "linked"
+    shutil.copytree(image_tree, linked)
+    for split in ("train", "test"):
+        for folder in sorted((linked / split).iterdir()):
+            kept = tmp_path / "all" / split / folder.name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(kept)
+            folder.symlink_to(kept, target_is_directory=True)
+    (linked / "train" / "cat" / "loop").symlink_to(linked, target_is_directory=True)
+    assert not [name for name in data._folder_files(linked) if "loop" in name]
+    (x_train, y_train), (x_test, _) = data.load_data(linked, seed=4)
+    np.testing.assert_array_equal(x_train, reference[0][0])
+    np.testing.assert_array_equal(y_train, reference[0][1])
+    np.testing.assert_array_equal(x_test, reference[1][0])
+
+
 def test_decoded_arrays_come_back_bit_for_bit(tmp_path, image_tree):
     # --parallel's member processes read the parent's arrays instead of decoding.
     arrays = data.load_data(image_tree, limit=30, seed=3)
