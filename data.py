@@ -342,7 +342,7 @@ def _load_image_tree(files, source, spec, held_out=False):
     """train/<class>/* and test/<class>/*; `files` maps names to byte readers.
 
     With `held_out`, also a val/ (valid/, validation/) folder, if there is one, as
-    the train split's `held_out`."""
+    the train split's `held_out`; train/ may then be absent, as nothing of it is read."""
     wrapped = _wrapping_folders(files)
 
     def listed(split, required=True):
@@ -354,11 +354,11 @@ def _load_image_tree(files, source, spec, held_out=False):
         for folder in HELD_OUT_FOLDERS:
             if listed(folder, required=False):
                 raise DataError(
-                    f"{source} has train/ and {folder}/ but no test/ to score on; rename "
-                    f"{folder}/ to test/ (combine's fitted rules then learn on the last 20% "
-                    "of train/) or add a test/ folder"
+                    f"{source} has {folder}/ but no test/ to score on; rename {folder}/ to "
+                    "test/ (combine's fitted rules then learn on the last 20% of train/) "
+                    "or add a test/ folder"
                 )
-    entries = {split: listed(split) for split in ("train", "test")}
+    entries = {"train": listed("train", required=not held_out), "test": listed("test")}
     if held_out:
         found = {folder: listed(folder, required=False) for folder in HELD_OUT_FOLDERS}
         found = {folder: images for folder, images in found.items() if images}
@@ -367,10 +367,15 @@ def _load_image_tree(files, source, spec, held_out=False):
                 f"{source} has {' and '.join(f + '/' for f in found)}; keep one folder of "
                 "validation images"
             )
+        if not entries["train"]:
+            if not found:
+                listed("train")  # says that train/<class>/ holds no images
+            # Models trained elsewhere: combine learns on val/ and scores test/ only.
+            entries["train"] = next(iter(found.values()))
         for folder, images in found.items():
             entries[folder] = images
             other = sorted({label for label, _ in images})
-            if other != sorted({label for label, _ in entries["train"]}):
+            if other != sorted({label for label, _ in entries["test"]}):
                 raise DataError(
                     f"{source}: {folder}/ must hold the same class folders as train/ "
                     f"and test/; it holds {', '.join(other)}"

@@ -477,6 +477,14 @@ def test_a_trees_own_validation_folder_is_what_the_fitted_rules_learn_on(tmp_pat
     assert set(np.rint(x_val[:, 0, 2, 0] * 255).astype(int)) == {20}  # all from val/
     np.testing.assert_array_equal(np.rint(x_val[:, 0, 0, 0] * 255) // 100, y_val.argmax(1))
     assert len(data.load_labelled(tree, limit=4, channels=1)[0][0][0]) == 4
+    # With its own validation images, a tree needs no train/: nothing of it is read.
+    shutil.rmtree(tree / "train")
+    without_train = data.load_labelled(tree, channels=1)
+    assert without_train[2] == f"{folder}/"
+    np.testing.assert_array_equal(without_train[0][0][0], x_val)
+    np.testing.assert_array_equal(without_train[0][1][0], x_test)
+    with pytest.raises(data.DataError, match="has no images under train/<class>/"):
+        data.load_data(tree)  # training needs it, of course
     # Training ignores such a folder, as before.
     cifar = write_tree(tmp_path / "cifar", train_per_class=2, test_per_class=1)
     shutil.copytree(cifar / "test", cifar / folder)
@@ -495,7 +503,8 @@ def test_a_trees_own_validation_folder_is_what_the_fitted_rules_learn_on(tmp_pat
         ("two val folders", "has val/ and validation/; keep one folder of validation images"),
         ("val lacks a class", "val/ must hold the same class folders as train/ and test/"),
         ("val and a split", "holds its own validation images in val/; drop --validation-split"),
-        ("validation, no test", "has train/ and validation/ but no test/ to score on; rename "),
+        ("validation, no test", "has validation/ but no test/ to score on; rename "),
+        ("no train, no val", "has no images under train/<class>/"),
     ],
 )
 def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
@@ -518,6 +527,8 @@ def test_any_tree_refusals_are_one_clear_line(tmp_path, damage, message):
         shutil.copytree(tree / "test", tree / "val")
     elif damage == "validation, no test":  # cats_and_dogs_filtered.zip's layout
         shutil.move(tree / "test", tree / "validation")
+    elif damage == "no train, no val":  # combine learns on train/ then
+        shutil.rmtree(tree / "train")
     if damage == "two val folders":
         shutil.copytree(tree / "test", tree / "validation")
     elif damage == "val lacks a class":
