@@ -49,7 +49,8 @@ def parse_args(argv):
                         "named after its file (and folders, if files share a name)")  # fmt: skip
     parser.add_argument("--data-dir", type=config.user_path, help="offline CIFAR-10, as for "
                         "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
-                        "of one size (default: download CIFAR-10 with Keras)")  # fmt: skip
+                        "of one size, or an .npz of keras.datasets' arrays (mnist.npz) "
+                        "(default: download CIFAR-10 with Keras)")  # fmt: skip
     parser.add_argument("--limit", type=int, help="keep N test images, and N training images "
                         "(or N of a val/ folder) to take the validation images from")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")

@@ -132,9 +132,10 @@ def parse_args(argv=None):
     add(
         "--data-dir",
         type=user_path,
-        help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, or a "
-        "train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz or .zip); "
-        "default: download with Keras",
+        help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, a "
+        "train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz or .zip), or an "
+        ".npz of keras.datasets' x_train, y_train, x_test, y_test; default: download "
+        "with Keras",
     )
     add("--limit", type=int, help="keep N train and N test images (default: all)")
     add("--seed", type=int, help=f"random seed (default: {defaults.seed})")

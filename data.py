@@ -12,12 +12,15 @@
 * the official `cifar-10-python.tar.gz`, checked against its published sha256;
 * a class-folder tree `train/<class>/*.jpg|png`, `test/<class>/*.jpg|png`, as a
   folder or as a `.tar`/`.tar.gz` of one (how `../shared/data` ships CIFAR-10) or a
-  `.zip` (how Kaggle and most image-folder downloads ship).
+  `.zip` (how Kaggle and most image-folder downloads ship);
+* an `.npz` of the four arrays keras.datasets returns (x_train, y_train, x_test,
+  y_test), as np.savez writes them.
 
 `load_labelled`, for `combine`, reads the test images and the validation images (its
 fitted rules learn on them) from the same sources, or from a class-folder tree of any
 other labelled images: any number of classes (the folders, sorted by name), any one
-image size, RGB or grey; the arrays are of that shape and class count.
+image size, RGB or grey, or an .npz of such arrays (Keras' mnist.npz); the arrays are
+of that shape and class count.
 
 Nothing is ever extracted to disk and nothing in the data can run code: tar and zip
 members are read in memory (links, absolute paths and `..` refused) and the pickled
@@ -61,6 +64,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A tree's own held-out images, beside train/ and test/, for combine's fitted rules.
 HELD_OUT_FOLDERS = ("val", "valid", "validation")
 SPLITS = ("train", "test", *HELD_OUT_FOLDERS)
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")  # keras.datasets' arrays, saved
 VALIDATION_SPLIT = 0.2  # the article's, and combine's default
 
 
@@ -285,6 +289,8 @@ def _load_from_path(path, spec, held_out=False):
                 _cifar10_only(spec, folder)
                 return *_load_batches_dir(folder), False
         return *_load_image_tree(_folder_files(path), path, spec, held_out), True
+    if path.suffix.lower() == ".npz":  # before zip: an .npz is a zip of .npy files
+        return *_load_npz(path, spec), False
     # Tar first: an uncompressed tar that ends in a .keras (zip) file can look like a zip.
     if tarfile.is_tarfile(path):
         if _sha256(path) == OFFICIAL_ARCHIVE_SHA256:
@@ -309,6 +315,76 @@ def _load_from_path(path, spec, held_out=False):
         f"{path} is neither a folder nor a readable .tar, .tar.gz or .zip archive "
         "(truncated download?); see README, 'Offline data'"
     )
+
+
+def _load_npz(path, spec):
+    """Arrays as keras.datasets returns them, saved with np.savez (Keras' own mnist.npz
+    is one): x_train, y_train, x_test, y_test; uint8 pixels of (N, height, width) or
+    (N, height, width, 1 or 3), integer labels 0, 1, ..."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:  # nothing in it can run code
+            missing = [key for key in NPZ_KEYS if key not in saved.files]
+            if missing:
+                raise DataError(
+                    f"{path} has no {', '.join(missing)}; an .npz needs x_train, y_train, "
+                    "x_test and y_test, as keras.datasets returns them"
+                )
+            arrays = {key: saved[key] for key in NPZ_KEYS}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(f"{path} is not a readable .npz ({error})") from error
+    splits = []
+    for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
+        x, y = arrays[x_key], arrays[y_key]
+        if x.ndim == 3:  # grey, as mnist.npz: (N, 28, 28)
+            x = x[..., None]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise DataError(
+                f"{path}: {x_key} is {x.dtype} of shape {arrays[x_key].shape}; save uint8 "
+                "pixels (0..255) of shape (images, height, width) or (images, height, "
+                "width, 1 or 3), as keras.datasets returns them"
+            )
+        y = y.reshape(-1)
+        if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+            raise DataError(
+                f"{path}: {y_key} must hold one class index (0, 1, ...) per image of "
+                f"{x_key}: {len(x)} images, {y_key} {y.dtype} of shape {arrays[y_key].shape}"
+            )
+        if not len(x):
+            raise DataError(f"{path}: {x_key} holds no images")
+        splits.append((x, y.astype(np.int64)))
+    (x_train, y_train), (x_test, y_test) = splits
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{path}: x_train's images are {x_train.shape[1:]}, x_test's {x_test.shape[1:]}; "
+            "they must share one shape"
+        )
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    shape = x_train.shape[1:]
+    if spec is CIFAR10 and (shape != IMAGE_SHAPE or num_classes != NUM_CLASSES):
+        raise DataError(
+            f"{path} holds {num_classes} classes of {'x'.join(map(str, shape))} images; "
+            "ensemble.py trains on CIFAR-10's 10 classes of 32x32x3: for other images "
+            "build the models with num_classes (models.py) and ensemble them with "
+            "python ensemble.py combine"
+        )
+    if num_classes < 2:
+        raise DataError(f"{path}: its labels name one class; a classifier's take two or more")
+    if shape[-1] != spec.channels:
+        if spec.channels == 3:  # grey images for RGB models: each channel the grey
+            x_train, x_test = (np.repeat(x, 3, axis=-1) for x in (x_train, x_test))
+        elif (x_train[..., :1] != x_train[..., 1:]).any() or (
+            x_test[..., :1] != x_test[..., 1:]
+        ).any():
+            raise DataError(
+                f"{path} holds colour images; the models take grey images (1 channel), "
+                "and converting them would lose their colour"
+            )
+        else:
+            x_train, x_test = x_train[..., :1], x_test[..., :1]
+    # An .npz names no classes: CIFAR-10's for training, the labels themselves for
+    # combine (an .npz of 10 classes of 32x32x3 could as well be SVHN's digits).
+    classes = CLASS_NAMES if spec is CIFAR10 else tuple(map(str, range(num_classes)))
+    return _Split(y_train, classes, x_train), _Split(y_test, classes, x_test)
 
 
 def _load_batches_dir(folder):

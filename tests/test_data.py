@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import sys
 import tarfile
@@ -214,6 +215,77 @@ def test_damaged_or_unreadable_zips_give_one_clear_error(tmp_path, image_tree, d
         _patch_zip_flags(bad, 8, 10, 9)
     with pytest.raises(data.DataError, match=message) as raised:
         data.load_data(bad)
+    assert "\n" not in str(raised.value)
+
+
+def keras_datasets_npz(path, train=None, test=None, **changes):
+    """An .npz of keras.datasets' four arrays (CIFAR-10's shapes unless given)."""
+    (x_train, y_train), (x_test, y_test) = train or synthetic_split(3), test or synthetic_split(1)
+    arrays = {"x_train": x_train, "y_train": y_train[:, None], "x_test": x_test,
+              "y_test": y_test[:, None], **changes}  # fmt: skip
+    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+    return path
+
+
+def test_an_npz_of_keras_datasets_arrays_loads_as_they_are(tmp_path):
+    # What keras.datasets returns, saved with np.savez; Keras' own mnist.npz is one.
+    (x_train, y_train), (x_test, y_test) = synthetic_split(3), synthetic_split(1)
+    train, test = data.load_data(keras_datasets_npz(tmp_path / "cifar.npz"))
+    check_article_arrays(train, test, 30, 10)
+    np.testing.assert_array_equal(train[0], x_train / np.float32(255))
+    np.testing.assert_array_equal(train[1].argmax(axis=1), y_train)  # Keras' order kept
+    np.testing.assert_array_equal(test[1][:, 0], y_test)
+    # MNIST's layout for combine: (N, 28, 28) grey pixels, labels of shape (N,).
+    grey = np.random.default_rng(5).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels = np.arange(40) % 4
+    mnist = tmp_path / "mnist.npz"
+    np.savez(mnist, x_train=grey[:30], y_train=labels[:30].astype(np.uint8),
+             x_test=grey[30:], y_test=labels[30:].astype(np.uint8))  # fmt: skip
+    ((x_val, y_val), (x_test, y_test)), classes, where = data.load_labelled(mnist, channels=1)
+    assert classes == ("0", "1", "2", "3") and where == "the last 20% of the training images"
+    np.testing.assert_array_equal(x_val[..., 0], grey[24:30] / np.float32(255))
+    np.testing.assert_array_equal(y_val.argmax(axis=1), labels[24:30])
+    np.testing.assert_array_equal(y_test[:, 0], labels[30:])
+    # Models of RGB images get each grey pixel in all three channels, as from a tree.
+    rgb = data.load_labelled(mnist, channels=3)[0][1][0]
+    assert rgb.shape == (10, 28, 28, 3)
+    np.testing.assert_array_equal(rgb[..., 2], x_test[..., 0])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no y_test", "has no y_test; an .npz needs x_train, y_train, x_test and y_test"),
+        ("float pixels", "x_train is float32 of shape (30, 32, 32, 3); save uint8 pixels"),
+        ("labels short", "y_test must hold one class index (0, 1, ...) per image of x_test"),
+        ("other shapes", "x_train's images are (32, 32, 3), x_test's (28, 28, 1)"),
+        ("not CIFAR-10", "holds 4 classes of 32x32x3 images; ensemble.py trains on CIFAR-10"),
+        ("colour for grey", "holds colour images; the models take grey images (1 channel)"),
+        ("corrupt", "is not a readable .npz"),
+    ],
+)
+def test_npz_refusals_are_one_clear_line(tmp_path, damage, message):
+    path, channels = tmp_path / "bad.npz", None
+    if damage == "no y_test":
+        keras_datasets_npz(path, y_test=None)
+    elif damage == "float pixels":
+        keras_datasets_npz(path, x_train=synthetic_split(3)[0].astype(np.float32) / 255)
+    elif damage == "labels short":
+        keras_datasets_npz(path, y_test=np.zeros(3, np.int64))
+    elif damage == "other shapes":
+        keras_datasets_npz(path, x_test=np.zeros((10, 28, 28, 1), np.uint8))
+    elif damage == "not CIFAR-10":
+        keras_datasets_npz(path, y_train=np.arange(30) % 4, y_test=np.arange(10) % 4)
+    elif damage == "colour for grey":
+        keras_datasets_npz(path)
+        channels = 1
+    elif damage == "corrupt":
+        path.write_bytes(keras_datasets_npz(tmp_path / "whole.npz").read_bytes()[:5000])
+    with pytest.raises(data.DataError, match=re.escape(message)) as raised:
+        if channels:
+            data.load_labelled(path, channels=channels)
+        else:
+            data.load_data(path)
     assert "\n" not in str(raised.value)
 
 
