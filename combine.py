@@ -6,7 +6,8 @@ on them but not on 0..255 pixels is given those, `on_raw_pixels`) to class
 probabilities (or logits, or one unit for two classes: `export.output_kind`),
 whatever its architecture: CIFAR-10's 32x32x3 images and 10 classes, or those of any
 class-folder tree `--data-dir` names (`data.load_labelled`: any number of classes,
-any one image size, RGB or grey). Every model predicts the test set
+RGB or grey, resized to the models' input size as image_dataset_from_directory
+resizes, or of one size for models that take any). Every model predicts the test set
 once, and every subset of models (beyond six: each, all but each, and all) is scored
 under every `--combine` rule with the full report's metrics, exactly as `ensemble.py`
 scores its own members; `--export` writes the chosen combination as one `.keras` file.
@@ -49,7 +50,8 @@ def parse_args(argv):
                         "named after its file (and folders, if files share a name)")  # fmt: skip
     parser.add_argument("--data-dir", type=config.user_path, help="offline CIFAR-10, as for "
                         "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
-                        "of one size, or an .npz of keras.datasets' arrays (mnist.npz) "
+                        "(resized to the models' input size), or an .npz of keras.datasets' "
+                        "arrays (mnist.npz) "
                         "(default: download CIFAR-10 with Keras)")  # fmt: skip
     parser.add_argument("--limit", type=int, help="keep N test images, and N training images "
                         "(or N of a val/ folder) to take the validation images from")  # fmt: skip
@@ -153,12 +155,14 @@ def run(args):
         model.name = name  # nested models need distinct names in an exported file
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
-    channels = _one_kind(args.models, list(models.values()))
+    channels, size = _one_kind(args.models, list(models.values()))
     # The fitted rules learn on the validation images only: the rest of the training
     # set is never decoded, and the images stay uint8 pixels until a batch is predicted
-    # (a data set of large images would not fit in memory in float32).
+    # (a data set of large images would not fit in memory in float32). A tree's images
+    # are resized to the models' input, as image_dataset_from_directory resized the
+    # images they trained on.
     arrays, classes, held_out = data.load_labelled(
-        args.data_dir, args.limit, args.seed, channels, args.validation_split, pixels=True
+        args.data_dir, args.limit, args.seed, channels, args.validation_split, True, size
     )
     (x_val, y_val), (x_test, y_test) = arrays
     val_labels = np.argmax(y_val, axis=1)
@@ -254,14 +258,23 @@ def on_raw_pixels(model):
 
 
 def _one_kind(paths, models):
-    """The channels of the models' images (3 if none fixes them), or an ExportError for
-    models that disagree on channels or classes: one ensemble takes one kind of image."""
-    channels, classes = {}, {}  # count: the first model that fixes it
+    """The channels of the models' images (3 if none fixes them) and the (height, width)
+    they take (None if none fixes it), or an ExportError for models that disagree on
+    either or on classes: one ensemble takes one kind of image."""
+    channels, sizes, classes = {}, {}, {}  # each: the first model that fixes it
     for path, model in zip(paths, models, strict=True):
-        (_, _, channel_count), class_count = export.image_classifier(model, f"model {path}")
+        (height, width, channel_count), class_count = export.image_classifier(
+            model, f"model {path}"
+        )
         channels.setdefault(channel_count, path)
+        sizes.setdefault(None if None in (height, width) else (height, width), path)
         classes.setdefault(class_count, path)
-    for counts, says in ((channels, "takes {}-channel images"), (classes, "scores {} classes")):
+    sizes = {(f"{size[0]}x{size[1]}" if size else None): path for size, path in sizes.items()}
+    for counts, says in (
+        (channels, "takes {}-channel images"),
+        (sizes, "takes {} images"),
+        (classes, "scores {} classes"),
+    ):
         counts.pop(None, None)
         if len(counts) > 1:
             (a, first), (b, second) = list(counts.items())[:2]
@@ -269,7 +282,8 @@ def _one_kind(paths, models):
                 f"model {first} {says.format(a)} and model {second} {says.format(b)}; "
                 "the models of one ensemble must take the same images to the same classes"
             )
-    return next(iter(channels), 3)
+    size = next(iter(sizes), None)
+    return next(iter(channels), 3), size and tuple(map(int, size.split("x")))
 
 
 def main(argv):

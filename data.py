@@ -95,13 +95,18 @@ def load_data(data_dir=None, limit=None, seed=0):
 
 
 def load_labelled(
-    data_dir=None, limit=None, seed=0, channels=3, validation_split=None, pixels=False
+    data_dir=None, limit=None, seed=0, channels=3, validation_split=None, pixels=False, size=None
 ):
     """Labelled images for `combine`: CIFAR-10 as `load_data` reads it, or any class-folder tree.
 
     A tree's classes are its folders, sorted by name (at least two), and its images
     must share one size; with `channels=1` they are read as grey, which only an image
     without colour is (a colour one is refused rather than converted).
+
+    With `size` (height, width), the models' input, a tree's images of any other size
+    are resized to it as Keras' `image_dataset_from_directory(image_size=...)` resizes
+    them (bilinear, the aspect ratio not kept), to the nearest pixel value; without,
+    they must share one size.
 
     The validation images, which combine's fitted rules learn on, are the tree's own
     held-out folder (`val/`, `valid/` or `validation/` beside `train/`) if it has one,
@@ -119,6 +124,8 @@ def load_labelled(
             f"the models take {channels}-channel images; combine reads grey or RGB ones (1 or 3)"
         )
     spec = _Spec(None, None, channels)
+    if size is not None:
+        spec = _Spec(None, tuple(size), channels, "the models' input", resize=True)
     return _load(data_dir, limit, seed, spec, validation_split, held_out=True, pixels=pixels)
 
 
@@ -131,6 +138,7 @@ class _Spec:
     size: tuple | None
     channels: int
     sized_by: str | None = None  # the image whose size a tree's others must share
+    resize: bool = False  # a tree's images of another size are resized to `size`
 
     @property
     def shape(self):
@@ -679,7 +687,7 @@ def _decode_image(data, where, spec=CIFAR10):
                     f"{where} is {image.size[0]}x{image.size[1]} {image.mode}; CIFAR-10 "
                     "images must be 32x32 RGB"
                 )
-            if height_width != spec.size:
+            if height_width != spec.size and not spec.resize:
                 raise DataError(
                     f"{where} is {image.size[0]}x{image.size[1]}, {spec.sized_by} is "
                     f"{spec.size[1]}x{spec.size[0]}: the images must share one size"
@@ -690,9 +698,9 @@ def _decode_image(data, where, spec=CIFAR10):
                     "would change in conversion)"
                 )
             if image.mode == "RGB" and spec.channels == 3:
-                return np.asarray(image, dtype=np.uint8)
+                return _resized(np.asarray(image, dtype=np.uint8), spec.size)
             if image.mode == "L" and spec.channels == 1:
-                return np.asarray(image, dtype=np.uint8)[..., None]
+                return _resized(np.asarray(image, dtype=np.uint8)[..., None], spec.size)
             pixels = np.asarray(image.convert("RGBA"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise DataError(f"{where} is not a readable image ({error})") from error
@@ -700,13 +708,27 @@ def _decode_image(data, where, spec=CIFAR10):
         kind = "CIFAR-10 images" if spec is CIFAR10 else "images"
         raise DataError(f"{where} has transparent pixels; {kind} must be opaque")
     if spec.channels == 3:
-        return pixels[..., :3]
+        return _resized(pixels[..., :3], spec.size)
     if (pixels[..., :1] != pixels[..., 1:3]).any():  # the one exact way to read it as grey
         raise DataError(
             f"{where} is a colour image; the models take grey images (1 channel), and "
             "converting it would lose its colour"
         )
-    return pixels[..., :1]
+    return _resized(pixels[..., :1], spec.size)
+
+
+def _resized(pixels, size):
+    """`pixels` at `size` (height, width) as image_dataset_from_directory resizes:
+    Keras' bilinear resize, without antialiasing, rounded to the nearest pixel value."""
+    if pixels.shape[:2] == tuple(size):
+        return pixels
+    import keras
+
+    resized = keras.ops.image.resize(
+        pixels[None].astype(np.float32), size, interpolation="bilinear", antialias=False
+    )
+    values = np.rint(keras.ops.convert_to_numpy(resized)[0])
+    return np.clip(values, 0, 255).astype(np.uint8)
 
 
 class _BatchUnpickler(pickle.Unpickler):

@@ -255,7 +255,7 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
     [
         ("one model", "combine needs at least two models"),
         ("same file twice", "is given twice; give each model once"),
-        ("other size", "maps 28x28x3 to 10; this needs one 32x32x3 image input"),
+        ("other size", "nin.keras takes 32x32 images and model SMALL takes 28x28 images"),
         ("grey, any size", "nin.keras takes 3-channel images and model GREY takes 1-channel"),
         ("other classes", "nin.keras scores 10 classes and model FIVE scores 5 classes"),
         ("not images", "maps 784 to 10; this needs one input of grey or RGB images"),
@@ -279,6 +279,7 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
     elif case == "other size":
         args.append(tmp_path / "small.keras")
         small_classifier(shape=(28, 28, 3)).save(args[-1])
+        message = message.replace("SMALL", str(args[-1]))
     elif case == "grey, any size":
         args.append(tmp_path / "grey.keras")
         small_classifier(shape=(None, None, 1)).save(args[-1])
@@ -495,6 +496,67 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
     named = ["--classes", "o,[],^", "--top", "1"]  # before the images too
     assert export.predict_main(["--model", str(paths[0]), *named, str(image)]) == 0
     assert capsys.readouterr().out == f"{image}: ^ 1.000\n"
+
+
+def test_combine_resizes_a_trees_photos_to_the_models_input_as_keras_does(tmp_path, capsys):
+    """Photos of many sizes, as the TensorFlow tutorials' cats and dogs, for models that
+    trained on them through image_dataset_from_directory(image_size=(16, 16))."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    for split in ("val", "test"):  # models trained elsewhere: no train/ needed
+        for label, colour in (("cat", (200, 60, 40)), ("dog", (40, 60, 200))):
+            (tmp_path / "tree" / split / label).mkdir(parents=True)
+            for i in range(4):
+                noise = rng.integers(-30, 30, (20 + 7 * i, 31 - 3 * i, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "tree" / split / label / f"{i}.png")
+    # Mean red minus mean blue: cat (class 0) when red, dog when blue.
+    inputs = keras.Input((16, 16, 3))
+    dense = keras.layers.Dense(2, activation="softmax")
+    reader = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(inputs)))
+    dense.set_weights([np.array([[9, -9], [0, 0], [-9, 9]], "float32"), np.zeros(2, "float32")])
+    paths = [tmp_path / "reader.keras", tmp_path / "small.keras"]
+    reader.save(paths[0])
+    small_classifier(2, (16, 16, 3)).save(paths[1])
+    argv = ["combine", *map(str, paths), "--data-dir", str(tmp_path / "tree"),
+            "--logs-dir", str(tmp_path / "logs")]  # fmt: skip
+    assert ensemble.main(argv) == 0
+    assert "2 models, 2 classes, 8 test images, 8 validation images (val/)" in (
+        capsys.readouterr().out
+    )
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    assert rows[0]["row"] == "reader" and rows[0]["test_error"] == 0.0
+    # The pixels are Keras' bilinear resize, to the nearest value: what the models saw.
+    (_, (x_test, y_test)), _, _ = data.load_labelled(tmp_path / "tree", size=(16, 16))
+    assert x_test.shape == (8, 16, 16, 3)
+    first = np.asarray(Image.open(tmp_path / "tree" / "test" / "cat" / "0.png"), "float32")
+    keras_resized = keras.ops.image.resize(first[None], (16, 16), interpolation="bilinear")
+    np.testing.assert_allclose(x_test[0] * 255, keras.ops.convert_to_numpy(keras_resized)[0],
+                               atol=0.5 + 1e-3)  # fmt: skip
+    # Without a size, as for fully convolutional models, the sizes must agree.
+    with pytest.raises(data.DataError, match="the images must share one size"):
+        data.load_labelled(tmp_path / "tree")
+
+
+def test_resized_trees_match_image_dataset_from_directory(tmp_path):
+    """The README's claim, against Keras' own loader (which needs TensorFlow)."""
+    pytest.importorskip("tensorflow", reason="image_dataset_from_directory needs TensorFlow")
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("val", "test"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (20 + 7 * i, 31 - 3 * i, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{i}.png")
+    images = keras.utils.image_dataset_from_directory(
+        tmp_path / "test", image_size=(16, 16), shuffle=False, batch_size=None, verbose=False
+    )
+    theirs = np.stack([np.asarray(image) for image, _ in images])
+    (_, (x_test, _)), _, _ = data.load_labelled(tmp_path, size=(16, 16))
+    np.testing.assert_allclose(x_test * 255, theirs, atol=0.5 + 1e-3)  # ours: rounded
 
 
 def test_combine_keeps_images_as_pixels_until_a_batch_is_predicted(tmp_path):
