@@ -269,10 +269,9 @@ def _one_kind(paths, models):
         channels.setdefault(channel_count, path)
         sizes.setdefault(None if None in (height, width) else (height, width), path)
         classes.setdefault(class_count, path)
-    sizes = {(f"{size[0]}x{size[1]}" if size else None): path for size, path in sizes.items()}
     for counts, says in (
         (channels, "takes {}-channel images"),
-        (sizes, "takes {} images"),
+        (sizes, "takes {0[0]}x{0[1]} images"),
         (classes, "scores {} classes"),
     ):
         counts.pop(None, None)
@@ -282,8 +281,7 @@ def _one_kind(paths, models):
                 f"model {first} {says.format(a)} and model {second} {says.format(b)}; "
                 "the models of one ensemble must take the same images to the same classes"
             )
-    size = next(iter(sizes), None)
-    return next(iter(channels), 3), size and tuple(map(int, size.split("x")))
+    return next(iter(channels), 3), next(iter(sizes), None)
 
 
 def main(argv):
