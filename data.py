@@ -125,7 +125,7 @@ def load_labelled(
         )
     spec = _Spec(None, None, channels)
     if size is not None:
-        spec = _Spec(None, tuple(size), channels, "the models' input", resize=True)
+        spec = _Spec(None, tuple(size), channels, resize=True)
     return _load(data_dir, limit, seed, spec, validation_split, held_out=True, pixels=pixels)
 
 
@@ -377,18 +377,9 @@ def _load_npz(path, spec):
         )
     if num_classes < 2:
         raise DataError(f"{path}: its labels name one class; a classifier's take two or more")
-    if shape[-1] != spec.channels:
-        if spec.channels == 3:  # grey images for RGB models: each channel the grey
-            x_train, x_test = (np.repeat(x, 3, axis=-1) for x in (x_train, x_test))
-        elif (x_train[..., :1] != x_train[..., 1:]).any() or (
-            x_test[..., :1] != x_test[..., 1:]
-        ).any():
-            raise DataError(
-                f"{path} holds colour images; the models take grey images (1 channel), "
-                "and converting them would lose their colour"
-            )
-        else:
-            x_train, x_test = x_train[..., :1], x_test[..., :1]
+    x_train, x_test = (
+        _with_channels(x, spec.channels, f"{path} holds colour images") for x in (x_train, x_test)
+    )
     # An .npz names no classes: CIFAR-10's for training, the labels themselves for
     # combine (an .npz of 10 classes of 32x32x3 could as well be SVHN's digits).
     classes = CLASS_NAMES if spec is CIFAR10 else tuple(map(str, range(num_classes)))
@@ -432,7 +423,8 @@ def _load_image_tree(files, source, spec, held_out=False):
     def listed(split, required=True):
         return _image_entries(files, split, source, required, wrapped)
 
-    if not listed("test", required=False):
+    test = listed("test", required=False)
+    if not test:
         # As the TensorFlow tutorials' cats_and_dogs_filtered.zip is: train/ and
         # validation/. Say which folder to score on rather than only what is missing.
         for folder in HELD_OUT_FOLDERS:
@@ -442,7 +434,8 @@ def _load_image_tree(files, source, spec, held_out=False):
                     "test/ (combine's fitted rules then learn on the last 20% of train/) "
                     "or add a test/ folder"
                 )
-    entries = {"train": listed("train", required=not held_out), "test": listed("test")}
+        listed("test")  # says that test/<class>/ holds no images
+    entries = {"train": listed("train", required=not held_out), "test": test}
     if held_out:
         found = {folder: listed(folder, required=False) for folder in HELD_OUT_FOLDERS}
         found = {folder: images for folder, images in found.items() if images}
@@ -591,8 +584,7 @@ def _tar_files(path):
             files = {}
             for member in members:
                 name = member.name
-                if name.startswith("/") or ".." in PurePosixPath(name).parts:
-                    raise DataError(f"{path}: unsafe member path {name!r}; archive refused")
+                _refuse_escape(path, name)
                 if member.issym() or member.islnk():
                     raise DataError(f"{path}: member {name!r} is a link; archive refused")
                 if member.isfile():
@@ -605,6 +597,13 @@ def _tar_files(path):
     return files
 
 
+def _refuse_escape(path, name):
+    """A DataError for an archive member that extracted would land outside its folder
+    (nothing is extracted here, but such an archive is not what it claims to be)."""
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        raise DataError(f"{path}: unsafe member path {name!r}; archive refused")
+
+
 def _zip_files(path):
     """Maps member names to byte readers, refusing members that could escape a folder,
     as `_tar_files` does."""
@@ -614,8 +613,7 @@ def _zip_files(path):
             for member in archive.infolist():
                 # The format says "/"; some old Windows tools wrote "\\".
                 name = member.filename.replace("\\", "/")
-                if name.startswith("/") or ".." in PurePosixPath(name).parts:
-                    raise DataError(f"{path}: unsafe member path {name!r}; archive refused")
+                _refuse_escape(path, name)
                 if stat.S_ISLNK(member.external_attr >> 16):  # zip -y stores links so
                     raise DataError(f"{path}: member {name!r} is a link; archive refused")
                 if member.is_dir():
@@ -675,6 +673,11 @@ def _image_size(data, where):
 
 
 def _decode_image(data, where, spec=CIFAR10):
+    """One image's uint8 pixels of `spec`'s shape, resized to it if `spec.resize`."""
+    return _resized(_decode_pixels(data, where, spec), spec.size)
+
+
+def _decode_pixels(data, where, spec):
     Image = pillow()
     from PIL import UnidentifiedImageError
 
@@ -698,23 +701,32 @@ def _decode_image(data, where, spec=CIFAR10):
                     "would change in conversion)"
                 )
             if image.mode == "RGB" and spec.channels == 3:
-                return _resized(np.asarray(image, dtype=np.uint8), spec.size)
+                return np.asarray(image, dtype=np.uint8)
             if image.mode == "L" and spec.channels == 1:
-                return _resized(np.asarray(image, dtype=np.uint8)[..., None], spec.size)
+                return np.asarray(image, dtype=np.uint8)[..., None]
             pixels = np.asarray(image.convert("RGBA"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise DataError(f"{where} is not a readable image ({error})") from error
     if pixels[..., 3].min() < 255:  # dropping see-through pixels' alpha would change them
         kind = "CIFAR-10 images" if spec is CIFAR10 else "images"
         raise DataError(f"{where} has transparent pixels; {kind} must be opaque")
-    if spec.channels == 3:
-        return _resized(pixels[..., :3], spec.size)
-    if (pixels[..., :1] != pixels[..., 1:3]).any():  # the one exact way to read it as grey
+    return _with_channels(pixels[..., :3], spec.channels, f"{where} is a colour image")
+
+
+def _with_channels(pixels, channels, colour):
+    """`pixels` (..., 1 or 3 channels) with `channels`: grey given to RGB models in all
+    three, RGB whose three agree (the one exact way to read it as grey) to grey ones;
+    other RGB for grey models is refused, `colour` saying what it is."""
+    if pixels.shape[-1] == channels:
+        return pixels
+    if channels == 3:
+        return np.repeat(pixels, 3, axis=-1)
+    if (pixels[..., :1] != pixels[..., 1:]).any():
         raise DataError(
-            f"{where} is a colour image; the models take grey images (1 channel), and "
-            "converting it would lose its colour"
+            f"{colour}; the models take grey images (1 channel), and converting would lose "
+            "the colour"
         )
-    return _resized(pixels[..., :1], spec.size)
+    return pixels[..., :1]
 
 
 def _resized(pixels, size):
