@@ -1,9 +1,10 @@
 """`python ensemble.py combine A.keras B.keras ...`: any saved image classifiers, ensembled.
 
 The article's members are not the only ones worth combining. Each file is loaded in
-safe mode and must take images scaled to [0, 1] (the article's x / 255; one at chance
-on them but not on 0..255 pixels is given those, `on_raw_pixels`) to class
-probabilities (or logits, or one unit for two classes: `export.output_kind`),
+safe mode (unless --no-safe-mode; custom layers come from --custom-objects) and must
+take images scaled to [0, 1] (the article's x / 255; one at chance on them but not on
+0..255 pixels is given those, `on_raw_pixels`) to class probabilities (or logits, or
+one unit for two classes: `export.output_kind`),
 whatever its architecture: CIFAR-10's 32x32x3 images and 10 classes, or those of any
 class-folder tree `--data-dir` names (`data.load_labelled`: any number of classes,
 RGB or grey, resized to the models' input size as image_dataset_from_directory
@@ -71,6 +72,7 @@ def parse_args(argv):
                         help="write the combination as one model")  # fmt: skip
     parser.add_argument("--export-rule", choices=export.EXPORT_RULES, default="average",
                         help="combining layer of the exported file (default: average)")  # fmt: skip
+    export.add_loading_flags(parser)
     parser.add_argument("--logs-dir", default="logs", type=config.user_path,
                         help=f"where {RESULTS_STEM}.json and {RESULTS_STEM}.md go (default: "
                         "logs)")  # fmt: skip
@@ -150,8 +152,9 @@ def run(args):
     """Loads, predicts once, scores every subset under every rule; returns (rows, extra)."""
     names = check(args)
     models = {}
+    custom = export.custom_objects(args.custom_objects)
     for name, path in zip(names, args.models, strict=True):
-        model = export.load(path, what="model", written_by="saved by model.save")
+        model = export.load(path, "model", "saved by model.save", custom, args.safe_mode)
         model.name = name  # nested models need distinct names in an exported file
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
@@ -239,6 +242,7 @@ def run(args):
             val_labels,
             classes,
         )
+        extra["export"]["loading_flags"] = export.loading_flags(args)
     return rows, extra
 
 
@@ -300,4 +304,7 @@ def main(argv):
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
     if "export" in extra:
         print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']})")
+        if extra["export"]["loading_flags"]:  # the file holds what these loaded
+            print(f"note: give predict the same flags to load it: "
+                  f"{extra['export']['loading_flags']}")  # fmt: skip
     return 0

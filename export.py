@@ -15,9 +15,14 @@ that Keras writes into every `.keras` file (and does not read back), so that
 `predict` prints them whatever the data set was.
 """
 
+import argparse
+import importlib
+import importlib.util
 import json
 import os
+import re
 import sys
+import traceback
 import zipfile
 from pathlib import Path
 
@@ -152,9 +157,12 @@ def class_names(path, num_classes):
     return [str(name) for name in names] if ok else None
 
 
-def load(path, what="--model", written_by="written by --export"):
-    """Loads a Keras model (an exported ensemble, or any) in safe mode.
+def load(
+    path, what="--model", written_by="written by --export", custom_objects=None, safe_mode=True
+):
+    """Loads a Keras model (an exported ensemble, or any), by default in safe mode.
 
+    `custom_objects` (from `custom_objects`) and `safe_mode` go to Keras as they are.
     One clear error for anything unreadable; `what` names the file in it.
     `image_classifier` and `check_fits` then say whether it fits the images.
     """
@@ -182,10 +190,112 @@ def load(path, what="--model", written_by="written by --export"):
             "as DIR/<name>.keras, and model.save('name.keras') any model of yours"
         )
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        return keras.saving.load_model(path, custom_objects=custom_objects, safe_mode=safe_mode)
     except Exception as error:  # zip, JSON and deserialisation errors alike
-        why = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise ExportError(f"{what} {path} is not a loadable Keras model ({why})") from error
+        raise ExportError(_why_not_loaded(f"{what} {path}", str(error), custom_objects)) from error
+
+
+def _why_not_loaded(model, text, custom_objects):
+    """One line for Keras' error `text` on loading `model`: what to do where a flag
+    does it (an unknown custom class, a Lambda layer), else the root cause's first
+    sentence. Keras wraps that cause in a paragraph about from_config() that would
+    send the user down the wrong path."""
+    # The second pattern is the legacy .h5 loader's words.
+    unknown = re.search(r"Could not locate (class|function) '([^']+)'", text)
+    unknown = unknown or re.search(r"Unknown (\w+): '([^']+)'", text)
+    if unknown:
+        kind, name = unknown.groups()
+        # A class saved under register_keras_serializable(package=...) is looked up by
+        # that name; one of the same class name defined without it does not match.
+        registered = re.search(r"'registered_name': '([^'>]+>[^']+)'", text[unknown.end() :])
+        if registered and ">" not in name:
+            package = registered.group(1).split(">")[0]
+            name = f"{name} (registered as {registered.group(1)}, with "
+            name += f"@keras.saving.register_keras_serializable(package={package!r}))"
+        where = (
+            "none of the --custom-objects given defines (give the file that does)"
+            if custom_objects
+            else "is not defined here (give the Python file, or module, that defines it "
+            "with --custom-objects FILE.py)"
+        )
+        return f"{model} uses the custom {kind} {name}, which {where}"
+    if "safe_mode=False" in text:  # a Lambda layer, or a lambda as an activation
+        return (
+            f"{model} holds Python code (a Lambda layer or a lambda), which Keras loads only "
+            "from a file you trust: if you trust this one, add --no-safe-mode"
+        )
+    cause = text.rsplit("Exception encountered:", 1)[-1]
+    why = (cause.strip().splitlines() or [""])[0].split(". ")[0][:160]
+    return f"{model} is not a loadable Keras model ({why})"
+
+
+def custom_objects(sources):
+    """{name: object} of the classes and functions defined in each of `sources` (a
+    Python file, or an importable module's name), imported here: what a model's custom
+    layers, losses or activations need to load. Classes registered with
+    `keras.saving.register_keras_serializable` are known once imported, wherever they
+    are defined. None for no sources; an ExportError for one that does not import."""
+    if not sources:
+        return None
+    found = {}
+    for source in sources:
+        module = _import(source)
+        for name, value in vars(module).items():
+            if (isinstance(value, type) or callable(value)) and getattr(
+                value, "__module__", None
+            ) == module.__name__:
+                found[name] = value
+    return found
+
+
+def _import(source):
+    """The module of a Python file or an importable name, imported as Python imports
+    a script's: its own folder first on the path, so its sibling modules import too."""
+    is_file = source.endswith(".py") or os.sep in source or "/" in source
+    if not is_file:
+        try:
+            return importlib.import_module(source)
+        except ModuleNotFoundError as error:
+            if error.name != source and not source.startswith(f"{error.name}."):
+                raise ExportError(_import_failed(source, error)) from error
+            raise ExportError(
+                f"--custom-objects {source}: no such module; give a Python file "
+                "(path/to/layers.py) or a module importable from here"
+            ) from error
+        except Exception as error:
+            raise ExportError(_import_failed(source, error)) from error
+    path = Path(source)
+    if not path.is_file():
+        raise ExportError(f"--custom-objects {source} does not exist; give a Python file")
+    name = path.stem if path.stem not in sys.modules else f"custom_objects_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing look their module up there
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as error:
+        del sys.modules[name]
+        if not isinstance(error, Exception):
+            raise  # Ctrl-C, or a sys.exit in the file's top level: theirs to make
+        raise ExportError(_import_failed(source, error)) from error
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return module
+
+
+def _import_failed(source, error):
+    """One line for an exception raised importing `source`, with where in it."""
+    where = ""
+    if not isinstance(error, SyntaxError):  # whose message names the line already
+        frames = traceback.extract_tb(error.__traceback__)
+        mine = [f for f in frames if Path(f.filename).name == Path(source).name] or frames
+        if mine:
+            where = f", line {mine[-1].lineno}"
+    return (
+        f"--custom-objects {source} failed to import{where}: {type(error).__name__}: "
+        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    ).rstrip(": ")
 
 
 def image_classifier(model, label):
@@ -488,10 +598,13 @@ def predict_main(argv):
                         help="the model's class names, in the order of its outputs (default: "
                         "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
                         "'class 1', ... for others)")  # fmt: skip
+    add_loading_flags(parser)
     args = parser.parse_args(argv)
     try:
         paths = [found for given in args.images for found in image_files(given)]
-        model = load(args.model)
+        model = load(
+            args.model, custom_objects=custom_objects(args.custom_objects), safe_mode=args.safe_mode
+        )
         label = f"--model {args.model}"
         shape, num_classes = image_classifier(model, label)
         num_classes = num_classes or data.NUM_CLASSES  # a subclassed model: CIFAR-10's
@@ -519,6 +632,25 @@ def predict_main(argv):
         ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
         print(f"{path}: {ranked}")
     return 0
+
+
+def add_loading_flags(parser):
+    """combine's and predict's flags for models that need more than Keras to load."""
+    from config import user_path  # config imports this module
+
+    parser.add_argument("--custom-objects", action="append", metavar="FILE.py",
+                        type=user_path, help="a Python file (or module) that defines the "
+                        "models' custom layers or functions; it is imported (its top level "
+                        "runs) and what it defines is given to Keras (repeatable)")  # fmt: skip
+    parser.add_argument("--safe-mode", action=argparse.BooleanOptionalAction, default=True,
+                        help="refuse the Python code of Lambda layers, as Keras does "
+                        "(default); --no-safe-mode loads it, for files you trust")  # fmt: skip
+
+
+def loading_flags(args):
+    """The --custom-objects and --no-safe-mode given, as typed again to load an export."""
+    flags = [f"--custom-objects {source}" for source in args.custom_objects or ()]
+    return " ".join(flags + ([] if args.safe_mode else ["--no-safe-mode"]))
 
 
 def _comma_separated(text):
