@@ -60,7 +60,10 @@ OFFICIAL_ARCHIVE_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7
 OFFICIAL_BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What Keras' image_dataset_from_directory reads (its first five), and WebP, which the
+# web serves and Pillow reads; an animated GIF or WebP is its first frame, as in Keras.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_KINDS = "PNG, JPEG, BMP, GIF or WebP"
 # A tree's own held-out images, beside train/ and test/, for combine's fitted rules.
 HELD_OUT_FOLDERS = ("val", "valid", "validation")
 SPLITS = ("train", "test", *HELD_OUT_FOLDERS)
@@ -544,7 +547,7 @@ def _image_entries(files, split, source, required=True, wrapped=0):
             continue
         if not parts[2].lower().endswith(IMAGE_SUFFIXES):
             raise DataError(
-                f"{source}: {name} is not a PNG or JPEG image; remove it from the class folder"
+                f"{source}: {name} is not an image ({IMAGE_KINDS}); remove it from the class folder"
             )
         entries.append((parts[1], name))
     if not entries and required:
@@ -654,7 +657,7 @@ def pillow():
         from PIL import Image
     except ImportError as error:
         raise DataError(
-            "reading PNG and JPEG images needs Pillow, which is not installed: "
+            "reading image files needs Pillow, which is not installed: "
             "pip install pillow (requirements.txt has it)"
         ) from error
     return Image

@@ -356,7 +356,7 @@ def _shapes(tensors):
 
 
 def image_files(path):
-    """[path] for a file; for a folder, the PNG and JPEG files in it, by name."""
+    """[path] for a file; for a folder, the image files in it (`data.IMAGE_SUFFIXES`), by name."""
     if str(path) == "" or not Path(path).is_dir():
         return [path]  # read_pixels says what is wrong with it, if anything
     found = sorted(p for p in Path(path).iterdir() if _is_image_file(p))
@@ -364,12 +364,12 @@ def image_files(path):
         # A class-folder tree's test/ holds its images one level down: say so.
         with_images = sorted(p for p in Path(path).iterdir() if p.is_dir() and _holds_images(p))
         hint = (
-            f" (only in its folders, such as {with_images[0].name}/, which are not "
-            f"searched: give them, e.g. {Path(path) / '*'})"
+            f"; they are only in its folders, such as {with_images[0].name}/, which are not "
+            f"searched: give them, e.g. {Path(path) / '*'}"
             if with_images
             else ""
         )
-        raise ExportError(f"folder {path} holds no PNG or JPEG files{hint}")
+        raise ExportError(f"folder {path} holds no image files ({data.IMAGE_KINDS}){hint}")
     return found
 
 
@@ -390,7 +390,7 @@ def _is_image_file(path):
 
 
 def read_pixels(path, shape=data.IMAGE_SHAPE):
-    """A PNG or JPEG of any size as uint8 pixels of `shape` (height, width, 1 or 3
+    """An image file of any size as uint8 pixels of `shape` (height, width, 1 or 3
     channels; an axis of None, as a fully convolutional model's, is CIFAR-10's),
     upright as a viewer shows it (its EXIF orientation applied)."""
     try:
@@ -417,7 +417,7 @@ def read_pixels(path, shape=data.IMAGE_SHAPE):
     except FileNotFoundError as error:
         raise ExportError(f"image {path} does not exist") from error
     except (UnidentifiedImageError, OSError) as error:
-        raise ExportError(f"image {path} is not a readable PNG or JPEG ({error})") from error
+        raise ExportError(f"image {path} is not a readable image ({error})") from error
 
 
 def rescales_itself(model):
@@ -583,7 +583,8 @@ def predict_main(argv):
                         "classifier of images; one written by --export names its "
                         "classes")  # fmt: skip
     parser.add_argument("images", nargs="+", metavar="IMAGE", type=user_path,
-                        help="PNG or JPEG files of any size, or folders of them")  # fmt: skip
+                        help=f"image files ({data.IMAGE_KINDS}) of any size, or folders "
+                        "of them")  # fmt: skip
     parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
                         f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
     parser.add_argument("--tta", action="store_true", help="average with the mirror image's "

@@ -382,7 +382,7 @@ def test_unsafe_tar_members_are_refused(tmp_path, image_tree, kind):
         ("cmyk", "is 32x32 CMYK; CIFAR-10 images must be 32x32 RGB"),
         ("16-bit grey", "is 32x32 I;16; CIFAR-10 images must be 32x32 RGB"),
         ("transparent", "0000.png has transparent pixels; CIFAR-10 images must be opaque"),
-        ("not_image", "not a PNG or JPEG"),
+        ("not_image", r"not an image \(PNG, JPEG, BMP, GIF or WebP\); remove it"),
         ("garbage_png", "not a readable image"),
     ],
 )
@@ -459,6 +459,46 @@ def test_grey_palette_and_opaque_alpha_images_load_as_their_exact_rgb(image_tree
     for name, (_, expected) in cases.items():
         position = int(name.split("/")[1][:4])
         np.testing.assert_array_equal(data._pixels(x_test[position]), expected, err_msg=name)
+
+
+def test_bmp_gif_and_webp_images_load_as_their_pixels_in_trees_and_predict(image_tree):
+    """Keras' image_dataset_from_directory reads BMP and GIF besides PNG and JPEG (an
+    animated GIF as its first frame), and the web serves WebP: a tree of them loads
+    each image's exact pixels, as predict reads them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    few = rng.integers(0, 2, (32, 32, 3), dtype=np.uint8) * 255  # 8 colours: a GIF's palette
+    other = 255 - few
+    cases = {  # test images keep the tree's order (class, then file): position i is NNNN = i
+        "cat/0006.bmp": colour,
+        "cat/0007.gif": few,
+        "dog/0010.webp": colour,
+        "dog/0011.GIF": few,  # animated: its first frame, as Keras reads it
+    }
+    for name, pixels in cases.items():
+        (image_tree / "test" / name).with_name(name.split("/")[1][:4] + ".png").unlink()
+        image = Image.fromarray(pixels)
+        target = image_tree / "test" / name
+        if name.endswith(".webp"):
+            image.save(target, lossless=True)
+        elif name.endswith(".GIF"):
+            image.save(target, format="GIF", save_all=True, append_images=[Image.fromarray(other)])
+            with Image.open(target) as saved:
+                assert saved.n_frames == 2  # the case is what it claims to be
+        else:
+            image.save(target)
+    _, (x_test, _) = data.load_data(image_tree)
+    assert x_test.shape[0] == 20
+    for name, expected in cases.items():
+        position = int(name.split("/")[1][:4])
+        np.testing.assert_array_equal(data._pixels(x_test[position]), expected, err_msg=name)
+        read = export.read_pixels(image_tree / "test" / name)
+        np.testing.assert_array_equal(read, expected, err_msg=name)
+    # A folder given to predict stands for these files too, by name.
+    found = export.image_files(image_tree / "test" / "dog")
+    assert [p.name for p in found][:2] == ["0010.webp", "0011.GIF"]
 
 
 def test_hidden_files_and_windows_thumbnail_caches_are_ignored(image_tree):
@@ -616,7 +656,7 @@ def test_without_pillow_image_files_ask_for_it_in_one_line(tmp_path, monkeypatch
     tree = write_tree(tmp_path / "tree", train_per_class=2, test_per_class=1)
     image = next(tree.glob("test/*/*.png"))
     monkeypatch.setitem(sys.modules, "PIL", None)  # "from PIL import Image" now fails
-    wanted = "reading PNG and JPEG images needs Pillow, which is not installed: pip install pillow"
+    wanted = "reading image files needs Pillow, which is not installed: pip install pillow"
     with pytest.raises(data.DataError, match=wanted):
         data.load_data(tree)
     with pytest.raises(export.ExportError, match=wanted):

@@ -120,7 +120,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
     Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(big)
     grey = tmp_path / "grey.jpg"
     Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(grey)
-    # A folder stands for its PNG and JPEG files, by name; others and hidden ones are not read.
+    # A folder stands for its image files, by name; others and hidden ones are not read.
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("b.JPG", "a.png"):
@@ -155,13 +155,13 @@ def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
     "problem, message",
     [
         ("missing", "nowhere.png does not exist"),
-        ("not_an_image", "notes.png is not a readable PNG or JPEG"),
+        ("not_an_image", "notes.png is not a readable image"),
         ("bad_model", "broken.keras is not a loadable Keras model"),
         ("checkpoint", "m.01-2.30.weights.h5 holds weights only, no model; python ensemble.py"),
         ("folder", "is a folder; give the .keras file"),
         ("saved model", "is a TensorFlow SavedModel folder, which Keras 3 cannot load"),
-        ("image folder", "folder PHOTOS holds no PNG or JPEG files"),
-        ("class folders", "PHOTOS holds no PNG or JPEG files (only in its folders, such as cat/"),
+        ("image folder", "folder PHOTOS holds no image files (PNG, JPEG, BMP, GIF or WebP)"),
+        ("class folders", "or WebP); they are only in its folders, such as cat/, which are not"),
         ("empty image", "an image path is empty (an unset shell variable?)"),
         ("empty", "--model is empty (an unset shell variable?)"),
         ("not_images", "maps 784 to 5; this needs one input of grey or RGB images"),
