@@ -16,6 +16,7 @@ from conftest import write_tree
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_data
+import bench_resize
 import bench_seeds
 import bench_subsets
 import summary
@@ -209,3 +210,10 @@ def test_bench_subsets_times_every_subset_against_the_default_beyond_six(capsys)
     assert lines[2].split()[:4] == ["3", "every", "one", "19"]
     assert lines[3].split()[:4] == ["7", "every", "one", str(127 + 3 * 120)]
     assert lines[4].split()[:2] == ["7", "each,"] and lines[4].split()[6] == str(15 + 3 * 8)
+
+
+def test_bench_resize_times_keras_op_against_ours_and_checks_they_agree(capsys):
+    assert bench_resize.main(["--photos", "3", "--sizes", "20", "40", "--to", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "3 photos (" in out and "Keras' op " in out and "data._resized " in out
+    assert float(out.split("largest difference ")[1].split()[0]) <= 0.51

@@ -559,6 +559,24 @@ def test_resized_trees_match_image_dataset_from_directory(tmp_path):
     np.testing.assert_allclose(x_test * 255, theirs, atol=0.5 + 1e-3)  # ours: rounded
 
 
+def test_tree_resize_is_keras_resize_on_this_backend():
+    """data._resized does keras.ops.image.resize's bilinear arithmetic in NumPy (the op
+    compiles per input shape on JAX): down, up, one pixel wide, grey and RGB."""
+    rng = np.random.default_rng(3)
+    cases = [((37, 52, 3), (16, 16)), ((9, 7, 1), (32, 30)), ((1, 40, 3), (5, 3)),
+             ((64, 64, 3), (64, 21)), ((5, 5, 3), (1, 1))]  # fmt: skip
+    cases += [((*rng.integers(1, 70, 2), 3), tuple(rng.integers(1, 70, 2))) for _ in range(20)]
+    for shape, size in cases:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        theirs = keras.ops.image.resize(
+            pixels[None].astype("float32"), size, interpolation="bilinear", antialias=False
+        )
+        ours = data._resized(pixels, size)
+        assert ours.dtype == np.uint8 and ours.shape == (*size, shape[2])
+        # Ours is rounded; the backends' own floats differ among themselves by ~0.002.
+        np.testing.assert_allclose(ours, keras.ops.convert_to_numpy(theirs)[0], atol=0.5 + 1e-2)
+
+
 def test_combine_keeps_images_as_pixels_until_a_batch_is_predicted(tmp_path):
     """uint8 pixels, a quarter of float32's memory, scaled a batch at a time: the same
     predictions as from load_data's float32 images, also mirrored and on 0..255."""
