@@ -4,13 +4,14 @@ The article's members are not the only ones worth combining. Each file is loaded
 safe mode (unless --no-safe-mode; custom layers come from --custom-objects) and must
 take images scaled to [0, 1] (the article's x / 255; one at chance on them but not on
 0..255 pixels is given those, `on_raw_pixels`) to class probabilities (or logits, or
-one unit for two classes: `export.output_kind`),
-whatever its architecture: CIFAR-10's 32x32x3 images and 10 classes, or those of any
-class-folder tree `--data-dir` names (`data.load_labelled`: any number of classes,
-RGB or grey, resized to the models' input size as image_dataset_from_directory
-resizes, or of one size for models that take any). Every model predicts the test set
-once, and every subset of models (beyond six: each, all but each, and all) is scored
-under every `--combine` rule with the full report's metrics, exactly as `ensemble.py`
+one unit for two classes: `export.output_kind`), whatever its architecture:
+CIFAR-10's 32x32x3 images and 10 classes, or those of any class-folder tree
+`--data-dir` names (`data.load_labelled`: any number of classes, RGB or grey,
+resized to the models' input size as image_dataset_from_directory resizes, the
+largest where they differ, which `at_size` gives the others; or of one size for
+models that take any). Every model predicts the test set once, and every subset of
+models (beyond six: each, all but each, and all) is scored under every `--combine`
+rule with the full report's metrics, exactly as `ensemble.py`
 scores its own members; `--export` writes the chosen combination as one `.keras` file.
 
 The fitted rules (`weighted`, `stack`) learn on the tree's own `val/` folder if it
@@ -169,10 +170,24 @@ def run(args):
     )
     (x_val, y_val), (x_test, y_test) = arrays
     val_labels = np.argmax(y_val, axis=1)
+    resized = {}
+    own = {name: _fixed_size(model) for name, model in models.items()}
+    if len(set(own.values()) - {None}) > 1:
+        # Models of different input sizes: each is given the images as read (at the
+        # largest size, for a tree) through a Resizing layer to its own, in the table
+        # and in the exported file alike.
+        read = tuple(x_test.shape[1:3])
+        for name, wanted in own.items():
+            if wanted is not None and wanted != read:
+                models[name], resized[name] = at_size(models[name], read), list(wanted)
     for path, model in zip(args.models, models.values(), strict=True):
         export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
     print(f"{len(names)} models, {len(classes)} classes, {len(x_test)} test images, "
           f"{len(x_val)} validation images ({held_out})")  # fmt: skip
+    for name, (height, width) in resized.items():
+        print(f"note: model {name} takes {height}x{width} images: it is given the "
+              f"{x_test.shape[1]}x{x_test.shape[2]} images through a Resizing layer to its "
+              "size (bilinear), in the table and in an exported file")  # fmt: skip
     if len(names) > evaluation.EVERY_SUBSET_UP_TO and not args.every_subset:
         print(f"{len(names)} models make {2 ** len(names) - 1} subsets, too many to score "
               "in good time: scoring each model, all but each one, and all of them "
@@ -231,6 +246,7 @@ def run(args):
         "validation_images": held_out,
         "outputs": kinds,
         "raw_pixels": raw_pixels,
+        "resized_inputs": resized,
         "at_chance": at_chance,
     }
     if args.export:
@@ -263,8 +279,9 @@ def on_raw_pixels(model):
 
 def _one_kind(paths, models):
     """The channels of the models' images (3 if none fixes them) and the (height, width)
-    they take (None if none fixes it), or an ExportError for models that disagree on
-    either or on classes: one ensemble takes one kind of image."""
+    to read them at (None if no model fixes it): the largest any model takes, as
+    `at_size` gives the others theirs. An ExportError for models that disagree on
+    channels or classes: one ensemble takes one kind of image to one set of classes."""
     channels, sizes, classes = {}, {}, {}  # each: the first model that fixes it
     for path, model in zip(paths, models, strict=True):
         (height, width, channel_count), class_count = export.image_classifier(
@@ -273,11 +290,7 @@ def _one_kind(paths, models):
         channels.setdefault(channel_count, path)
         sizes.setdefault(None if None in (height, width) else (height, width), path)
         classes.setdefault(class_count, path)
-    for counts, says in (
-        (channels, "takes {}-channel images"),
-        (sizes, "takes {0[0]}x{0[1]} images"),
-        (classes, "scores {} classes"),
-    ):
+    for counts, says in ((channels, "takes {}-channel images"), (classes, "scores {} classes")):
         counts.pop(None, None)
         if len(counts) > 1:
             (a, first), (b, second) = list(counts.items())[:2]
@@ -285,7 +298,29 @@ def _one_kind(paths, models):
                 f"model {first} {says.format(a)} and model {second} {says.format(b)}; "
                 "the models of one ensemble must take the same images to the same classes"
             )
-    return next(iter(channels), 3), next(iter(sizes), None)
+    sizes.pop(None, None)
+    largest = max(sizes, key=lambda size: size[0] * size[1], default=None)
+    return next(iter(channels), 3), largest
+
+
+def _fixed_size(model):
+    """The (height, width) `model` takes, or None if it takes any (or does not say)."""
+    inputs = getattr(model, "inputs", None)
+    size = tuple(inputs[0].shape[1:3]) if inputs else (None, None)
+    return None if None in size else size
+
+
+def at_size(model, size):
+    """`model` behind a Resizing layer from `size` (height, width) to its own input size,
+    bilinear without antialiasing as image_dataset_from_directory resizes: a model of
+    smaller images beside one of larger, both given the larger. Keeps its name."""
+    height, width, channels = model.input_shape[1:]
+    inputs = keras.Input((*size, channels), name=f"{model.name}_images")
+    resized = keras.layers.Resizing(
+        height, width, interpolation="bilinear", name=f"{model.name}_to_{height}x{width}",
+        dtype="float32",
+    )(inputs)  # fmt: skip
+    return keras.Model(inputs, model(resized), name=model.name)
 
 
 def main(argv):

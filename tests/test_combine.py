@@ -255,7 +255,6 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
     [
         ("one model", "combine needs at least two models"),
         ("same file twice", "is given twice; give each model once"),
-        ("other size", "nin.keras takes 32x32 images and model SMALL takes 28x28 images"),
         ("grey, any size", "nin.keras takes 3-channel images and model GREY takes 1-channel"),
         ("other classes", "nin.keras scores 10 classes and model FIVE scores 5 classes"),
         ("not images", "maps 784 to 10; this needs one input of grey or RGB images"),
@@ -276,10 +275,6 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
         args = saved[:1]
     elif case == "same file twice":
         args.append(tmp_path / "mine" / ".." / "mine" / "nin.keras")
-    elif case == "other size":
-        args.append(tmp_path / "small.keras")
-        small_classifier(shape=(28, 28, 3)).save(args[-1])
-        message = message.replace("SMALL", str(args[-1]))
     elif case == "grey, any size":
         args.append(tmp_path / "grey.keras")
         small_classifier(shape=(None, None, 1)).save(args[-1])
@@ -498,26 +493,39 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
     assert capsys.readouterr().out == f"{image}: ^ 1.000\n"
 
 
+def write_photos(root):
+    """val/ and test/ of red cats and blue dogs, photos of eight sizes: a tree of models
+    trained elsewhere (no train/ needed)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    for split in ("val", "test"):
+        for label, colour in (("cat", (200, 60, 40)), ("dog", (40, 60, 200))):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                noise = rng.integers(-30, 30, (20 + 7 * i, 31 - 3 * i, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def colour_reader(size, name="reader"):
+    """Mean red minus mean blue, of images of `size`: cat (class 0) when red, dog when blue."""
+    inputs = keras.Input((*size, 3))
+    dense = keras.layers.Dense(2, activation="softmax")
+    reader = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(inputs)), name=name)
+    dense.set_weights([np.array([[9, -9], [0, 0], [-9, 9]], "float32"), np.zeros(2, "float32")])
+    return reader
+
+
 def test_combine_resizes_a_trees_photos_to_the_models_input_as_keras_does(tmp_path, capsys):
     """Photos of many sizes, as the TensorFlow tutorials' cats and dogs, for models that
     trained on them through image_dataset_from_directory(image_size=(16, 16))."""
     from PIL import Image
 
-    rng = np.random.default_rng(7)
-    for split in ("val", "test"):  # models trained elsewhere: no train/ needed
-        for label, colour in (("cat", (200, 60, 40)), ("dog", (40, 60, 200))):
-            (tmp_path / "tree" / split / label).mkdir(parents=True)
-            for i in range(4):
-                noise = rng.integers(-30, 30, (20 + 7 * i, 31 - 3 * i, 3))
-                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "tree" / split / label / f"{i}.png")
-    # Mean red minus mean blue: cat (class 0) when red, dog when blue.
-    inputs = keras.Input((16, 16, 3))
-    dense = keras.layers.Dense(2, activation="softmax")
-    reader = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(inputs)))
-    dense.set_weights([np.array([[9, -9], [0, 0], [-9, 9]], "float32"), np.zeros(2, "float32")])
+    write_photos(tmp_path / "tree")
     paths = [tmp_path / "reader.keras", tmp_path / "small.keras"]
-    reader.save(paths[0])
+    colour_reader((16, 16)).save(paths[0])
     small_classifier(2, (16, 16, 3)).save(paths[1])
     argv = ["combine", *map(str, paths), "--data-dir", str(tmp_path / "tree"),
             "--logs-dir", str(tmp_path / "logs")]  # fmt: skip
@@ -537,6 +545,38 @@ def test_combine_resizes_a_trees_photos_to_the_models_input_as_keras_does(tmp_pa
     # Without a size, as for fully convolutional models, the sizes must agree.
     with pytest.raises(data.DataError, match="the images must share one size"):
         data.load_labelled(tmp_path / "tree")
+
+
+def test_models_of_different_input_sizes_are_given_the_largest_through_a_resizing(tmp_path, capsys):
+    """A 24x24 model beside a 16x16 one (and one of any size): the tree is read at 24x24,
+    and the smaller one takes it through a Resizing layer, in the table and the file."""
+    tree = write_photos(tmp_path / "tree")
+    paths = [tmp_path / "small.keras", tmp_path / "large.keras", tmp_path / "any.keras"]
+    colour_reader((16, 16)).save(paths[0])
+    colour_reader((24, 24)).save(paths[1])
+    small_classifier(2, (None, None, 3)).save(paths[2])
+    exported = tmp_path / "e.keras"
+    argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--export", str(exported),
+            "--logs-dir", str(tmp_path / "logs")]  # fmt: skip
+    assert ensemble.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: model small takes 16x16 images: it is given the 24x24 images through a " in out
+    assert "model large takes" not in out and "model any takes" not in out
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    assert results["resized_inputs"] == {"small": [16, 16]}
+    rows = {row["row"]: row for row in results["results"]}
+    assert rows["small"]["test_error"] == rows["large"]["test_error"] == 0.0
+
+    (_, (x_test, _)), _, _ = data.load_labelled(tree, size=(24, 24))
+    resized = keras.layers.Resizing(16, 16, interpolation="bilinear")(x_test)
+    models = [keras.saving.load_model(path) for path in paths]
+    outputs = [models[0].predict(resized, verbose=0)]
+    outputs += [model.predict(x_test, verbose=0) for model in models[1:]]
+    reloaded = keras.saving.load_model(exported)
+    assert tuple(reloaded.input_shape) == (None, 24, 24, 3)
+    np.testing.assert_allclose(
+        reloaded.predict(x_test, verbose=0), np.mean(outputs, axis=0), atol=1e-6
+    )
 
 
 def test_resized_trees_match_image_dataset_from_directory(tmp_path):
