@@ -599,10 +599,16 @@ def predict_main(argv):
                         help="the model's class names, in the order of its outputs (default: "
                         "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
                         "'class 1', ... for others)")  # fmt: skip
+    parser.add_argument("--csv", metavar="PATH.csv", type=user_path,
+                        help="also write every image's probability of every class to this "
+                        "file: a header (image, predicted, the class names), then one row "
+                        "per image")  # fmt: skip
     add_loading_flags(parser)
     args = parser.parse_args(argv)
     try:
         paths = [found for given in args.images for found in image_files(given)]
+        if args.csv is not None:
+            _check_csv_path(args.csv, [args.model, *paths])
         model = load(
             args.model, custom_objects=custom_objects(args.custom_objects), safe_mode=args.safe_mode
         )
@@ -628,11 +634,50 @@ def predict_main(argv):
     except ExportError as error:
         print(f"ensemble.py predict: error: {error}", file=sys.stderr)
         return 2
+    if args.csv is not None:  # first: a reader that leaves early (| head) ends the prints
+        try:
+            _write_csv(args.csv, paths, scores, names)
+        except OSError as error:  # the disk full: the file before, if any, stays whole
+            print(f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        # stderr: stdout keeps one line per image, for whatever reads it.
+        print(f"probabilities of {len(paths)} images written to {args.csv}", file=sys.stderr)
     for path, probs in zip(paths, scores, strict=True):
         top = np.argsort(probs)[::-1][: args.top]
         ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
         print(f"{path}: {ranked}")
     return 0
+
+
+def _check_csv_path(path, inputs):
+    """An ExportError for a --csv path that cannot be written, or that is one of the
+    files this run reads (the model, an image), before anything is predicted."""
+    if path == "":
+        raise ExportError("--csv is empty (an unset shell variable?); give a file name")
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"--csv {path} is a folder; give a file name, such as {path}.csv")
+    if not path.parent.is_dir():
+        raise ExportError(f"--csv {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"--csv {path}: folder {path.parent} is not writable")
+    if path.resolve() in {Path(given).resolve() for given in inputs if str(given)}:
+        raise ExportError(f"--csv {path} is a file this command reads, which it would replace; "
+                          "give the table a file of its own")  # fmt: skip
+
+
+def _write_csv(path, images, scores, names):
+    """One row per image: its path, its top class and each class's probability."""
+    import csv
+
+    with checkpoints.replacing(path) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as file:
+            table = csv.writer(file)
+            table.writerow(["image", "predicted", *names])
+            for image, probs in zip(images, scores, strict=True):
+                predicted = names[int(np.argmax(probs))]
+                table.writerow([str(image), predicted, *(f"{p:.6f}" for p in probs)])
 
 
 def add_loading_flags(parser):

@@ -139,6 +139,32 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
         assert probabilities == sorted(probabilities, reverse=True)
 
 
+def test_predict_csv_holds_every_probability_of_every_image(tmp_path, members, capsys):
+    import csv
+
+    export.export(tmp_path / "e.keras", members, "average")
+    rng = np.random.default_rng(4)
+    images = [tmp_path / f"{name}.png" for name in ("b", "a")]
+    for image in images:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    table = tmp_path / "out.csv"
+    table.write_text("an earlier table, replaced")
+    argv = ["--model", str(tmp_path / "e.keras"), *map(str, images), "--csv", str(table)]
+    assert export.predict_main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"probabilities of 2 images written to {table}" in captured.err
+    assert len(captured.out.splitlines()) == 2  # stdout: still one line per image
+    with open(table, newline="") as file:
+        header, *rows = list(csv.reader(file))
+    assert header == ["image", "predicted", *data.CLASS_NAMES]
+    assert [row[0] for row in rows] == list(map(str, images))
+    x = data.scale(np.stack([export.read_pixels(image) for image in images]))
+    expected = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
+    for row, probs in zip(rows, expected, strict=True):
+        np.testing.assert_allclose([float(v) for v in row[2:]], probs, atol=2e-6)
+        assert row[1] == data.CLASS_NAMES[int(np.argmax(probs))]
+
+
 def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
     # python ensemble.py predict ... | head -1: the reader is gone before the output.
     export.export(tmp_path / "e.keras", members, "average")
@@ -169,6 +195,10 @@ def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
         ("top", "--top must lie between 1 and 10, got 11"),
         ("batch size", "--batch-size must be at least 1, got 0"),
         ("classes", "--classes names 2 classes; --model MODEL scores 10"),
+        ("csv folder", "is a folder; give a file name, such as"),
+        ("csv nowhere", "nowhere/p.csv: folder"),
+        ("csv onto model", "e.keras is a file this command reads, which it would replace"),
+        ("csv onto image", "cat.png is a file this command reads, which it would replace"),
     ],
 )
 def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys, problem, message):
@@ -215,12 +245,18 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
             [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5, "sigmoid")]
         ).save(model)
     extra = {"top": ["--top", "11"], "classes": ["--classes", "cat,dog"],
-             "batch size": ["--batch-size", "0"]}.get(problem, [])  # fmt: skip
+             "batch size": ["--batch-size", "0"], "csv folder": ["--csv", str(tmp_path)],
+             "csv nowhere": ["--csv", str(tmp_path / "nowhere" / "p.csv")],
+             "csv onto model": ["--csv", str(model)],
+             "csv onto image": ["--csv", str(tmp_path / "." / "cat.png")],
+             }.get(problem, [])  # fmt: skip
+    before = {path: path.read_bytes() for path in (model, image) if Path(path).is_file()}
     message = message.replace("MODEL", str(model))
     assert export.predict_main(["--model", str(model), str(image), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1
     assert message in err
+    assert all(path.read_bytes() == content for path, content in before.items())
 
 
 def printed(image, probs):
