@@ -523,8 +523,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in COMMANDS:
         import combine  # imports this module: loaded only when asked for
+        import predict
 
-        command = {"predict": export.predict_main, "combine": combine.main}[argv[0]]
+        command = {"predict": predict.main, "combine": combine.main}[argv[0]]
         try:
             return command(argv[1:])
         except KeyboardInterrupt:

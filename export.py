@@ -1,4 +1,5 @@
-"""One-file ensembles: `--export PATH.keras` and `python ensemble.py predict`.
+"""One-file ensembles (`--export PATH.keras`), and the loading and reading of any
+saved classifier that `combine` and `predict` (predict.py) share.
 
 The exported model takes one image batch, runs every member (each a nested
 `keras.Model`) and combines their softmax outputs with built-in layers only, so
@@ -35,8 +36,6 @@ import evaluation
 import fast
 
 EXPORT_RULES = ("average", "weighted", "stack")
-TOP_CLASSES = 3
-PIXELS = ("auto", "0-1", "0-255")  # predict --pixels
 
 
 class ExportError(ValueError):
@@ -355,71 +354,6 @@ def _shapes(tensors):
     return ", ".join("x".join(str(d) for d in t.shape[1:]) for t in tensors)
 
 
-def image_files(path):
-    """[path] for a file; for a folder, the image files in it (`data.IMAGE_SUFFIXES`), by name."""
-    if str(path) == "" or not Path(path).is_dir():
-        return [path]  # read_pixels says what is wrong with it, if anything
-    found = sorted(p for p in Path(path).iterdir() if _is_image_file(p))
-    if not found:
-        # A class-folder tree's test/ holds its images one level down: say so.
-        with_images = sorted(p for p in Path(path).iterdir() if p.is_dir() and _holds_images(p))
-        hint = (
-            f"; they are only in its folders, such as {with_images[0].name}/, which are not "
-            f"searched: give them, e.g. {Path(path) / '*'}"
-            if with_images
-            else ""
-        )
-        raise ExportError(f"folder {path} holds no image files ({data.IMAGE_KINDS}){hint}")
-    return found
-
-
-def _holds_images(folder):
-    try:
-        return any(map(_is_image_file, folder.iterdir()))
-    except OSError:  # unreadable: it says nothing about where the images are
-        return False
-
-
-def _is_image_file(path):
-    # Hidden files (macOS' ._photo.jpg) are not images.
-    return (
-        path.suffix.lower() in data.IMAGE_SUFFIXES
-        and path.is_file()
-        and not path.name.startswith(".")
-    )
-
-
-def read_pixels(path, shape=data.IMAGE_SHAPE):
-    """An image file of any size as uint8 pixels of `shape` (height, width, 1 or 3
-    channels; an axis of None, as a fully convolutional model's, is CIFAR-10's),
-    upright as a viewer shows it (its EXIF orientation applied)."""
-    try:
-        Image = data.pillow()
-    except data.DataError as error:
-        raise ExportError(str(error)) from error
-    from PIL import ImageOps, UnidentifiedImageError
-
-    if str(path) == "":  # an unset shell variable; "image  does not exist" says nothing
-        raise ExportError("an image path is empty (an unset shell variable?); give the file")
-    height, width, channels = (d or c for d, c in zip(shape, data.IMAGE_SHAPE, strict=True))
-    try:
-        with Image.open(path) as image:
-            # A phone stores a portrait photo as landscape pixels plus an EXIF
-            # orientation, which viewers apply; without it the model sees it sideways.
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):  # a 16-bit grey PNG ("I;16", or "I" in old Pillow)
-                # Pillow's convert() clips it to 255 instead of scaling: an image of white.
-                levels = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
-                image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
-            image = image.convert("L" if channels == 1 else "RGB")
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-            return np.asarray(image).reshape(height, width, channels)
-    except FileNotFoundError as error:
-        raise ExportError(f"image {path} does not exist") from error
-    except (UnidentifiedImageError, OSError) as error:
-        raise ExportError(f"image {path} is not a readable image ({error})") from error
-
-
 def rescales_itself(model):
     """Whether `model` wants pixels in 0..255 because it rescales its input itself: the
     first layer that changes values (past augmentation, off when predicting, and
@@ -570,116 +504,6 @@ def with_probabilities(model, kind):
     return keras.Model(inputs, probs, name=model.name)
 
 
-def predict_main(argv):
-    """`python ensemble.py predict --model PATH.keras IMAGE...`: top classes per image."""
-    from config import Parser, user_path  # config imports this module
-
-    parser = Parser(
-        prog="ensemble.py predict",
-        description="Classify images with an ensemble exported by --export (or combine "
-        "--export), or any Keras classifier of images.",
-    )
-    parser.add_argument("--model", required=True, type=user_path, help="a .keras (or .h5) "
-                        "classifier of images; one written by --export names its "
-                        "classes")  # fmt: skip
-    parser.add_argument("images", nargs="+", metavar="IMAGE", type=user_path,
-                        help=f"image files ({data.IMAGE_KINDS}) of any size, or folders "
-                        "of them")  # fmt: skip
-    parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
-                        f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
-    parser.add_argument("--tta", action="store_true", help="average with the mirror image's "
-                        "probabilities, as combine --tta scores them")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
-    parser.add_argument("--pixels", choices=PIXELS, default="auto",
-                        help="the images' scale: 0-1 (x / 255, the article's, and every "
-                        "exported file's), 0-255, or auto: 0-255 for a model that rescales "
-                        "its input itself (a first Rescaling(1/255), say), else 0-1")  # fmt: skip
-    # One comma-separated value, not nargs="+", which would take the images after it too.
-    parser.add_argument("--classes", metavar="NAME,NAME,...", type=_comma_separated,
-                        help="the model's class names, in the order of its outputs (default: "
-                        "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
-                        "'class 1', ... for others)")  # fmt: skip
-    parser.add_argument("--csv", metavar="PATH.csv", type=user_path,
-                        help="also write every image's probability of every class to this "
-                        "file: a header (image, predicted, the class names), then one row "
-                        "per image")  # fmt: skip
-    add_loading_flags(parser)
-    args = parser.parse_args(argv)
-    try:
-        paths = [found for given in args.images for found in image_files(given)]
-        if args.csv is not None:
-            _check_csv_path(args.csv, [args.model, *paths])
-        model = load(
-            args.model, custom_objects=custom_objects(args.custom_objects), safe_mode=args.safe_mode
-        )
-        label = f"--model {args.model}"
-        shape, num_classes = image_classifier(model, label)
-        num_classes = num_classes or data.NUM_CLASSES  # a subclassed model: CIFAR-10's
-        exported_names = class_names(args.model, num_classes)  # only exported files have them
-        names = _names(args, num_classes, exported_names)
-        if args.batch_size < 1:
-            raise ExportError(f"--batch-size must be at least 1, got {args.batch_size}")
-        args.top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
-        if not 1 <= args.top <= len(names):
-            raise ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
-        raw = args.pixels == "0-255"
-        if args.pixels == "auto" and exported_names is None:
-            raw = rescales_itself(model)  # an exported file takes [0, 1], whatever it holds
-            if raw:
-                print(f"note: --model {args.model} rescales its input itself: it is given "
-                      "pixels in 0..255 (--pixels 0-1 overrides)", file=sys.stderr)  # fmt: skip
-        # uint8 until a batch is predicted, as in combine: a quarter of float32's memory.
-        pixels = np.stack([read_pixels(path, shape) for path in paths])
-        _, _, scores = predict_probabilities(model, pixels, args.batch_size, args.tta, raw, label)
-    except ExportError as error:
-        print(f"ensemble.py predict: error: {error}", file=sys.stderr)
-        return 2
-    if args.csv is not None:  # first: a reader that leaves early (| head) ends the prints
-        try:
-            _write_csv(args.csv, paths, scores, names)
-        except OSError as error:  # the disk full: the file before, if any, stays whole
-            print(f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        # stderr: stdout keeps one line per image, for whatever reads it.
-        print(f"probabilities of {len(paths)} images written to {args.csv}", file=sys.stderr)
-    for path, probs in zip(paths, scores, strict=True):
-        top = np.argsort(probs)[::-1][: args.top]
-        ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
-        print(f"{path}: {ranked}")
-    return 0
-
-
-def _check_csv_path(path, inputs):
-    """An ExportError for a --csv path that cannot be written, or that is one of the
-    files this run reads (the model, an image), before anything is predicted."""
-    if path == "":
-        raise ExportError("--csv is empty (an unset shell variable?); give a file name")
-    path = Path(path)
-    if path.is_dir():
-        raise ExportError(f"--csv {path} is a folder; give a file name, such as {path}.csv")
-    if not path.parent.is_dir():
-        raise ExportError(f"--csv {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"--csv {path}: folder {path.parent} is not writable")
-    if path.resolve() in {Path(given).resolve() for given in inputs if str(given)}:
-        raise ExportError(f"--csv {path} is a file this command reads, which it would replace; "
-                          "give the table a file of its own")  # fmt: skip
-
-
-def _write_csv(path, images, scores, names):
-    """One row per image: its path, its top class and each class's probability."""
-    import csv
-
-    with checkpoints.replacing(path) as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as file:
-            table = csv.writer(file)
-            table.writerow(["image", "predicted", *names])
-            for image, probs in zip(images, scores, strict=True):
-                predicted = names[int(np.argmax(probs))]
-                table.writerow([str(image), predicted, *(f"{p:.6f}" for p in probs)])
-
-
 def add_loading_flags(parser):
     """combine's and predict's flags for models that need more than Keras to load."""
     from config import user_path  # config imports this module
@@ -697,23 +521,3 @@ def loading_flags(args):
     """The --custom-objects and --no-safe-mode given, as typed again to load an export."""
     flags = [f"--custom-objects {source}" for source in args.custom_objects or ()]
     return " ".join(flags + ([] if args.safe_mode else ["--no-safe-mode"]))
-
-
-def _comma_separated(text):
-    return [name.strip() for name in text.split(",")]
-
-
-def _names(args, num_classes, exported_names):
-    """The class names `predict` prints: --classes, the file's own, or defaults."""
-    if args.classes is not None:
-        if len(args.classes) != num_classes:
-            raise ExportError(
-                f"--classes names {len(args.classes)} classes; --model {args.model} "
-                f"scores {num_classes}"
-            )
-        return args.classes
-    if exported_names:
-        return exported_names
-    if num_classes == data.NUM_CLASSES:  # files exported before they carried names
-        return list(data.CLASS_NAMES)
-    return [f"class {k}" for k in range(num_classes)]

@@ -13,6 +13,7 @@ import ensemble
 import evaluation
 import export
 import fast
+import predict
 from models import nin_cnn
 
 
@@ -415,17 +416,17 @@ def test_a_binary_classifier_of_one_unit_scores_two_classes(tmp_path, capsys):
         keras.saving.load_model(exported).predict(x_test, verbose=0), expected, atol=1e-5
     )
     image = tree / "test" / "square" / "0001.png"
-    assert export.predict_main(["--model", str(exported), str(image), "--top", "1"]) == 0
+    assert predict.main(["--model", str(exported), str(image), "--top", "1"]) == 0
     assert capsys.readouterr().out.startswith(f"{image}: square ")
     # predict takes a one-unit file of its own too: two classes.
-    assert export.predict_main(["--model", str(paths[1]), str(image)]) == 0
+    assert predict.main(["--model", str(paths[1]), str(image)]) == 0
     assert capsys.readouterr().out == f"{image}: class 1 1.000, class 0 0.000\n"
     # One that rescales its input itself is given 0..255, unless --pixels says otherwise.
-    assert export.predict_main(["--model", str(paths[2]), str(image)]) == 0
+    assert predict.main(["--model", str(paths[2]), str(image)]) == 0
     out, err = capsys.readouterr()
     assert out == f"{image}: class 1 1.000, class 0 0.000\n"
     assert "rescales.keras rescales its input itself: it is given pixels in 0..255" in err
-    assert export.predict_main(["--model", str(paths[2]), "--pixels", "0-1", str(image)]) == 0
+    assert predict.main(["--model", str(paths[2]), "--pixels", "0-1", str(image)]) == 0
     out, err = capsys.readouterr()
     assert out == f"{image}: class 0 1.000, class 1 0.000\n" and err == ""
 
@@ -478,18 +479,18 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
 
     # The exported file names its classes: predict prints them, not CIFAR-10's.
     image = tree / "test" / "triangle" / "0002.png"
-    assert export.predict_main(["--model", str(exported), str(image), "--top", "1"]) == 0
+    assert predict.main(["--model", str(exported), str(image), "--top", "1"]) == 0
     assert capsys.readouterr().out.startswith(f"{image}: triangle ")
     # By default the top 3, or every class of fewer: both of two.
     small_classifier(2, (12, 10, 1)).save(tmp_path / "two.keras")
-    assert export.predict_main(["--model", str(tmp_path / "two.keras"), str(image)]) == 0
+    assert predict.main(["--model", str(tmp_path / "two.keras"), str(image)]) == 0
     ranked = capsys.readouterr().out.split(": ", 1)[1].split(", ")
     assert sorted(item.rsplit(" ", 1)[0] for item in ranked) == ["class 0", "class 1"]
     # A file that names none: CIFAR-10's classes for ten, numbers otherwise, or --classes.
-    assert export.predict_main(["--model", str(paths[0]), str(image), "--top", "1"]) == 0
+    assert predict.main(["--model", str(paths[0]), str(image), "--top", "1"]) == 0
     assert capsys.readouterr().out == f"{image}: class 2 1.000\n"
     named = ["--classes", "o,[],^", "--top", "1"]  # before the images too
-    assert export.predict_main(["--model", str(paths[0]), *named, str(image)]) == 0
+    assert predict.main(["--model", str(paths[0]), *named, str(image)]) == 0
     assert capsys.readouterr().out == f"{image}: ^ 1.000\n"
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 import combine
 import export
+import predict
 
 # A user's layers file: one registered class, one class and one function found by
 # name only, and the code that saved the models, kept from running on import by the
@@ -111,24 +112,24 @@ def test_combine_and_predict_load_custom_layers_and_lambdas_when_told(tmp_path, 
 
     image = tmp_path / "cat.png"
     Image.fromarray((images[0] * 255).astype(np.uint8)).save(image)
-    predict = [str(image), "--model", str(ensemble_file)]
-    err = refused([*predict, *flag], export.predict_main)
+    predict_args = [str(image), "--model", str(ensemble_file)]
+    err = refused([*predict_args, *flag], predict.main)
     assert f"--model {ensemble_file} holds Python code" in err
-    err = refused([*predict, "--no-safe-mode"], export.predict_main)
+    err = refused([*predict_args, "--no-safe-mode"], predict.main)
     assert "which is not defined here" in err  # Shift, or squared_relu, whichever comes first
     assert "uses the custom class Shift" in err or "uses the custom function squared_relu" in err
-    assert export.predict_main([*predict, *flag, "--no-safe-mode"]) == 0
+    assert predict.main([*predict_args, *flag, "--no-safe-mode"]) == 0
     assert capsys.readouterr().out.startswith(f"{image}: ")
 
 
 def test_a_legacy_h5_of_a_custom_layer_names_it_and_loads_with_the_file(tmp_path, saved, capsys):
     image = tmp_path / "cat.png"
     Image.new("RGB", (32, 32)).save(image)
-    predict = ["--model", str(tmp_path / "scaled.h5"), str(image)]
-    assert export.predict_main(predict) == 2
+    predict_args = ["--model", str(tmp_path / "scaled.h5"), str(image)]
+    assert predict.main(predict_args) == 2
     err = capsys.readouterr().err
     assert "scaled.h5 uses the custom layer test_" in err and ">Scale, which is not" in err
-    assert export.predict_main([*predict, "--custom-objects", str(saved)]) == 0
+    assert predict.main([*predict_args, "--custom-objects", str(saved)]) == 0
 
 
 @pytest.mark.parametrize(
@@ -152,7 +153,7 @@ def test_a_custom_objects_file_that_does_not_import_is_one_line_exit_2(
         (tmp_path / source).write_text(text)
     Image.new("RGB", (32, 32)).save(tmp_path / "cat.png")
     argv = ["--model", "any.keras", "cat.png", "--custom-objects", source]
-    assert export.predict_main(argv) == 2
+    assert predict.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1, err
     assert message in err

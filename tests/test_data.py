@@ -25,6 +25,7 @@ from conftest import (
 
 import data
 import export
+import predict
 
 
 def check_article_arrays(train, test, num_train, num_test):
@@ -494,10 +495,10 @@ def test_bmp_gif_and_webp_images_load_as_their_pixels_in_trees_and_predict(image
     for name, expected in cases.items():
         position = int(name.split("/")[1][:4])
         np.testing.assert_array_equal(data._pixels(x_test[position]), expected, err_msg=name)
-        read = export.read_pixels(image_tree / "test" / name)
+        read = predict.read_pixels(image_tree / "test" / name)
         np.testing.assert_array_equal(read, expected, err_msg=name)
     # A folder given to predict stands for these files too, by name.
-    found = export.image_files(image_tree / "test" / "dog")
+    found = predict.image_files(image_tree / "test" / "dog")
     assert [p.name for p in found][:2] == ["0010.webp", "0011.GIF"]
 
 
@@ -660,4 +661,4 @@ def test_without_pillow_image_files_ask_for_it_in_one_line(tmp_path, monkeypatch
     with pytest.raises(data.DataError, match=wanted):
         data.load_data(tree)
     with pytest.raises(export.ExportError, match=wanted):
-        export.read_pixels(image)
+        predict.read_pixels(image)

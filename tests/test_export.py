@@ -14,6 +14,7 @@ import data
 import ensemble
 import evaluation
 import export
+import predict
 from models import all_cnn, nin_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_predict_command_prints_top_classes_for_images_of_any_size(tmp_path, mem
     (photos / "notes.txt").write_text("not an image")
     (photos / "._a.png").write_bytes(b"macOS metadata")
     args = ["--model", str(tmp_path / "e.keras"), str(big), str(grey), str(photos)]
-    assert export.predict_main(args) == 0
+    assert predict.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     expected = [str(big), str(grey), str(photos / "a.png"), str(photos / "b.JPG")]
     assert [line.split(":")[0] for line in lines] == expected
@@ -150,7 +151,7 @@ def test_predict_csv_holds_every_probability_of_every_image(tmp_path, members, c
     table = tmp_path / "out.csv"
     table.write_text("an earlier table, replaced")
     argv = ["--model", str(tmp_path / "e.keras"), *map(str, images), "--csv", str(table)]
-    assert export.predict_main(argv) == 0
+    assert predict.main(argv) == 0
     captured = capsys.readouterr()
     assert f"probabilities of 2 images written to {table}" in captured.err
     assert len(captured.out.splitlines()) == 2  # stdout: still one line per image
@@ -158,7 +159,7 @@ def test_predict_csv_holds_every_probability_of_every_image(tmp_path, members, c
         header, *rows = list(csv.reader(file))
     assert header == ["image", "predicted", *data.CLASS_NAMES]
     assert [row[0] for row in rows] == list(map(str, images))
-    x = data.scale(np.stack([export.read_pixels(image) for image in images]))
+    x = data.scale(np.stack([predict.read_pixels(image) for image in images]))
     expected = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
     for row, probs in zip(rows, expected, strict=True):
         np.testing.assert_allclose([float(v) for v in row[2:]], probs, atol=2e-6)
@@ -252,7 +253,7 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
              }.get(problem, [])  # fmt: skip
     before = {path: path.read_bytes() for path in (model, image) if Path(path).is_file()}
     message = message.replace("MODEL", str(model))
-    assert export.predict_main(["--model", str(model), str(image), *extra]) == 2
+    assert predict.main(["--model", str(model), str(image), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1
     assert message in err
@@ -332,8 +333,8 @@ def test_read_pixels_scales_a_16_bit_grey_png_to_8_bits(tmp_path):
     Image.fromarray(grey * 257).save(tmp_path / "16.png")  # 255 -> 65535
     assert Image.open(tmp_path / "16.png").mode.startswith("I")
     for shape in ((32, 32, 3), (20, 24, 1)):
-        eight = export.read_pixels(tmp_path / "8.png", shape)
-        np.testing.assert_array_equal(export.read_pixels(tmp_path / "16.png", shape), eight)
+        eight = predict.read_pixels(tmp_path / "8.png", shape)
+        np.testing.assert_array_equal(predict.read_pixels(tmp_path / "16.png", shape), eight)
     assert eight[..., 0].tolist() == grey.tolist()  # no resize: the very pixels
 
 
@@ -348,12 +349,12 @@ def test_read_pixels_turns_a_photo_upright_by_its_exif_orientation(tmp_path, suf
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
     stored.save(tmp_path / f"phone{suffix}", exif=exif.tobytes())
-    seen = export.read_pixels(tmp_path / f"phone{suffix}", (40, 20, 3)).astype(int)
+    seen = predict.read_pixels(tmp_path / f"phone{suffix}", (40, 20, 3)).astype(int)
     away_from_the_edge = np.r_[0:16, 24:40]  # JPEG blurs colours across it
     assert np.abs(seen - upright)[away_from_the_edge].max() < 8
     plain = tmp_path / f"plain{suffix}"  # no tag: read as stored, red on the left
     stored.save(plain)
-    seen = export.read_pixels(plain, (20, 40, 3)).astype(int)
+    seen = predict.read_pixels(plain, (20, 40, 3)).astype(int)
     assert np.abs(seen[:, :16] - (250, 0, 0)).max() < 8
     assert np.abs(seen[:, 24:] - (0, 0, 250)).max() < 8
 
@@ -366,18 +367,16 @@ def test_predict_takes_a_model_that_ends_in_logits(tmp_path, capsys):
     model.save(tmp_path / "logits.keras")
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)).save(image)
-    x = data.scale(export.read_pixels(image))[None]
+    x = data.scale(predict.read_pixels(image))[None]
 
     def softmax(logits):
         exp = np.exp(logits - logits.max())
         return exp / exp.sum()
 
-    assert export.predict_main(["--model", str(tmp_path / "logits.keras"), str(image)]) == 0
+    assert predict.main(["--model", str(tmp_path / "logits.keras"), str(image)]) == 0
     assert capsys.readouterr().out == printed(image, softmax(model.predict(x, verbose=0)[0]))
     # --tta averages the original's and the mirror's probabilities, as combine --tta.
-    assert (
-        export.predict_main(["--model", str(tmp_path / "logits.keras"), "--tta", str(image)]) == 0
-    )
+    assert predict.main(["--model", str(tmp_path / "logits.keras"), "--tta", str(image)]) == 0
     both = [softmax(model.predict(images, verbose=0)[0]) for images in (x, x[:, :, ::-1])]
     assert capsys.readouterr().out == printed(image, np.mean(both, axis=0))
 
@@ -417,10 +416,10 @@ def test_predict_gives_an_exported_file_pixels_in_0_1_whatever_its_members_start
     export.export(tmp_path / "e.keras", [member, nin_cnn(inputs)], "average")
     image = tmp_path / "cat.png"
     Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
-    assert export.predict_main(["--model", str(tmp_path / "e.keras"), str(image)]) == 0
+    assert predict.main(["--model", str(tmp_path / "e.keras"), str(image)]) == 0
     out, err = capsys.readouterr()
     model = keras.saving.load_model(tmp_path / "e.keras")
-    pixels = export.read_pixels(image)
+    pixels = predict.read_pixels(image)
     images = {False: data.scale(pixels), True: pixels.astype("float32")}
     expected = {raw: printed(image, model.predict(images[raw][None], verbose=0)[0])
                 for raw in (False, True)}  # fmt: skip

@@ -14,7 +14,7 @@ from PIL import Image
 
 import combine
 import ensemble
-import export
+import predict
 from models import nin_cnn
 
 
@@ -370,6 +370,6 @@ def test_a_tilde_after_a_flags_equals_sign_means_home(tmp_path, monkeypatch, cap
     home.mkdir()
     nin_cnn(keras.Input((32, 32, 3))).save(home / "nin.keras")
     Image.new("RGB", (32, 32), (90, 20, 200)).save(home / "cat.png")
-    assert export.predict_main(["--model=~/nin.keras", "~/cat.png"]) == 0
+    assert predict.main(["--model=~/nin.keras", "~/cat.png"]) == 0
     assert capsys.readouterr().out.startswith(f"{home / 'cat.png'}: ")
     assert not (tmp_path / "~").exists()
