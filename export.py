@@ -270,16 +270,18 @@ def _import(source):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and typing look their module up there
-    sys.path.insert(0, str(path.resolve().parent))
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except BaseException as error:
-        del sys.modules[name]
+        sys.modules.pop(name, None)
         if not isinstance(error, Exception):
             raise  # Ctrl-C, or a sys.exit in the file's top level: theirs to make
         raise ExportError(_import_failed(source, error)) from error
     finally:
-        sys.path.remove(str(path.resolve().parent))
+        if folder in sys.path:  # unless the file's own code took it out
+            sys.path.remove(folder)
     return module
 
 

@@ -7,6 +7,7 @@ is read upright and resized to the model's input (`read_pixels`), predicted in
 batches, and printed with its top classes; `--csv` also writes every probability.
 """
 
+import contextlib
 import csv
 import os
 import sys
@@ -18,6 +19,7 @@ import checkpoints
 import config
 import data
 import export
+import fast
 
 TOP_CLASSES = 3
 PIXELS = ("auto", "0-1", "0-255")  # --pixels
@@ -143,28 +145,51 @@ def main(argv):
             if raw:
                 print(f"note: --model {args.model} rescales its input itself: it is given "
                       "pixels in 0..255 (--pixels 0-1 overrides)", file=sys.stderr)  # fmt: skip
-        # uint8 until a batch is predicted, as in combine: a quarter of float32's memory.
-        pixels = np.stack([read_pixels(path, shape) for path in paths])
-        _, _, scores = export.predict_probabilities(
-            model, pixels, args.batch_size, args.tta, raw, label
-        )
+        rows = _predicted(model, paths, shape, args, raw, label)
+        # The CSV is written whole or not at all, at the end; each image's line as soon
+        # as its chunk is predicted, so a large folder shows its progress.
+        with _csv_table(args.csv, names) as table:
+            for chunk_paths, chunk_scores in rows:
+                for path, probs in zip(chunk_paths, chunk_scores, strict=True):
+                    top = np.argsort(probs)[::-1][: args.top]
+                    ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
+                    print(f"{path}: {ranked}")
+                    table(path, probs)
     except export.ExportError as error:
         print(f"ensemble.py predict: error: {error}", file=sys.stderr)
         return 2
-    if args.csv is not None:  # first: a reader that leaves early (| head) ends the prints
-        try:
-            _write_csv(args.csv, paths, scores, names)
-        except OSError as error:  # the disk full: the file before, if any, stays whole
-            print(f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        # stderr: stdout keeps one line per image, for whatever reads it.
+    except BrokenPipeError:
+        raise  # the reader of the lines left: ensemble.main ends quietly
+    except OSError as error:  # writing --csv: the disk full; the file before stays whole
+        print(f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.csv is not None:  # stderr: stdout keeps one line per image
         print(f"probabilities of {len(paths)} images written to {args.csv}", file=sys.stderr)
-    for path, probs in zip(paths, scores, strict=True):
-        top = np.argsort(probs)[::-1][: args.top]
-        ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
-        print(f"{path}: {ranked}")
     return 0
+
+
+CHUNK = 1024  # images read and predicted at once: 150 MB of 224x224 RGB pixels
+
+
+def _predicted(model, paths, shape, args, raw, label):
+    """(paths, probabilities) a chunk of images at a time, so that a folder of any size
+    fits in memory: each chunk is read as uint8 pixels (a quarter of float32's memory,
+    as in combine) and predicted in batches. What the model outputs is found on the
+    first chunk, and every later chunk goes through the model that outputs it as
+    probabilities (`export.predict_probabilities`)."""
+    size = max(CHUNK, args.batch_size)
+    for start in range(0, len(paths), size):
+        chunk = paths[start : start + size]
+        pixels = np.stack([read_pixels(path, shape) for path in chunk])
+        if start == 0:
+            model, _, probs = export.predict_probabilities(
+                model, pixels, args.batch_size, args.tta, raw, label
+            )
+        else:
+            outputs = fast.predict(model, pixels, args.batch_size, args.tta, raw)
+            probs = export.probabilities(label, outputs)
+        yield chunk, probs
 
 
 def _check_csv_path(path, inputs):
@@ -186,15 +211,24 @@ def _check_csv_path(path, inputs):
         )
 
 
-def _write_csv(path, images, scores, names):
-    """One row per image: its path, its top class and each class's probability."""
+@contextlib.contextmanager
+def _csv_table(path, names):
+    """Yields add(image, probabilities), which writes one row of the --csv table (its
+    path, its top class and each class's probability), whole or not at all
+    (`checkpoints.replacing`); with no path, add does nothing."""
+    if path is None:
+        yield lambda image, probs: None
+        return
     with checkpoints.replacing(path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as file:
             table = csv.writer(file)
             table.writerow(["image", "predicted", *names])
-            for image, probs in zip(images, scores, strict=True):
+
+            def add(image, probs):
                 predicted = names[int(np.argmax(probs))]
                 table.writerow([str(image), predicted, *(f"{p:.6f}" for p in probs)])
+
+            yield add
 
 
 def _comma_separated(text):

@@ -166,6 +166,36 @@ def test_predict_csv_holds_every_probability_of_every_image(tmp_path, members, c
         assert row[1] == data.CLASS_NAMES[int(np.argmax(probs))]
 
 
+def test_predict_reads_a_large_folder_a_chunk_at_a_time(tmp_path, capsys, monkeypatch):
+    """A folder of any size fits in memory: the images are read and predicted a chunk at
+    a time, with the same lines and table as in one go; what the model outputs (logits
+    here) is found on the first chunk and holds for the rest, --tta too."""
+    import fast
+
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])  # fmt: skip
+    model.save(tmp_path / "logits.keras")
+    rng = np.random.default_rng(5)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    argv = ["--model", str(tmp_path / "logits.keras"), "--tta", "--batch-size", "1"]
+
+    def run(name):
+        code = predict.main([*argv, "--csv", str(tmp_path / name), str(tmp_path)])
+        assert code == 0
+        return capsys.readouterr().out, (tmp_path / name).read_text()
+
+    whole = run("whole.csv")
+    seen = []
+    real_predict = fast.predict
+    monkeypatch.setattr(predict, "CHUNK", 2)
+    monkeypatch.setattr(
+        fast, "predict", lambda m, x, *a: seen.append(len(x)) or real_predict(m, x, *a)
+    )
+    assert run("chunks.csv") == whole
+    assert len(whole[0].splitlines()) == 5 and max(seen) == 2
+
+
 def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
     # python ensemble.py predict ... | head -1: the reader is gone before the output.
     export.export(tmp_path / "e.keras", members, "average")
