@@ -8,7 +8,7 @@ one unit for two classes: `export.output_kind`), whatever its architecture:
 CIFAR-10's 32x32x3 images and 10 classes, or those of any class-folder tree
 `--data-dir` names (`data.load_labelled`: any number of classes, RGB or grey,
 resized to the models' input size as image_dataset_from_directory resizes, the
-largest where they differ, which `at_size` gives the others; or of one size for
+largest where they differ, which `export.at_size` gives the others; or of one size for
 models that take any). Every model predicts the test set once, and every subset of
 models (beyond six: each, all but each, and all) is scored under every `--combine`
 rule with the full report's metrics, exactly as `ensemble.py`
@@ -171,7 +171,7 @@ def run(args):
     (x_val, y_val), (x_test, y_test) = arrays
     val_labels = np.argmax(y_val, axis=1)
     resized = {}
-    own = {name: _fixed_size(model) for name, model in models.items()}
+    own = {name: export.fixed_size(model) for name, model in models.items()}
     if len(set(own.values()) - {None}) > 1:
         # Models of different input sizes: each is given the images as read (at the
         # largest size, for a tree) through a Resizing layer to its own, in the table
@@ -179,7 +179,7 @@ def run(args):
         read = tuple(x_test.shape[1:3])
         for name, wanted in own.items():
             if wanted is not None and wanted != read:
-                models[name], resized[name] = at_size(models[name], read), list(wanted)
+                models[name], resized[name] = export.at_size(models[name], read), list(wanted)
     for path, model in zip(args.models, models.values(), strict=True):
         export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
     print(f"{len(names)} models, {len(classes)} classes, {len(x_test)} test images, "
@@ -280,7 +280,7 @@ def on_raw_pixels(model):
 def _one_kind(paths, models):
     """The channels of the models' images (3 if none fixes them) and the (height, width)
     to read them at (None if no model fixes it): the largest any model takes, as
-    `at_size` gives the others theirs. An ExportError for models that disagree on
+    `export.at_size` gives the others theirs. An ExportError for models that disagree on
     channels or classes: one ensemble takes one kind of image to one set of classes."""
     channels, sizes, classes = {}, {}, {}  # each: the first model that fixes it
     for path, model in zip(paths, models, strict=True):
@@ -301,26 +301,6 @@ def _one_kind(paths, models):
     sizes.pop(None, None)
     largest = max(sizes, key=lambda size: size[0] * size[1], default=None)
     return next(iter(channels), 3), largest
-
-
-def _fixed_size(model):
-    """The (height, width) `model` takes, or None if it takes any (or does not say)."""
-    inputs = getattr(model, "inputs", None)
-    size = tuple(inputs[0].shape[1:3]) if inputs else (None, None)
-    return None if None in size else size
-
-
-def at_size(model, size):
-    """`model` behind a Resizing layer from `size` (height, width) to its own input size,
-    bilinear without antialiasing as image_dataset_from_directory resizes: a model of
-    smaller images beside one of larger, both given the larger. Keeps its name."""
-    height, width, channels = model.input_shape[1:]
-    inputs = keras.Input((*size, channels), name=f"{model.name}_images")
-    resized = keras.layers.Resizing(
-        height, width, interpolation="bilinear", name=f"{model.name}_to_{height}x{width}",
-        dtype="float32",
-    )(inputs)  # fmt: skip
-    return keras.Model(inputs, model(resized), name=model.name)
 
 
 def main(argv):

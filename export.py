@@ -50,8 +50,15 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
             f"two members are both named {twice!r}; give each its own name before "
             f"exporting (model.name = '{twice}_2')"
         )
-    model_input = keras.Input(shape=_input_shape(members), name="images")
-    outputs = [member(model_input) for member in members]
+    shape = _input_shape(members)
+    model_input = keras.Input(shape=shape, name="images")
+    # Members of a smaller fixed size take the images through a Resizing layer.
+    outputs = [
+        (at_size(member, shape[:2]) if fixed_size(member) not in (None, shape[:2]) else member)(
+            model_input
+        )
+        for member in members
+    ]
     fitted = {}
     if rule == "average":
         combined = keras.layers.Average(name="average", dtype="float32")(outputs)
@@ -341,15 +348,36 @@ def _fits(shape, expected):
 
 
 def _input_shape(members):
-    """The ensemble's input: each axis as the first member that fixes it gives it.
+    """The ensemble's input: the largest image size a member fixes (`at_size` gives the
+    others theirs), and the channels the first that fixes them gives.
 
     A fully convolutional member takes (None, None, 3); beside a member that needs
     32x32x3, the ensemble must take 32x32x3, whichever of them comes first.
     """
-    shapes = [tuple(member.input_shape[1:]) for member in members]
-    return tuple(
-        next((d for d in axis if d is not None), None) for axis in zip(*shapes, strict=True)
-    )
+    sizes = [fixed_size(member) for member in members]
+    largest = max((s for s in sizes if s), key=lambda s: s[0] * s[1], default=(None, None))
+    channels = [member.input_shape[-1] for member in members]
+    return (*largest, next((c for c in channels if c is not None), None))
+
+
+def fixed_size(model):
+    """The (height, width) `model` takes, or None if it takes any (or does not say)."""
+    inputs = getattr(model, "inputs", None)
+    size = tuple(inputs[0].shape[1:3]) if inputs else (None, None)
+    return None if None in size else size
+
+
+def at_size(model, size):
+    """`model` behind a Resizing layer from `size` (height, width) to its own input size,
+    bilinear without antialiasing as image_dataset_from_directory resizes: a model of
+    smaller images beside one of larger, both given the larger. Keeps its name."""
+    height, width, channels = model.input_shape[1:]
+    inputs = keras.Input((*size, channels), name=f"{model.name}_images")
+    resized = keras.layers.Resizing(
+        height, width, interpolation="bilinear", name=f"{model.name}_to_{height}x{width}",
+        dtype="float32",
+    )(inputs)  # fmt: skip
+    return keras.Model(inputs, model(resized), name=model.name)
 
 
 def _shapes(tensors):

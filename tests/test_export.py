@@ -82,6 +82,24 @@ def test_weighted_and_stacked_exports_match_the_table(tmp_path, members, images)
     np.testing.assert_allclose(exported, evaluation.apply_stacking(stacker, test_probs), atol=1e-5)
 
 
+def test_members_of_different_input_sizes_share_the_largest_through_a_resizing(tmp_path):
+    """From Python as in combine: the file takes the largest size a member fixes, and
+    a smaller member takes the images through a Resizing layer to its own."""
+    small, large = (
+        keras.Sequential([keras.Input((size, size, 3)), keras.layers.Conv2D(4, 3),
+                          keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(10, activation="softmax")], name=name)
+        for size, name in ((16, "small"), (24, "large"))
+    )  # fmt: skip
+    export.export(tmp_path / "e.keras", [small, large], "average")
+    loaded = export.load(tmp_path / "e.keras")
+    assert tuple(loaded.input_shape) == (None, 24, 24, 3)
+    x = np.random.default_rng(1).random((4, 24, 24, 3), dtype=np.float32)
+    resized = keras.layers.Resizing(16, 16, interpolation="bilinear")(x)
+    expected = (small.predict(resized, verbose=0) + large.predict(x, verbose=0)) / 2
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
+
+
 def test_members_of_one_name_are_refused_with_the_fix(tmp_path):
     # Several seeds of one architecture: the builders name each the same.
     model_input = keras.Input(shape=(32, 32, 3))
