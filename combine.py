@@ -165,17 +165,21 @@ def run(args):
     # (a data set of large images would not fit in memory in float32). A tree's images
     # are resized to the models' input, as image_dataset_from_directory resized the
     # images they trained on.
+    own = {name: export.fixed_size(model) for name, model in models.items()}
+    several = len(set(own.values()) - {None}) > 1
     arrays, classes, held_out = data.load_labelled(
-        args.data_dir, args.limit, args.seed, channels, args.validation_split, True, size
-    )
+        args.data_dir, args.limit, args.seed, channels, args.validation_split, True, size,
+        own_size=several,
+    )  # fmt: skip
     (x_val, y_val), (x_test, y_test) = arrays
     val_labels = np.argmax(y_val, axis=1)
     resized = {}
-    own = {name: export.fixed_size(model) for name, model in models.items()}
-    if len(set(own.values()) - {None}) > 1:
-        # Models of different input sizes: each is given the images as read (at the
-        # largest size, for a tree) through a Resizing layer to its own, in the table
-        # and in the exported file alike.
+    if several:
+        # Models of different input sizes: the images are read at their own size if
+        # they share one no larger than the largest input (CIFAR-10's 32x32 beside a
+        # model fine-tuned at 224x224), else at the largest; each model of another
+        # size takes them through a Resizing layer to its own, in the table and in the
+        # exported file alike. From their own size, that is what Keras' loader gave it.
         read = tuple(x_test.shape[1:3])
         for name, wanted in own.items():
             if wanted is not None and wanted != read:

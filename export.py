@@ -369,8 +369,8 @@ def fixed_size(model):
 
 def at_size(model, size):
     """`model` behind a Resizing layer from `size` (height, width) to its own input size,
-    bilinear without antialiasing as image_dataset_from_directory resizes: a model of
-    smaller images beside one of larger, both given the larger. Keeps its name."""
+    bilinear without antialiasing as image_dataset_from_directory resizes, so that
+    models of several input sizes take one ensemble's images. Keeps its name."""
     height, width, channels = model.input_shape[1:]
     inputs = keras.Input((*size, channels), name=f"{model.name}_images")
     resized = keras.layers.Resizing(

@@ -580,6 +580,47 @@ def test_models_of_different_input_sizes_are_given_the_largest_through_a_resizin
     )
 
 
+@pytest.mark.parametrize(
+    "sizes, read", [((16, 48), 32), ((16, 24), 24)], ids=["own size", "larger than all"]
+)
+def test_a_tree_of_one_size_is_read_at_it_for_models_of_several_sizes(
+    tmp_path, capsys, sizes, read
+):
+    """CIFAR-10's 32x32 images for a 16x16 and a 48x48 model: read at 32x32, each model
+    resizes them in its graph, exactly as Keras' loader resized them for it. Images
+    larger than every model's input are read at the largest, as photos are."""
+    tree = write_tree(tmp_path / "tree", train_per_class=2, test_per_class=2)
+    paths = [tmp_path / f"m{size}.keras" for size in sizes]
+    for size, path in zip(sizes, paths, strict=True):
+        small_classifier(shape=(size, size, 3)).save(path)
+    exported = tmp_path / "e.keras"
+    argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--export", str(exported),
+            "--logs-dir", str(tmp_path / "logs")]  # fmt: skip
+    assert ensemble.main(argv) == 0
+    out = capsys.readouterr().out
+    wrapped = [size for size in sizes if size != read]
+    for size in wrapped:
+        assert (
+            f"note: model m{size} takes {size}x{size} images: it is given the {read}x{read}" in out
+        )
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    assert results["resized_inputs"] == {f"m{size}": [size, size] for size in wrapped}
+
+    (_, (x_test, _)), _, _ = data.load_labelled(tree, size=(read, read))
+    assert x_test.shape[1:3] == (read, read)
+    reloaded = keras.saving.load_model(exported)
+    assert tuple(reloaded.input_shape) == (None, read, read, 3)
+    outputs = [
+        keras.saving.load_model(path).predict(
+            keras.layers.Resizing(size, size, interpolation="bilinear")(x_test), verbose=0
+        )
+        for size, path in zip(sizes, paths, strict=True)
+    ]
+    np.testing.assert_allclose(
+        reloaded.predict(x_test, verbose=0), np.mean(outputs, axis=0), atol=1e-6
+    )
+
+
 def test_resized_trees_match_image_dataset_from_directory(tmp_path):
     """The README's claim, against Keras' own loader (which needs TensorFlow)."""
     pytest.importorskip("tensorflow", reason="image_dataset_from_directory needs TensorFlow")
