@@ -502,6 +502,26 @@ def test_bmp_gif_and_webp_images_load_as_their_pixels_in_trees_and_predict(image
     assert [p.name for p in found][:2] == ["0010.webp", "0011.GIF"]
 
 
+def test_jpeg_trees_decode_as_tensorflows_accurate_transform_not_its_default(tmp_path):
+    """The README's JPEG note: Pillow's pixels equal TensorFlow's INTEGER_ACCURATE
+    decoding; its default, which image_dataset_from_directory uses, differs."""
+    tf = pytest.importorskip("tensorflow", reason="the comparison is with TensorFlow's decoder")
+    from PIL import Image
+
+    rng = np.random.default_rng(8)
+    tree = write_tree(tmp_path / "tree", train_per_class=1, test_per_class=1, suffix=".jpg")
+    smooth = np.clip(rng.normal(128, 60, (32, 32, 3)).cumsum(axis=1) / 8, 0, 255)
+    Image.fromarray(smooth.astype(np.uint8)).save(tree / "test" / "cat" / "0003.jpg", quality=90)
+    _, (x_test, _) = data.load_data(tree)
+    differs = 0
+    for position, path in enumerate(sorted((tree / "test").glob("*/*.jpg"))):
+        encoded = path.read_bytes()
+        accurate = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+        np.testing.assert_array_equal(data._pixels(x_test[position]), accurate.numpy())
+        differs += not np.array_equal(accurate.numpy(), tf.io.decode_jpeg(encoded, 3).numpy())
+    assert differs > 0
+
+
 def test_hidden_files_and_windows_thumbnail_caches_are_ignored(image_tree):
     (image_tree / "train" / "dog" / ".DS_Store").write_bytes(b"\0\1")
     (image_tree / "train" / "cat" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
