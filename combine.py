@@ -49,7 +49,8 @@ def parse_args(argv):
     parser.add_argument("models", nargs="+", metavar="MODEL.keras", type=config.user_path,
                         help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
                         "32x32x3, 10 classes) to class probabilities or logits; each is "
-                        "named after its file (and folders, if files share a name)")  # fmt: skip
+                        "named after its file (and folders, if files share a name); a "
+                        "folder stands for its .keras and .h5 files")  # fmt: skip
     parser.add_argument("--data-dir", type=config.user_path, help="offline CIFAR-10, as for "
                         "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
                         "(resized to the models' input size), or an .npz of keras.datasets' "
@@ -111,8 +112,37 @@ def _valid_name(name):
     return name or "model"
 
 
+MODEL_SUFFIXES = (".keras", ".h5")
+
+
+def model_files(path):
+    """[path] for a file; for a folder (a run's --export-members folder, say), the
+    .keras and .h5 model files in it, by name. Checkpoints (.weights.h5, weights only)
+    and hidden files are left out; a SavedModel folder stays, for `export.load` to
+    say what it is."""
+    folder = Path(path)
+    if str(path) == "" or not folder.is_dir() or (folder / "saved_model.pb").is_file():
+        return [path]
+    found = sorted(
+        str(file)
+        for file in folder.iterdir()
+        if file.suffix in MODEL_SUFFIXES
+        and not file.name.endswith(".weights.h5")
+        and not file.name.startswith(".")
+        and file.is_file()
+    )
+    if not found:
+        raise export.ExportError(
+            f"folder {path} holds no model files (.keras or .h5); give the models, or "
+            "the folder that --export-members wrote"
+        )
+    return found
+
+
 def check(args):
-    """The names the models go by (`model_names`), or an ExportError saying what to fix."""
+    """The names the models go by (`model_names`), or an ExportError saying what to fix.
+    A folder among the models stands for its model files (`model_files`)."""
+    args.models = [found for given in args.models for found in model_files(given)]
     if len(args.models) < 2:
         raise export.ExportError("combine needs at least two models to ensemble")
     resolved = [Path(path).resolve() for path in args.models]

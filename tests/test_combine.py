@@ -95,6 +95,13 @@ def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp
     assert {row["row"]: row["nll"] for row in rows[:4]} == pytest.approx(singles, abs=1e-6)
     assert len(set(singles.values())) == 4
     assert rows[-1]["row"] == "seed1_all_cnn+seed1_nin_cnn+seed2_all_cnn+seed2_nin_cnn"
+    # The --export-members folders themselves stand for their model files, by name;
+    # a checkpoint or a hidden file beside them is not a model.
+    (tmp_path / "members" / "seed1" / "nin_cnn.01-2.30.weights.h5").write_bytes(b"weights")
+    (tmp_path / "members" / "seed2" / ".nin_cnn.keras").write_bytes(b"macOS fork")
+    assert combine(tmp_path, tmp_path / "members" / "seed1", tmp_path / "members" / "seed2") == 0
+    again = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    assert [row["row"] for row in again] == [row["row"] for row in rows]
 
 
 def test_models_of_one_file_name_are_told_apart_by_their_folders(tmp_path, saved, capsys):
@@ -261,6 +268,7 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
         ("not images", "maps 784 to 10; this needs one input of grey or RGB images"),
         ("missing", "model MISSING does not exist"),
         ("saved model folder", "resnet is a TensorFlow SavedModel folder, which Keras 3 cannot"),
+        ("empty folder", "folder EMPTY holds no model files (.keras or .h5); give the models"),
         ("sigmoids", "sigmoids.keras scores each class with a sigmoid of its own"),
         ("not .keras", "--export ensemble.h5 must end in .keras"),
         ("negative seed", "--seed must lie between 0 and 4294967295"),
@@ -294,6 +302,11 @@ def test_combine_bad_input_is_one_line_exit_2(tmp_path, saved, capsys, case, mes
         args.append(tmp_path / "resnet")
         (args[-1] / "variables").mkdir(parents=True)
         (args[-1] / "saved_model.pb").write_bytes(b"\x08\x01")
+    elif case == "empty folder":  # a checkpoint is not a model file
+        args.append(tmp_path / "weights")
+        args[-1].mkdir()
+        (args[-1] / "nin.01-2.30.weights.h5").write_bytes(b"weights")
+        message = message.replace("EMPTY", str(args[-1]))
     elif case == "missing":
         args.append(tmp_path / "gone.keras")
         message = message.replace("MISSING", str(args[-1]))
