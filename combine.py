@@ -7,12 +7,14 @@ take images scaled to [0, 1] (the article's x / 255; one at chance on them but n
 one unit for two classes: `export.output_kind`), whatever its architecture:
 CIFAR-10's 32x32x3 images and 10 classes, or those of any class-folder tree
 `--data-dir` names (`data.load_labelled`: any number of classes, RGB or grey,
-resized to the models' input size as image_dataset_from_directory resizes, the
-largest where they differ, which `export.at_size` gives the others; or of one size for
-models that take any). Every model predicts the test set once, and every subset of
-models (beyond six: each, all but each, and all) is scored under every `--combine`
-rule with the full report's metrics, exactly as `ensemble.py`
-scores its own members; `--export` writes the chosen combination as one `.keras` file.
+resized to the models' input size as image_dataset_from_directory resizes, or of
+one size for models that take any). Models of several input sizes take the images
+at their own size if they share one no larger than the largest input, else at the
+largest, each through a Resizing layer to its own (`export.at_size`). Every model
+predicts the test set once, and every subset of models (beyond six: each, all but
+each, and all) is scored under every `--combine` rule with the full report's
+metrics, exactly as `ensemble.py` scores its own members; `--export` writes the
+chosen combination as one `.keras` file.
 
 The fitted rules (`weighted`, `stack`) learn on the tree's own `val/` folder if it
 has one, else on the last `--validation-split` of the training set, never on the test
