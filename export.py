@@ -225,6 +225,19 @@ def _why_not_loaded(model, text, custom_objects):
             "with --custom-objects FILE.py)"
         )
         return f"{model} uses the custom {kind} {name}, which {where}"
+    newer = re.search(r"Could not deserialize '(keras\.[\w.]+)' because it is not a Keras", text)
+    if newer:  # a Keras class this Keras lacks: the file came from a newer one
+        return (
+            f"{model} uses {newer.group(1)}, which Keras {keras.__version__} does not have "
+            "(a newer Keras saved it?): pip install -U keras"
+        )
+    library = re.search(r"class '(\w+)' because its parent module ([\w.]+) cannot be", text)
+    if library:  # keras_hub's, keras_cv's: Keras imports their modules itself
+        name, module = library.groups()
+        return (
+            f"{model} uses {name} from {module}, which cannot be imported here: install "
+            f"the package it comes from (pip install {module.split('.')[0].replace('_', '-')})"
+        )
     if "safe_mode=False" in text:  # a Lambda layer, or a lambda as an activation
         return (
             f"{model} holds Python code (a Lambda layer or a lambda), which Keras loads only "

@@ -158,3 +158,43 @@ def test_a_custom_objects_file_that_does_not_import_is_one_line_exit_2(
     assert err.startswith("ensemble.py predict: error:") and err.count("\n") == 1, err
     assert message in err
     assert source.removesuffix(".py") not in sys.modules  # nothing half-imported is kept
+
+
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        ("keras.layers", "uses keras.layers.FancyFlatten, which Keras "),
+        ("keras_hub.src.layers.fancy", "uses FancyFlatten from keras_hub.src.layers.fancy, which "
+         "cannot be imported here: install the package it comes from (pip install keras-hub)"),
+    ],
+    ids=["newer keras", "keras_hub"],
+)  # fmt: skip
+def test_a_class_of_a_newer_keras_or_a_missing_library_says_what_to_install(
+    tmp_path, capsys, module, message
+):
+    """A file saved by a newer Keras (a layer this one lacks) or holding keras_hub's
+    layers, which Keras imports by module name: what to install, not Keras' words."""
+    import json
+    import zipfile
+
+    import keras
+
+    path = tmp_path / "newer.keras"
+    keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")]
+    ).save(path)
+    with zipfile.ZipFile(path) as archive:
+        stored = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, content in stored:
+            if info.filename == "config.json":
+                config = json.loads(content)
+                layer = config["config"]["layers"][1]
+                assert layer["class_name"] == "Flatten"
+                layer.update(module=module, class_name="FancyFlatten")
+                content = json.dumps(config)
+            archive.writestr(info, content)
+    Image.new("RGB", (32, 32)).save(tmp_path / "cat.png")
+    assert predict.main(["--model", str(path), str(tmp_path / "cat.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
