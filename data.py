@@ -762,7 +762,7 @@ def _resized(pixels, size):
     bilinear, without antialiasing, rounded to the nearest pixel value.
 
     It is keras.ops.image.resize's arithmetic (half-pixel centres, edges clamped), done
-    here in NumPy because on JAX that op compiles once per input shape: 0.15 s for each
+    here in NumPy because on JAX that op compiles once per input shape: 0.12 s for each
     photo of a new size, minutes for a tree of photos of varied sizes
     (bench/bench_resize.py). Tests hold it to the op on every backend and to Keras'
     loader."""

@@ -271,6 +271,10 @@ def _import(source):
     """The module of a Python file or an importable name, imported as Python imports
     a script's: its own folder first on the path, so its sibling modules import too."""
     is_file = source.endswith(".py") or os.sep in source or "/" in source
+    if not is_file and Path(f"{source}.py").is_file():
+        # "my_layers" for ./my_layers.py: python ensemble.py puts its own folder first
+        # on the path, not the current one, where the user's file is.
+        source, is_file = f"{source}.py", True
     if not is_file:
         try:
             return importlib.import_module(source)

@@ -72,7 +72,9 @@ def saved(tmp_path):
     return layers
 
 
-def test_combine_and_predict_load_custom_layers_and_lambdas_when_told(tmp_path, saved, capsys):
+def test_combine_and_predict_load_custom_layers_and_lambdas_when_told(
+    tmp_path, saved, capsys, monkeypatch
+):
     tree = write_tree(tmp_path / "tree")
     models = [str(tmp_path / f"{name}.keras") for name in ("scaled", "shifted", "lambda")]
     ensemble_file = tmp_path / "ensemble.keras"
@@ -103,6 +105,9 @@ def test_combine_and_predict_load_custom_layers_and_lambdas_when_told(tmp_path, 
     # The file holds the three as loaded, averaged; it needs the same to load again.
     custom = export.custom_objects([str(saved)])
     assert {"Scale", "Shift", "squared_relu", "build"} <= set(custom)
+    # A module's name finds the file of that name in the current folder, too.
+    monkeypatch.chdir(tmp_path)
+    assert set(export.custom_objects(["my_layers"])) == set(custom)
     members = [export.load(path, custom_objects=custom, safe_mode=False) for path in models]
     assert members[0].layers[1].factor == 3.0
     images = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
