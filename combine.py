@@ -191,7 +191,7 @@ def run(args):
         model.name = name  # nested models need distinct names in an exported file
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
-    channels, size = _one_kind(args.models, list(models.values()))
+    channels = _one_kind(args.models, list(models.values()))
     # The fitted rules learn on the validation images only: the rest of the training
     # set is never decoded, and the images stay uint8 pixels until a batch is predicted
     # (a data set of large images would not fit in memory in float32). A tree's images
@@ -199,6 +199,7 @@ def run(args):
     # images they trained on.
     own = {name: export.fixed_size(model) for name, model in models.items()}
     several = len(set(own.values()) - {None}) > 1
+    size = export.largest_size(models.values())
     arrays, classes, held_out = data.load_labelled(
         args.data_dir, args.limit, args.seed, channels, args.validation_split, True, size,
         own_size=several,
@@ -214,7 +215,7 @@ def run(args):
         # exported file alike. From their own size, that is what Keras' loader gave it.
         read = tuple(x_test.shape[1:3])
         for name, wanted in own.items():
-            if wanted is not None and wanted != read:
+            if wanted not in (None, read):
                 models[name], resized[name] = export.at_size(models[name], read), list(wanted)
     for path, model in zip(args.models, models.values(), strict=True):
         export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
@@ -314,17 +315,13 @@ def on_raw_pixels(model):
 
 
 def _one_kind(paths, models):
-    """The channels of the models' images (3 if none fixes them) and the (height, width)
-    to read them at (None if no model fixes it): the largest any model takes, as
-    `export.at_size` gives the others theirs. An ExportError for models that disagree on
-    channels or classes: one ensemble takes one kind of image to one set of classes."""
-    channels, sizes, classes = {}, {}, {}  # each: the first model that fixes it
+    """The channels of the models' images (3 if none fixes them), or an ExportError for
+    models that disagree on channels or classes: one ensemble takes one kind of image
+    to one set of classes (of any sizes: `export.at_size` gives each its own)."""
+    channels, classes = {}, {}  # each: the first model that fixes it
     for path, model in zip(paths, models, strict=True):
-        (height, width, channel_count), class_count = export.image_classifier(
-            model, f"model {path}"
-        )
+        (_, _, channel_count), class_count = export.image_classifier(model, f"model {path}")
         channels.setdefault(channel_count, path)
-        sizes.setdefault(None if None in (height, width) else (height, width), path)
         classes.setdefault(class_count, path)
     for counts, says in ((channels, "takes {}-channel images"), (classes, "scores {} classes")):
         counts.pop(None, None)
@@ -334,9 +331,7 @@ def _one_kind(paths, models):
                 f"model {first} {says.format(a)} and model {second} {says.format(b)}; "
                 "the models of one ensemble must take the same images to the same classes"
             )
-    sizes.pop(None, None)
-    largest = max(sizes, key=lambda size: size[0] * size[1], default=None)
-    return next(iter(channels), 3), largest
+    return next(iter(channels), 3)
 
 
 def main(argv):

@@ -53,12 +53,7 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     shape = _input_shape(members)
     model_input = keras.Input(shape=shape, name="images")
     # Members of a smaller fixed size take the images through a Resizing layer.
-    outputs = [
-        (at_size(member, shape[:2]) if fixed_size(member) not in (None, shape[:2]) else member)(
-            model_input
-        )
-        for member in members
-    ]
+    outputs = [at_size(member, shape[:2])(model_input) for member in members]
     fitted = {}
     if rule == "average":
         combined = keras.layers.Average(name="average", dtype="float32")(outputs)
@@ -371,10 +366,14 @@ def _input_shape(members):
     A fully convolutional member takes (None, None, 3); beside a member that needs
     32x32x3, the ensemble must take 32x32x3, whichever of them comes first.
     """
-    sizes = [fixed_size(member) for member in members]
-    largest = max((s for s in sizes if s), key=lambda s: s[0] * s[1], default=(None, None))
     channels = [member.input_shape[-1] for member in members]
-    return (*largest, next((c for c in channels if c is not None), None))
+    return (*(largest_size(members) or (None, None)), next((c for c in channels if c), None))
+
+
+def largest_size(models):
+    """The largest (height, width), in pixels, that one of `models` fixes, or None."""
+    sizes = [size for size in map(fixed_size, models) if size]
+    return max(sizes, key=lambda size: size[0] * size[1], default=None)
 
 
 def fixed_size(model):
@@ -387,7 +386,10 @@ def fixed_size(model):
 def at_size(model, size):
     """`model` behind a Resizing layer from `size` (height, width) to its own input size,
     bilinear without antialiasing as image_dataset_from_directory resizes, so that
-    models of several input sizes take one ensemble's images. Keeps its name."""
+    models of several input sizes take one ensemble's images. Keeps its name. A model
+    of that size or of any size (or where `size` has an axis of None) is returned as is."""
+    if fixed_size(model) in (None, tuple(size)) or None in tuple(size):
+        return model
     height, width, channels = model.input_shape[1:]
     inputs = keras.Input((*size, channels), name=f"{model.name}_images")
     resized = keras.layers.Resizing(

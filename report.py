@@ -14,6 +14,7 @@ costs        parameters, bytes of float32 weights and of the checkpoint files
 import csv
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -186,6 +187,11 @@ def cost_table(costs):
             ]
         )
     return aligned(header, lines)
+
+
+def machine():
+    """This machine in the words a benchmark prints beside its figures."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def save_results(settings, rows, extra, stem=RESULTS_STEM):

@@ -12,7 +12,6 @@ The decoding runs on the CPU whatever the backend, so a CPU figure is the figure
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import config
 import data
 import parallel
+import report
 
 
 def main(argv=None):
@@ -56,8 +56,7 @@ def main(argv=None):
     print(f"decode {decode:.2f} s ({images:,} images), write once {write:.2f} s "
           f"({size / 1e6:.0f} MB), read back {read:.2f} s: {decode / read:.0f}x faster "
           "per member process")  # fmt: skip
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"numpy {np.__version__}")  # fmt: skip
+    print(f"machine: {report.machine()}, numpy {np.__version__}")
     return 0
 
 

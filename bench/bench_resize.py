@@ -14,8 +14,6 @@ machine.
 """
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import keras
 import numpy as np
 
 import data
+import report
 
 
 def keras_resize(pixels, size):
@@ -69,7 +68,7 @@ def main(argv=None):
           f"ms per photo, data._resized {seconds['data._resized'] * 1e3:.1f} ms "
           f"({seconds['keras.ops.image.resize'] / seconds['data._resized']:.1f}x), "
           f"largest difference {worst:.4f}")  # fmt: skip
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {report.machine()}, "
           f"keras {keras.__version__}, numpy {np.__version__}")  # fmt: skip
     return 0
 

@@ -14,8 +14,6 @@ figure.
 """
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 
 import ensemble
 import evaluation
+import report
 
 
 def synthetic(members, images, rng):
@@ -69,8 +68,7 @@ def main(argv=None):
             )  # fmt: skip
             print(f"{members:>7}  {which:>23}  {rows:>5}  {seconds:>8.1f}  "
                   f"{seconds / baseline:>10.1f}x")  # fmt: skip
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"numpy {np.__version__}")  # fmt: skip
+    print(f"machine: {report.machine()}, numpy {np.__version__}")
     return 0
 
 
