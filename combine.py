@@ -16,10 +16,10 @@ each, and all) is scored under every `--combine` rule with the full report's
 metrics, exactly as `ensemble.py` scores its own members; `--export` writes the
 chosen combination as one `.keras` file.
 
-The fitted rules (`weighted`, `stack`) learn on the tree's own `val/` folder if it
-has one, else on the last `--validation-split` of the training set, never on the test
-set; they are fair only if the models did not train on those images (the article's
-members hold that split out).
+The fitted rules (`weighted`, `select`, `stack`) learn on the tree's own `val/`
+folder if it has one, else on the last `--validation-split` of the training set,
+never on the test set; they are fair only if the models did not train on those
+images (the article's members hold that split out).
 """
 
 import os
@@ -267,7 +267,7 @@ def run(args):
         print(f"note: model {name} is at chance level (test error {error:.2f}), on pixels in "
               "[0, 1] and in 0..255; is it a classifier of these images?")  # fmt: skip
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
-    val_probs = predict(x_val) if fitted & {"weighted", "stack"} else {}
+    val_probs = predict(x_val) if fitted & set(evaluation.FITTED_RULES) else {}
     rows = table_rows(
         names,
         args.combine,
@@ -347,9 +347,12 @@ def main(argv):
         print(f"ensemble.py combine: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     print(report.full_table(rows))
+    if note := report.selection_note(rows):
+        print(note)
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
     if "export" in extra:
-        print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']})")
+        exported = extra["export"]
+        print(f"ensemble exported to {exported['path']} ({export.described(exported)})")
         if extra["export"]["loading_flags"]:  # the file holds what these loaded
             print(f"note: give predict the same flags to load it: "
                   f"{extra['export']['loading_flags']}")  # fmt: skip

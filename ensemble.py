@@ -348,7 +348,7 @@ def _run(settings):
     x_val, val_labels = x_train[split_at:], np.argmax(y_train[split_at:], axis=1)
     fitted_rules = set(settings.combine) | ({settings.export_rule} if settings.export else set())
     val_probs = {}
-    if fitted_rules & {"weighted", "stack"}:
+    if fitted_rules & set(evaluation.FITTED_RULES):
         val_probs = predict_members(members, x_val, settings)
     rows = table_rows(names, settings.combine, test_probs, val_probs, val_labels, y_test[:, 0])
     extra = {
@@ -496,7 +496,7 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
                 **evaluation.row_metrics(combined, [test_probs[m] for m in members], labels),
                 "article_error": ARTICLE_ERRORS.get(base) if rule == "average" else None,
             }
-            if rule == "weighted":
+            if rule in ("weighted", "select"):
                 row["weights"] = fitted["weights"]
             rows.append(row)
     return rows
@@ -598,6 +598,8 @@ def _train_and_report(settings):
     print(format_table(rows))
     print("\nevery combination (NLL, ECE and Brier need probabilities: none for votes)")
     print(report.full_table(rows))
+    if note := report.selection_note(rows):
+        print(note)
     if "costs" in extra:
         print("\ncost on " + ", ".join(fast.devices()))
         print(report.cost_table(extra["costs"]))
@@ -615,7 +617,8 @@ def _train_and_report(settings):
         print("plots: " + ", ".join(str(p) for p in plots))
     tta = "; without flip TTA, which the table used" if settings.tta else ""
     if "export" in extra:
-        print(f"ensemble exported to {extra['export']['path']} ({extra['export']['rule']}{tta})")
+        exported = extra["export"]
+        print(f"ensemble exported to {exported['path']} ({export.described(exported)}{tta})")
     if "export_members" in extra:
         print(f"members exported to {', '.join(extra['export_members'].values())}"
               + (f" ({tta[2:]})" if tta else ""))  # fmt: skip

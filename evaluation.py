@@ -7,6 +7,10 @@ Rules (`--combine`):
     average   the article's: mean of the members' softmax outputs
     weighted  a weighted mean, weights >= 0 summing to 1, fitted on the validation
               split to minimise its negative log-likelihood
+    select    Caruana et al.'s ensemble selection: members added one at a time, with
+              replacement, each time the one that most lowers the validation NLL of
+              the average; weights are each member's share of the best such bag,
+              so the members it never picks are left out (of an exported file too)
     vote      majority of the members' predicted classes, ties broken by the mean
               probability; it yields classes, not probabilities
     stack     multinomial logistic regression on the members' concatenated
@@ -20,7 +24,8 @@ import math
 
 import numpy as np
 
-RULES = ("average", "weighted", "vote", "stack")
+RULES = ("average", "weighted", "select", "vote", "stack")
+FITTED_RULES = ("weighted", "select", "stack")  # fitted on the validation images
 ECE_BINS = 15
 _EPS = 1e-12
 
@@ -170,6 +175,35 @@ def fit_weights(val_member_probs, val_labels, steps=500, learning_rate=0.1):
     return best_weights
 
 
+# auto-sklearn's default bag size; each weight is then a multiple of 1/50 at most.
+SELECTION_ROUNDS = 50
+
+
+def fit_selection(val_member_probs, val_labels, rounds=SELECTION_ROUNDS):
+    """Weights by greedy ensemble selection (Caruana et al., ICML 2004).
+
+    From an empty bag, each round adds the member (again, if it is already in)
+    whose addition gives the bag's average the lowest validation NLL; the bag that
+    scored best over all rounds is kept, the smallest on ties. Each member's weight
+    is its share of that bag: a member never picked weighs 0. Against `fit_weights`,
+    this leaves members out (an exported file holds only those picked) and, adding
+    in steps of one member, overfits a small validation set less.
+    """
+    probs_of_label = np.asarray(val_member_probs)[:, np.arange(len(val_labels)), val_labels]
+    counts = np.zeros(len(val_member_probs), dtype=int)
+    bag_sum = np.zeros(len(val_labels))  # the bag's summed probability of each label
+    best_counts, best_nll = None, np.inf
+    for size in range(1, rounds + 1):
+        candidates = (bag_sum + probs_of_label) / size  # the average with each one added
+        nlls = -np.mean(np.log(np.clip(candidates, _EPS, None)), axis=1)
+        pick = int(np.argmin(nlls))  # the first on ties: the same members, the same bag
+        counts[pick] += 1
+        bag_sum += probs_of_label[pick]
+        if nlls[pick] < best_nll:
+            best_counts, best_nll = counts.copy(), nlls[pick]
+    return best_counts / best_counts.sum()
+
+
 def fit_stacking(val_member_probs, val_labels, steps=300, l2=1e-3, learning_rate=0.05):
     """A multinomial logistic regression on concatenated member probabilities (Adam)."""
     features = np.concatenate(val_member_probs, axis=1)
@@ -238,8 +272,8 @@ def combine(rule, names, test_probs, val_probs, val_labels):
     if rule == "vote":
         return vote(test), None
     val = [val_probs[n] for n in names]
-    if rule == "weighted":
-        weights = fit_weights(val, val_labels)
+    if rule in ("weighted", "select"):
+        weights = (fit_weights if rule == "weighted" else fit_selection)(val, val_labels)
         return average(test, weights), {"weights": [round(float(w), 6) for w in weights]}
     if rule == "stack":
         stacker = fit_stacking(val, val_labels)

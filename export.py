@@ -8,6 +8,8 @@ under bfloat16 mixed precision stay so; the combining layers are always float32:
 
     average    keras.layers.Average
     weighted   keras.layers.Rescaling(w_i) per member, then keras.layers.Add
+    select     the same over the members ensemble selection picked: the others are
+               left out of the file, which is smaller and faster for it
     stack      keras.layers.Concatenate, then Dense(classes, softmax) holding the
                logistic regression fitted on the validation split
 
@@ -35,7 +37,7 @@ import data
 import evaluation
 import fast
 
-EXPORT_RULES = ("average", "weighted", "stack")
+EXPORT_RULES = ("average", "weighted", "select", "stack")
 
 
 class ExportError(ValueError):
@@ -57,14 +59,23 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     fitted = {}
     if rule == "average":
         combined = keras.layers.Average(name="average", dtype="float32")(outputs)
-    elif rule == "weighted":
-        weights = evaluation.fit_weights(val_member_probs, val_labels)
+    elif rule in ("weighted", "select"):
+        fit = evaluation.fit_weights if rule == "weighted" else evaluation.fit_selection
+        weights = fit(val_member_probs, val_labels)
         fitted["weights"] = [round(float(w), 6) for w in weights]
         scaled = [
             keras.layers.Rescaling(float(w), name=f"weight_{member.name}", dtype="float32")(output)
             for w, member, output in zip(weights, members, outputs, strict=True)
+            if w > 0  # what selection never picked weighs nothing: left out of the file
         ]
-        combined = keras.layers.Add(name="weighted_average", dtype="float32")(scaled)
+        if rule == "select":
+            fitted["kept"] = [m.name for w, m in zip(weights, members, strict=True) if w > 0]
+        # Add takes two or more; a selection of one member is that member (weight 1).
+        combined = (
+            keras.layers.Add(name="weighted_average", dtype="float32")(scaled)
+            if len(scaled) > 1
+            else scaled[0]
+        )
     elif rule == "stack":
         stacker = evaluation.fit_stacking(val_member_probs, val_labels)
         dense = keras.layers.Dense(
@@ -115,6 +126,13 @@ def export(path, members, rule, val_member_probs=None, val_labels=None, classes=
     path = Path(path)
     _save(model, path, classes)
     return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
+
+
+def described(info):
+    """How `export` said the file combines its members: the rule, and for a selection
+    the members it holds ("select: a, c")."""
+    kept = info.get("kept")
+    return f"{info['rule']}: {', '.join(kept)}" if kept is not None else info["rule"]
 
 
 def _save(model, path, classes=None):

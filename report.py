@@ -67,6 +67,20 @@ def full_table(rows):
     return aligned(["row", *(title for _, title in COLUMNS)], [_cells(row) for row in rows])
 
 
+def selection_note(rows):
+    """What ensemble selection kept from the most members it chose among, or None:
+    the row's name says which models it was given, this line which it used."""
+    selected = [row for row in rows if row["rule"] == "select"]
+    if not selected:
+        return None
+    row = max(selected, key=lambda r: len(r["members"]))  # the first of the largest pool
+    pairs = list(zip(row["members"], row["weights"], strict=True))
+    kept = ", ".join(f"{name} {weight:.2f}" for name, weight in pairs if weight > 0)
+    left = [name for name, weight in pairs if weight == 0]
+    out = f"; left out {', '.join(left)}" if left else "; none left out"
+    return f"{row['row']} kept {kept} (their weights){out}"
+
+
 def markdown_table(rows):
     header = ["row", "members", "rule", *(title for _, title in COLUMNS)]
     lines = [

@@ -507,6 +507,39 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
     assert capsys.readouterr().out == f"{image}: ^ 1.000\n"
 
 
+def test_ensemble_selection_keeps_what_helps_and_exports_only_that(tmp_path, capsys):
+    """`select` leaves out the models that do not lower the validation NLL: here all
+    but a perfect reader. The note names what it kept, and the file holds only that."""
+    tree = write_grey_tree(tmp_path / "tree", per_class=4, splits=("train", "test", "val"))
+    paths = [tmp_path / f"{name}.keras" for name in ("reader", "small", "uniform")]
+    grey_reader().save(paths[0])
+    small_classifier(3, (12, 10, 1)).save(paths[1])
+    flat = [keras.Input((12, 10, 1)), keras.layers.Flatten()]
+    uniform = keras.Sequential(
+        [*flat, keras.layers.Dense(3, "softmax", kernel_initializer="zeros")]
+    )
+    uniform.save(paths[2])
+    exported = tmp_path / "selected.keras"
+    argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--combine", "select",
+            "--logs-dir", str(tmp_path / "logs"), "--export", str(exported),
+            "--export-rule", "select"]  # fmt: skip
+    assert ensemble.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("reader+small+uniform (select) kept reader 1.00 (their weights); left out "
+            "small, uniform\n") in out  # fmt: skip
+    assert f"ensemble exported to {exported} (select: reader)" in out
+    results = json.loads((tmp_path / "logs" / "combine.json").read_text())
+    rows = {row["row"]: row for row in results["results"]}
+    assert rows["reader+small+uniform (select)"]["weights"] == [1.0, 0.0, 0.0]
+    assert rows["reader+small+uniform (select)"]["test_error"] == 0.0
+    assert results["export"]["kept"] == ["reader"]
+    reloaded = keras.saving.load_model(exported)
+    assert [layer.name for layer in reloaded.layers if isinstance(layer, keras.Model)] == ["reader"]
+    _, (x_test, _) = data.load_labelled(tree, channels=1)[0]
+    expected = keras.saving.load_model(paths[0]).predict(x_test, verbose=0)
+    np.testing.assert_allclose(reloaded.predict(x_test, verbose=0), expected, atol=1e-6)
+
+
 def write_photos(root):
     """val/ and test/ of red cats and blue dogs, photos of eight sizes: a tree of models
     trained elsewhere (no train/ needed)."""

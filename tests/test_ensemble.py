@@ -342,15 +342,22 @@ def test_format_table_aligns_columns():
 
 def test_every_rule_and_an_export_from_the_cli(tmp_path, tree, capsys):
     target = str(tmp_path / "ensemble.keras")
-    flags = ["--epochs", "1", "--no-cost", "--combine", "weighted", "vote", "stack"]
+    flags = ["--epochs", "1", "--no-cost", "--combine", "weighted", "select", "vote", "stack"]
     assert cli(tmp_path, *flags, "--export", target, "--export-rule", "stack") == 0
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     rules = [row["rule"] for row in results["results"]]
-    assert rules == ["average"] * 7 + ["weighted"] * 4 + ["vote"] * 4 + ["stack"] * 4
+    fitted = ["weighted"] * 4 + ["select"] * 4 + ["vote"] * 4 + ["stack"] * 4
+    assert rules == ["average"] * 7 + fitted
     assert results["export"]["rule"] == "stack"
     model = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     assert model.output.shape == (None, 10)
-    assert "ensemble exported to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ensemble exported to" in out
+    # Which members selection kept, of all three: their weights as in results.json.
+    selected = next(r for r in results["results"] if r["row"] == "ensemble of three (select)")
+    pairs = zip(selected["members"], selected["weights"], strict=True)
+    kept = [f"{name} {weight:.2f}" for name, weight in pairs if weight > 0]
+    assert f"ensemble of three (select) kept {', '.join(kept)} (their weights)" in out
 
 
 # Keras warns for every layer it cannot match before it gives up on the file.

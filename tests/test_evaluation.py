@@ -118,6 +118,50 @@ def test_fitted_weights_are_valid_and_never_worse_than_equal_weights():
     assert weights[1] == max(weights)
 
 
+def test_selection_picks_members_greedily_with_replacement_and_leaves_out_the_useless():
+    members, labels = random_members(4, count=4, images=300)
+    knows = 0.7 * np.eye(10)[labels]
+    index = np.arange(300)[:, None]
+    members[0] = np.where(index < 200, knows + 0.3 * members[0], members[0])  # the best
+    members[1] = np.where(index >= 100, knows + 0.3 * members[1], members[1])  # the rest
+    members[3] = np.full_like(members[3], 0.1)  # knows nothing: never worth a place
+    weights = ev.fit_selection(members, labels)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[2] == weights[3] == 0  # left out
+    assert weights[0] >= weights[1] > 0
+    # Shares of a bag of whole members: counts over a bag of at most SELECTION_ROUNDS.
+    sizes = range(1, ev.SELECTION_ROUNDS + 1)
+    assert any(np.allclose(weights * k, np.round(weights * k)) for k in sizes)
+    fitted = ev.negative_log_likelihood(ev.average(members, weights), labels)
+    assert fitted < min(ev.negative_log_likelihood(m, labels) for m in members)
+
+
+def test_selection_by_hand_and_never_worse_than_the_best_member():
+    # The probability each member gives the right label, on two images:
+    # A 0.8 and 0.4, B 0.2 and 0.9, C 0.1 and 0.1 (any other class takes the rest).
+    labels = np.array([0, 0])
+
+    def member(first, second):
+        return np.array([[first, 1 - first], [second, 1 - second]])
+
+    a, b, c = member(0.8, 0.4), member(0.2, 0.9), member(0.1, 0.1)
+    # Round 1: A alone, NLL (0.223 + 0.916) / 2 = 0.570, against B's 0.857, C's 2.303.
+    np.testing.assert_allclose(ev.fit_selection([a, b, c], labels, rounds=1), [1, 0, 0])
+    # Round 2: A + B, 0.5 and 0.65: 0.562, better than A again (0.570).
+    np.testing.assert_allclose(ev.fit_selection([a, b, c], labels, rounds=2), [0.5, 0.5, 0])
+    # Round 3: A again (A, A, B: 0.6 and 0.567, 0.539), not B (0.4 and 0.733, 0.613).
+    np.testing.assert_allclose(ev.fit_selection([a, b, c], labels, rounds=3), [2 / 3, 1 / 3, 0])
+    # In 50 rounds, near the best weight of A, w: 0.6 / (0.2 + 0.6 w) = 0.5 / (0.9 - 0.5 w),
+    # w = 0.44 / 0.6 = 0.733; C never.
+    weights = ev.fit_selection([a, b, c], labels)
+    assert weights[0] == pytest.approx(0.733, abs=0.02) and weights[2] == 0
+    for seed in range(5):  # the first round picks the member of the lowest NLL
+        members, labels = random_members(seed, count=5, images=50)
+        weights = ev.fit_selection(members, labels)
+        best = min(ev.negative_log_likelihood(m, labels) for m in members)
+        assert ev.negative_log_likelihood(ev.average(members, weights), labels) <= best
+
+
 def test_stacking_learns_from_validation_only():
     members, labels = random_members(1)
     members[0] = 0.5 * np.eye(10)[labels] + 0.5 * members[0]
@@ -133,7 +177,7 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
     test, test_labels = random_members(3)
     val_probs, test_probs = dict(zip(names, val, strict=True)), dict(zip(names, test, strict=True))
     seen = []
-    for fit in ("fit_weights", "fit_stacking"):
+    for fit in ("fit_weights", "fit_selection", "fit_stacking"):
         original = getattr(ev, fit)
         monkeypatch.setattr(
             ev,
@@ -142,22 +186,24 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
         )
     rows = ensemble.table_rows(
         names,
-        ("average", "weighted", "vote", "stack"),
+        ("average", "weighted", "select", "vote", "stack"),
         test_probs,
         val_probs,
         val_labels,
         test_labels,
     )
-    assert len(seen) == 8  # 4 subsets x 2 fitted rules
+    assert len(seen) == 12  # 4 subsets x 3 fitted rules
     for probs, labels in seen:
         assert labels is val_labels
         assert all(any(p is v for v in val) for p in probs)
         assert not any(any(p is t for t in test) for p in probs)
     # The article's 7 rows first, under its names; then 4 rows per other rule.
     assert [r["row"] for r in rows[:7]] == [row for row, _ in ensemble.ARTICLE_ROWS]
-    assert len(rows) == 7 + 3 * 4
+    assert len(rows) == 7 + 4 * 4
     assert rows[7]["row"] == "ensemble of three (weighted)"
     assert sum(rows[7]["weights"]) == pytest.approx(1.0, abs=1e-5)
+    assert rows[11]["row"] == "ensemble of three (select)"
+    assert rows[11]["weights"] == pytest.approx(ev.fit_selection(val, val_labels), abs=1e-6)
     # Average rows agree with the article's ensemble: the mean of member outputs.
     expected = ev.error_rate(np.mean(test, axis=0), test_labels)
     assert rows[3]["test_error"] == pytest.approx(expected)

@@ -82,6 +82,35 @@ def test_weighted_and_stacked_exports_match_the_table(tmp_path, members, images)
     np.testing.assert_allclose(exported, evaluation.apply_stacking(stacker, test_probs), atol=1e-5)
 
 
+def test_a_selection_export_holds_only_the_members_picked(tmp_path, members, images):
+    small = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
+         keras.layers.Dense(10, activation="softmax")], name="small",
+    )  # fmt: skip
+    three = [*members, small]
+    # Validation probabilities chosen so that selection keeps the first two (each
+    # right where the other is not) and never the third, which knows nothing.
+    labels = np.arange(40) % 10
+    knows, guess = np.eye(10)[labels], np.full((40, 10), 0.1)
+    first = np.where(np.arange(40)[:, None] < 20, knows, guess)
+    val_probs = [first, np.where(np.arange(40)[:, None] >= 20, knows, guess), guess]
+    weights = evaluation.fit_selection(val_probs, labels)
+    assert weights[0] > 0 and weights[1] > 0 and weights[2] == 0
+    info = export.export(tmp_path / "s.keras", three, "select", val_probs, labels)
+    assert info["weights"] == pytest.approx(weights) and info["kept"] == [m.name for m in members]
+    loaded = export.load(tmp_path / "s.keras")
+    assert "small" not in [layer.name for layer in loaded.layers]
+    test_probs = [m.predict(images, verbose=0) for m in three]
+    expected = evaluation.average(test_probs, weights)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, atol=1e-5)
+
+    # A selection of one member is that member alone.
+    info = export.export(tmp_path / "one.keras", three, "select", [first, guess, guess], labels)
+    assert info["kept"] == [members[0].name] and info["weights"] == [1.0, 0.0, 0.0]
+    loaded = export.load(tmp_path / "one.keras")
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), test_probs[0], atol=1e-6)
+
+
 def test_members_of_different_input_sizes_share_the_largest_through_a_resizing(tmp_path):
     """From Python as in combine: the file takes the largest size a member fixes, and
     a smaller member takes the images through a Resizing layer to its own."""
