@@ -52,7 +52,8 @@ def parse_args(argv):
                         help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
                         "32x32x3, 10 classes) to class probabilities or logits; each is "
                         "named after its file (and folders, if files share a name); a "
-                        "folder stands for its .keras and .h5 files")  # fmt: skip
+                        "folder stands for the .keras and .h5 files in it and its "
+                        "folders")  # fmt: skip
     parser.add_argument("--data-dir", type=config.user_path, help="offline CIFAR-10, as for "
                         "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
                         "(resized to the models' input size), or an .npz of keras.datasets' "
@@ -118,19 +119,19 @@ MODEL_SUFFIXES = (".keras", ".h5")
 
 
 def model_files(path):
-    """[path] for a file; for a folder (a run's --export-members folder, say), the
-    .keras and .h5 model files in it, by name. Checkpoints (.weights.h5, weights only)
-    and hidden files are left out; a SavedModel folder stays, for `export.load` to
-    say what it is."""
+    """[path] for a file; for a folder, the .keras and .h5 model files in it and in its
+    folders, by path: a run's --export-members folder, or a folder of such folders,
+    one per seed. Checkpoints (.weights.h5, weights only) and hidden files and folders
+    are left out; a SavedModel folder stays, for `export.load` to say what it is."""
     folder = Path(path)
     if str(path) == "" or not folder.is_dir() or (folder / "saved_model.pb").is_file():
         return [path]
     found = sorted(
         str(file)
-        for file in folder.iterdir()
+        for file in folder.rglob("*")
         if file.suffix in MODEL_SUFFIXES
         and not file.name.endswith(".weights.h5")
-        and not file.name.startswith(".")
+        and not any(part.startswith(".") for part in file.relative_to(folder).parts)
         and file.is_file()
     )
     if not found:

@@ -102,6 +102,13 @@ def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp
     assert combine(tmp_path, tmp_path / "members" / "seed1", tmp_path / "members" / "seed2") == 0
     again = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
     assert [row["row"] for row in again] == [row["row"] for row in rows]
+    # And the folder of those folders stands for all of them; a hidden folder (an
+    # editor's or a file manager's) is not looked into.
+    (tmp_path / "members" / ".trash").mkdir()
+    (tmp_path / "members" / ".trash" / "old.keras").write_bytes(b"deleted")
+    assert combine(tmp_path, tmp_path / "members") == 0
+    again = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    assert [row["row"] for row in again] == [row["row"] for row in rows]
 
 
 def test_models_of_one_file_name_are_told_apart_by_their_folders(tmp_path, saved, capsys):
