@@ -227,9 +227,11 @@ def run(args):
               f"{x_test.shape[1]}x{x_test.shape[2]} images through a Resizing layer to its "
               "size (bilinear), in the table and in an exported file")  # fmt: skip
     if len(names) > evaluation.EVERY_SUBSET_UP_TO and not args.every_subset:
+        # Which subset to keep is what --combine select answers, without the test set.
+        pick = "" if "select" in args.combine else "; --combine select picks one"
         print(f"{len(names)} models make {2 ** len(names) - 1} subsets, too many to score "
               "in good time: scoring each model, all but each one, and all of them "
-              "(--every-subset scores every one)")  # fmt: skip
+              f"(--every-subset scores every one{pick})")  # fmt: skip
 
     def predict_one(name, images, raw=False):
         probs = fast.predict(models[name], images, args.batch_size, args.tta, raw)

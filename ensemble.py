@@ -488,7 +488,7 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
             if len(members) == 1 and rule != "average":
                 continue  # a single model is itself under every rule
             combined, fitted = evaluation.combine(rule, members, test_probs, val_probs, val_labels)
-            base = article_names.get(members, "+".join(members))
+            base = article_names.get(members) or subset_name(members, names)
             row = {
                 "row": base if rule == "average" else f"{base} ({rule})",
                 "members": list(members),
@@ -500,6 +500,21 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
                 row["weights"] = fitted["weights"]
             rows.append(row)
     return rows
+
+
+# Beyond this many members, the rows of all of them and of all but one are named so:
+# eight seeds' names joined by "+" run past a hundred characters, and the row of all
+# but one is read for the one it leaves out.
+JOINED_NAMES_UP_TO = 4
+
+
+def subset_name(members, names):
+    """A row's name: its members joined by "+", or of many, "all 8" and "all but a"."""
+    if len(names) > JOINED_NAMES_UP_TO and len(members) == len(names):
+        return f"all {len(names)}"
+    if len(names) > JOINED_NAMES_UP_TO and len(members) == len(names) - 1:
+        return f"all but {next(name for name in names if name not in members)}"
+    return "+".join(members)
 
 
 def format_table(rows):

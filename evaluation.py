@@ -242,8 +242,8 @@ def repeated(names):
     return min((name for name in names if names.count(name) > 1), default=None)
 
 
-# Every subset of 6 members is 63 subsets, scored under all four rules in 37 s on
-# 10,000 images; of 8, 255 subsets in 171 s, against 6.6 s for each member, all but
+# Every subset of 6 members is 63 subsets, scored under all five rules in 50 s on
+# 10,000 images; of 8, 255 subsets in 152 s, against 6.9 s for each member, all but
 # each and all (`python bench/bench_subsets.py`, a 2-core VM). Each member more
 # doubles the time, and no one reads a thousand rows.
 EVERY_SUBSET_UP_TO = 6

@@ -1,6 +1,6 @@
 """How long scoring the subsets of many members takes: every subset against the default.
 
-    python bench/bench_subsets.py                      # 3, 6 and 8 members, all four rules
+    python bench/bench_subsets.py                      # 3, 6 and 8 members, every rule
     python bench/bench_subsets.py --members 3 7 --images 2000
 
 `ensemble.table_rows` scores every subset of up to `evaluation.EVERY_SUBSET_UP_TO`

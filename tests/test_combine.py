@@ -259,10 +259,17 @@ def test_many_models_score_each_all_but_each_and_all_unless_asked_for_every_subs
         assert len(averaged) == 127 and "too many" not in out
     else:
         assert "7 models make 127 subsets, too many to score in good time" in out
+        assert "(--every-subset scores every one; --combine select picks one)" in out
         assert [len(m) for m in averaged] == [1] * 7 + [6] * 7 + [7]
     weighted = [row for row in rows if row["rule"] == "weighted"]
     assert len(weighted) == len(averaged) - 7  # every ensemble, not the single models
-    assert weighted[-1]["row"] == "+".join(f"seed{i}" for i in range(7)) + " (weighted)"
+    # Rows of many members are named for what they hold, or leave out; the members
+    # themselves are listed under "members".
+    assert weighted[-1]["row"] == "all 7 (weighted)"
+    assert weighted[-1]["members"] == [f"seed{i}" for i in range(7)]
+    if not every:
+        assert [row["row"] for row in weighted[:2]] == ["all but seed6 (weighted)",
+                                                        "all but seed5 (weighted)"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
