@@ -36,7 +36,7 @@ import evaluation
 import export
 import fast
 import report
-from ensemble import table_rows
+from ensemble import subset_name, table_rows
 
 RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
 
@@ -77,6 +77,10 @@ def parse_args(argv):
                         help="write the combination as one model")  # fmt: skip
     parser.add_argument("--export-rule", choices=export.EXPORT_RULES, default="average",
                         help="combining layer of the exported file (default: average)")  # fmt: skip
+    parser.add_argument("--cost", action="store_true",
+                        help="measure each model, the ensemble of all and the exported file: "
+                        "parameters, file size, batch-1 latency and batch-256 throughput "
+                        "on this device")  # fmt: skip
     export.add_loading_flags(parser)
     parser.add_argument("--logs-dir", default="logs", type=config.user_path,
                         help=f"where {RESULTS_STEM}.json and {RESULTS_STEM}.md go (default: "
@@ -299,7 +303,36 @@ def run(args):
             classes,
         )
         extra["export"]["loading_flags"] = export.loading_flags(args)
+    if args.cost:
+        sample = data.scale(x_test[: report.THROUGHPUT_BATCH])
+        extra["costs"] = measure_costs(models, args, sample, extra.get("export"), custom)
     return rows, extra
+
+
+def measure_costs(models, args, sample, exported=None, custom=None):
+    """The article's warning for any models: each one, the average of all of them as
+    one graph, and the exported file as `predict` loads it (for `select`, only the
+    models it kept). Each ensemble's batch-1 latency is also given against the sum
+    of its members'."""
+    costs = {}
+    for (name, model), path in zip(models.items(), args.models, strict=True):
+        costs[name] = {**report.measure_cost(model, sample), "weight_bytes": os.path.getsize(path)}
+
+    def ensemble_cost(model, names, weight_bytes):
+        cost = {**report.measure_cost(model, sample), "weight_bytes": weight_bytes}
+        cost["latency_vs_members"] = cost["latency_ms"] / sum(costs[n]["latency_ms"] for n in names)
+        return cost
+
+    names = list(models)
+    everything, _ = export.ensemble_model(list(models.values()), "average")
+    total = sum(costs[n]["weight_bytes"] for n in names)
+    costs[subset_name(names, names)] = ensemble_cost(everything, names, total)
+    if exported:
+        loaded = export.load(exported["path"], "--export", "", custom, args.safe_mode)
+        kept = exported.get("kept", names)
+        label = f"{Path(exported['path']).name} ({exported['rule']})"
+        costs[label] = ensemble_cost(loaded, kept, os.path.getsize(exported["path"]))
+    return costs
 
 
 _KIND_NOTES = {  # export.output_kind's kinds other than "softmax"
@@ -352,6 +385,9 @@ def main(argv):
     print(report.full_table(rows))
     if note := report.selection_note(rows):
         print(note)
+    if "costs" in extra:
+        print("\ncost on " + ", ".join(fast.devices()))
+        print(report.cost_table(extra["costs"], files="file MB"))
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
     if "export" in extra:
         exported = extra["export"]

@@ -183,8 +183,10 @@ def measure_cost(model, sample):
     }
 
 
-def cost_table(costs):
-    header = ["model or ensemble", "params", "weights MB", "checkpoint MB", "ms/image @1",
+def cost_table(costs, files="checkpoint MB"):
+    """`files`: what `weight_bytes` measures, the training checkpoints (ensemble.py's,
+    with Adam's state) or the saved model files (combine's)."""
+    header = ["model or ensemble", "params", "weights MB", files, "ms/image @1",
               "images/s @256", "vs members"]  # fmt: skip
     lines = []
     for name, cost in costs.items():
@@ -194,7 +196,7 @@ def cost_table(costs):
                 name,
                 f"{cost['parameters']:,}",
                 f"{cost['parameters'] * 4 / 1e6:.2f}",  # float32, as exported
-                f"{cost['weight_bytes'] / 1e6:.2f}",  # .weights.h5 files, Adam state included
+                f"{cost['weight_bytes'] / 1e6:.2f}",  # the files (checkpoints: Adam's too)
                 f"{cost['latency_ms']:.2f}",
                 f"{cost['images_per_second']:.0f}",
                 "-" if ratio is None else f"{ratio:.2f}x",

@@ -70,6 +70,33 @@ def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, s
     assert [layer.name for layer in reloaded.layers][1:3] == ["nin", "small"]
 
 
+def test_cost_measures_each_model_the_ensemble_of_all_and_the_exported_file(
+    tmp_path, saved, capsys
+):
+    exported = tmp_path / "e.keras"
+    assert combine(tmp_path, *saved, "--cost", "--export", exported) == 0
+    out = capsys.readouterr().out
+    costs = json.loads((tmp_path / "logs" / "combine.json").read_text())["costs"]
+    assert list(costs) == ["nin", "small", "nin+small", "e.keras (average)"]
+    models = [keras.saving.load_model(path) for path in saved]
+    for name, path, model in zip(("nin", "small"), saved, models, strict=True):
+        assert costs[name]["weight_bytes"] == path.stat().st_size
+        assert costs[name]["parameters"] == model.count_params()
+        assert costs[name]["latency_ms"] > 0 and costs[name]["images_per_second"] > 0
+    both = sum(model.count_params() for model in models)
+    assert costs["nin+small"]["parameters"] == costs["e.keras (average)"]["parameters"] == both
+    assert costs["e.keras (average)"]["weight_bytes"] == exported.stat().st_size
+    ratio = costs["nin+small"]["latency_ms"] / (
+        costs["nin"]["latency_ms"] + costs["small"]["latency_ms"]
+    )
+    assert costs["nin+small"]["latency_vs_members"] == pytest.approx(ratio)
+    assert "\ncost on " in out and "file MB" in out and "e.keras (average)" in out
+    # Off by default: models of one's own may be large, and the table is the point.
+    assert combine(tmp_path, *saved) == 0
+    assert "costs" not in json.loads((tmp_path / "logs" / "combine.json").read_text())
+    assert "cost on" not in capsys.readouterr().out
+
+
 def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp_path, capsys):
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
     singles = {}
@@ -536,7 +563,7 @@ def test_ensemble_selection_keeps_what_helps_and_exports_only_that(tmp_path, cap
     exported = tmp_path / "selected.keras"
     argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--combine", "select",
             "--logs-dir", str(tmp_path / "logs"), "--export", str(exported),
-            "--export-rule", "select"]  # fmt: skip
+            "--export-rule", "select", "--cost"]  # fmt: skip
     assert ensemble.main(argv) == 0
     out = capsys.readouterr().out
     assert ("reader+small+uniform (select) kept reader 1.00 (their weights); left out "
@@ -547,6 +574,12 @@ def test_ensemble_selection_keeps_what_helps_and_exports_only_that(tmp_path, cap
     assert rows["reader+small+uniform (select)"]["weights"] == [1.0, 0.0, 0.0]
     assert rows["reader+small+uniform (select)"]["test_error"] == 0.0
     assert results["export"]["kept"] == ["reader"]
+    # The file costs what the one model it holds does, not what all three do.
+    costs = results["costs"]
+    assert costs["selected.keras (select)"]["parameters"] == costs["reader"]["parameters"]
+    assert costs["reader+small+uniform"]["parameters"] > costs["reader"]["parameters"]
+    latency = costs["selected.keras (select)"]["latency_ms"] / costs["reader"]["latency_ms"]
+    assert costs["selected.keras (select)"]["latency_vs_members"] == pytest.approx(latency)
     reloaded = keras.saving.load_model(exported)
     assert [layer.name for layer in reloaded.layers if isinstance(layer, keras.Model)] == ["reader"]
     _, (x_test, _) = data.load_labelled(tree, channels=1)[0]
