@@ -175,7 +175,8 @@ def fit_weights(val_member_probs, val_labels, steps=500, learning_rate=0.1):
     return best_weights
 
 
-# auto-sklearn's default bag size; each weight is then a multiple of 1/50 at most.
+# auto-sklearn's default bag size: each weight is a whole number of picks over the
+# kept bag's size, 50 at most.
 SELECTION_ROUNDS = 50
 
 
