@@ -317,21 +317,16 @@ def measure_costs(models, args, sample, exported=None, custom=None):
     costs = {}
     for (name, model), path in zip(models.items(), args.models, strict=True):
         costs[name] = {**report.measure_cost(model, sample), "weight_bytes": os.path.getsize(path)}
-
-    def ensemble_cost(model, names, weight_bytes):
-        cost = {**report.measure_cost(model, sample), "weight_bytes": weight_bytes}
-        cost["latency_vs_members"] = cost["latency_ms"] / sum(costs[n]["latency_ms"] for n in names)
-        return cost
-
     names = list(models)
     everything, _ = export.ensemble_model(list(models.values()), "average")
     total = sum(costs[n]["weight_bytes"] for n in names)
-    costs[subset_name(names, names)] = ensemble_cost(everything, names, total)
+    costs[subset_name(names, names)] = report.ensemble_cost(everything, sample, total, names, costs)
     if exported:
         loaded = export.load(exported["path"], "--export", "", custom, args.safe_mode)
-        kept = exported.get("kept", names)
-        label = f"{Path(exported['path']).name} ({exported['rule']})"
-        costs[label] = ensemble_cost(loaded, kept, os.path.getsize(exported["path"]))
+        size, kept = os.path.getsize(exported["path"]), exported.get("kept", names)
+        costs[report.exported_label(exported)] = report.ensemble_cost(
+            loaded, sample, size, kept, costs
+        )
     return costs
 
 

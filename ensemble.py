@@ -446,19 +446,19 @@ def predict_members(members, images, settings):
 
 
 def measure_costs(members, model_input, x_test):
-    """The article's warning in numbers: each member, then each average ensemble."""
+    """The article's warning in numbers: each member, then each average ensemble (an
+    exported file costs what the ensemble of its members does, give or take its
+    combining layers)."""
     costs = {}
     for name, (model, path) in members.items():
         costs[name] = {**report.measure_cost(model, x_test), "weight_bytes": path.stat().st_size}
     for size in range(2, len(members) + 1):
         for names in itertools.combinations(members, size):
             combined = ensemble([members[n][0] for n in names], model_input)
-            cost = report.measure_cost(combined, x_test)
-            cost["weight_bytes"] = sum(costs[n]["weight_bytes"] for n in names)
-            cost["latency_vs_members"] = cost["latency_ms"] / sum(
-                costs[n]["latency_ms"] for n in names
+            checkpoints = sum(costs[n]["weight_bytes"] for n in names)
+            costs["+".join(names)] = report.ensemble_cost(
+                combined, x_test, checkpoints, names, costs
             )
-            costs["+".join(names)] = cost
     return costs
 
 

@@ -183,6 +183,19 @@ def measure_cost(model, sample):
     }
 
 
+def ensemble_cost(model, sample, weight_bytes, members, costs):
+    """`measure_cost` of an ensemble `model`, with the size of its files and its batch-1
+    latency against the sum of its `members'` (each already in `costs`)."""
+    cost = {**measure_cost(model, sample), "weight_bytes": weight_bytes}
+    cost["latency_vs_members"] = cost["latency_ms"] / sum(costs[n]["latency_ms"] for n in members)
+    return cost
+
+
+def exported_label(info):
+    """The cost table's row for an exported file: its name and rule."""
+    return f"{Path(info['path']).name} ({info['rule']})"
+
+
 def cost_table(costs, files="checkpoint MB"):
     """`files`: what `weight_bytes` measures, the training checkpoints (ensemble.py's,
     with Adam's state) or the saved model files (combine's)."""
