@@ -30,6 +30,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import checkpoints
 import config
 import data
 import evaluation
@@ -77,6 +78,10 @@ def parse_args(argv):
                         help="write the combination as one model")  # fmt: skip
     parser.add_argument("--export-rule", choices=export.EXPORT_RULES, default="average",
                         help="combining layer of the exported file (default: average)")  # fmt: skip
+    parser.add_argument("--save-probs", metavar="PATH.npz", type=config.user_path,
+                        help="also write the probabilities the table is scored from, each "
+                        "model's on the test and validation images, with the labels, to "
+                        "an .npz file for NumPy")  # fmt: skip
     parser.add_argument("--cost", action="store_true",
                         help="measure each model, the ensemble of all and the exported file: "
                         "parameters, file size, batch-1 latency and batch-256 throughput "
@@ -183,6 +188,9 @@ def check(args):
             )
     if args.export is None and args.export_rule != "average":
         raise export.ExportError(f"--export-rule {args.export_rule} needs --export PATH.keras")
+    if args.save_probs is not None:
+        Path(args.logs_dir).mkdir(parents=True, exist_ok=True)  # it may lie there too
+        export.check_output("--save-probs", args.save_probs, ".npz")
     return names
 
 
@@ -274,7 +282,8 @@ def run(args):
         print(f"note: model {name} is at chance level (test error {error:.2f}), on pixels in "
               "[0, 1] and in 0..255; is it a classifier of these images?")  # fmt: skip
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
-    val_probs = predict(x_val) if fitted & set(evaluation.FITTED_RULES) else {}
+    wanted = fitted & set(evaluation.FITTED_RULES) or args.save_probs
+    val_probs = predict(x_val) if wanted else {}
     rows = table_rows(
         names,
         args.combine,
@@ -293,6 +302,10 @@ def run(args):
         "resized_inputs": resized,
         "at_chance": at_chance,
     }
+    if args.save_probs:
+        extra["probabilities"] = save_probabilities(
+            args.save_probs, names, classes, (test_probs, y_test[:, 0]), (val_probs, val_labels)
+        )
     if args.export:
         extra["export"] = export.export(
             args.export,
@@ -307,6 +320,21 @@ def run(args):
         sample = data.scale(x_test[: report.THROUGHPUT_BATCH])
         extra["costs"] = measure_costs(models, args, sample, extra.get("export"), custom)
     return rows, extra
+
+
+def save_probabilities(path, names, classes, test, val):
+    """`names`, `classes`, and for the test and validation images (`test` and `val`:
+    ({name: probabilities}, labels)) the labels and every model's probabilities,
+    stacked as (models, images, classes), to an .npz file: what NumPy's `np.load`
+    reads, without pickle. Written whole or not at all."""
+    arrays = {"names": np.array(names), "classes": np.array(classes)}
+    for split, (probs, labels) in (("test", test), ("val", val)):
+        arrays[f"{split}_probs"] = np.stack([probs[n] for n in names]).astype(np.float32)
+        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
+    # A file object, not a path: np.savez would add ".npz" to the temporary's name.
+    with checkpoints.replacing(path) as temporary, open(temporary, "wb") as file:
+        np.savez(file, **arrays)
+    return str(path)
 
 
 def measure_costs(models, args, sample, exported=None, custom=None):
@@ -384,6 +412,8 @@ def main(argv):
         print("\ncost on " + ", ".join(fast.devices()))
         print(report.cost_table(extra["costs"], files="file MB"))
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
+    if "probabilities" in extra:
+        print(f"probabilities saved to {extra['probabilities']}")
     if "export" in extra:
         exported = extra["export"]
         print(f"ensemble exported to {exported['path']} ({export.described(exported)})")

@@ -107,17 +107,23 @@ def check_export_path(path):
 
     Run after the folders a run creates exist, as the path may lie in one.
     """
+    check_output("--export", path, ".keras")
+
+
+def check_output(flag, path, suffix):
+    """An ExportError for a file `flag` is to write that cannot be: an empty path, one
+    not ending in `suffix`, a folder, or one in a missing or read-only folder."""
     if not path:
-        raise ExportError("--export is empty (an unset shell variable?); give a path")
+        raise ExportError(f"{flag} is empty (an unset shell variable?); give a path")
     path = Path(path)
-    if path.suffix != ".keras":
-        raise ExportError(f"--export {path} must end in .keras")
+    if path.suffix != suffix:
+        raise ExportError(f"{flag} {path} must end in {suffix}")
     if path.is_dir():
-        raise ExportError(f"--export {path} is a folder; give a file name ending in .keras")
+        raise ExportError(f"{flag} {path} is a folder; give a file name ending in {suffix}")
     if not path.parent.is_dir():
-        raise ExportError(f"--export {path}: folder {path.parent} does not exist")
+        raise ExportError(f"{flag} {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"--export {path}: folder {path.parent} is not writable")
+        raise ExportError(f"{flag} {path}: folder {path.parent} is not writable")
 
 
 def export(path, members, rule, val_member_probs=None, val_labels=None, classes=data.CLASS_NAMES):

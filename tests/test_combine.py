@@ -1,6 +1,9 @@
 """`ensemble.py combine`: any saved classifiers scored and exported like the article's."""
 
 import json
+import re
+import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -95,6 +98,34 @@ def test_cost_measures_each_model_the_ensemble_of_all_and_the_exported_file(
     assert combine(tmp_path, *saved) == 0
     assert "costs" not in json.loads((tmp_path / "logs" / "combine.json").read_text())
     assert "cost on" not in capsys.readouterr().out
+
+
+def test_save_probs_writes_what_the_table_is_scored_from(tmp_path, saved, capsys, monkeypatch):
+    path = tmp_path / "logs" / "probs.npz"  # in --logs-dir, which combine creates
+    assert combine(tmp_path, *saved, "--save-probs", path) == 0
+    assert f"probabilities saved to {path}" in capsys.readouterr().out
+    arrays = np.load(path)  # no pickle needed: strings are NumPy's own
+    assert list(arrays["names"]) == ["nin", "small"]
+    assert list(arrays["classes"]) == list(data.CLASS_NAMES)
+    ((x_val, y_val), (x_test, y_test)), _, _ = data.load_labelled(tmp_path / "tree")
+    models = [keras.saving.load_model(p) for p in saved]
+    for split, images, labels in (("test", x_test, y_test[:, 0]), ("val", x_val, y_val.argmax(1))):
+        expected = np.stack([m.predict(images, verbose=0) for m in models])
+        np.testing.assert_allclose(arrays[f"{split}_probs"], expected, atol=1e-6)
+        np.testing.assert_array_equal(arrays[f"{split}_labels"], labels)
+    # The README's example, run as written: the average row's error from the file.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme.split("--save-probs PATH.npz", 1)[1], re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(textwrap.dedent(example.group(1)), {})
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    assert rows[2]["row"] == "nin+small"
+    assert float(capsys.readouterr().out) == pytest.approx(rows[2]["test_error"])
+    # Refused before any work, as --export is; nothing written.
+    for bad, message in ((tmp_path / "probs.csv", "must end in .npz"),
+                         (tmp_path / "no" / "p.npz", "does not exist")):  # fmt: skip
+        assert combine(tmp_path, *saved, "--save-probs", bad) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
 
 
 def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp_path, capsys):
