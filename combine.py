@@ -191,6 +191,12 @@ def check(args):
     if args.save_probs is not None:
         Path(args.logs_dir).mkdir(parents=True, exist_ok=True)  # it may lie there too
         export.check_output("--save-probs", args.save_probs, ".npz")
+        # An .npz --data-dir (mnist.npz) is the one file of that suffix this reads.
+        if args.data_dir and Path(args.save_probs).resolve() == Path(args.data_dir).resolve():
+            raise export.ExportError(
+                f"--save-probs {args.save_probs} is the --data-dir this command reads, which "
+                "it would replace; give the probabilities a file of their own"
+            )
     return names
 
 

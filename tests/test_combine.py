@@ -126,6 +126,19 @@ def test_save_probs_writes_what_the_table_is_scored_from(tmp_path, saved, capsys
                          (tmp_path / "no" / "p.npz", "does not exist")):  # fmt: skip
         assert combine(tmp_path, *saved, "--save-probs", bad) == 2
         assert message in capsys.readouterr().err and not bad.exists()
+    # Nor onto the data it reads: an .npz of keras.datasets' arrays, as mnist.npz is.
+    (x_train, y_train), (x_test, y_test) = data.load_data(tmp_path / "tree")
+    npz = tmp_path / "cifar.npz"
+    pixels = {"x_train": x_train, "x_test": x_test}
+    np.savez(npz, **{k: np.round(v * 255).astype(np.uint8) for k, v in pixels.items()},
+             y_train=y_train.argmax(1)[:, None], y_test=y_test)  # fmt: skip
+    before = npz.read_bytes()
+    argv = ["combine", *map(str, saved), "--data-dir", str(npz), "--save-probs", str(npz)]
+    assert ensemble.main(argv) == 2
+    assert "is the --data-dir this command reads, which it would replace" in (
+        capsys.readouterr().err
+    )
+    assert npz.read_bytes() == before
 
 
 def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp_path, capsys):
