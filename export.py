@@ -52,6 +52,11 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
             f"two members are both named {twice!r}; give each its own name before "
             f"exporting (model.name = '{twice}_2')"
         )
+    if rule in evaluation.FITTED_RULES and (val_member_probs is None or val_labels is None):
+        raise ExportError(
+            f"the {rule} rule is fitted on validation images: give their probabilities "
+            "from each member (val_member_probs) and their labels (val_labels)"
+        )
     shape = _input_shape(members)
     model_input = keras.Input(shape=shape, name="images")
     # Members of a smaller fixed size take the images through a Resizing layer.

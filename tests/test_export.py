@@ -104,6 +104,12 @@ def test_a_selection_export_holds_only_the_members_picked(tmp_path, members, ima
     expected = evaluation.average(test_probs, weights)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, atol=1e-5)
 
+    # From Python, a fitted rule without validation data is one clear error.
+    for rule in ("weighted", "select", "stack"):
+        with pytest.raises(export.ExportError, match=f"the {rule} rule is fitted on validation"):
+            export.export(tmp_path / "none.keras", three, rule)
+    assert not (tmp_path / "none.keras").exists()
+
     # A selection of one member is that member alone.
     info = export.export(tmp_path / "one.keras", three, "select", [first, guess, guess], labels)
     assert info["kept"] == [members[0].name] and info["weights"] == [1.0, 0.0, 0.0]
