@@ -185,10 +185,10 @@ def fit_selection(val_member_probs, val_labels, rounds=SELECTION_ROUNDS):
 
     From an empty bag, each round adds the member (again, if it is already in)
     whose addition gives the bag's average the lowest validation NLL; the bag that
-    scored best over all rounds is kept, the smallest on ties. Each member's weight
-    is its share of that bag: a member never picked weighs 0. Against `fit_weights`,
-    this leaves members out (an exported file holds only those picked) and, adding
-    in steps of one member, overfits a small validation set less.
+    scored best over all rounds is kept, the smallest on ties, as the paper keeps it
+    (auto-sklearn keeps the last, with ties drawn at random). Each member's weight
+    is its share of that bag: a member never picked weighs 0. Unlike `fit_weights`,
+    this leaves members out, and an exported file holds only those picked.
     """
     probs_of_label = np.asarray(val_member_probs)[:, np.arange(len(val_labels)), val_labels]
     counts = np.zeros(len(val_member_probs), dtype=int)
