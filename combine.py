@@ -37,7 +37,7 @@ import evaluation
 import export
 import fast
 import report
-from ensemble import subset_name, table_rows
+from ensemble import per_class_errors, subset_name, table_rows
 
 RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
 
@@ -300,6 +300,7 @@ def run(args):
         args.every_subset or None,
     )
     extra = {
+        "per_class_errors": per_class_errors(names, test_probs, y_test[:, 0], classes),
         "models": dict(zip(names, args.models, strict=True)),
         "classes": list(classes),
         "validation_images": held_out,

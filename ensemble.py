@@ -352,6 +352,7 @@ def _run(settings):
         val_probs = predict_members(members, x_val, settings)
     rows = table_rows(names, settings.combine, test_probs, val_probs, val_labels, y_test[:, 0])
     extra = {
+        "per_class_errors": per_class_errors(names, test_probs, y_test[:, 0], data.CLASS_NAMES),
         "train_seconds": train_seconds,
         "attempts": attempts,
         "failed": failed,
@@ -481,14 +482,13 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
         for s in evaluation.subsets(names, every_subset)
         if set(s) not in [set(a) for a in article]
     ]
-    article_names = {members: row for row, members in ARTICLE_ROWS}
     rows = []
     for rule in ("average", *(r for r in rules if r != "average")):
         for members in ordered:
             if len(members) == 1 and rule != "average":
                 continue  # a single model is itself under every rule
             combined, fitted = evaluation.combine(rule, members, test_probs, val_probs, val_labels)
-            base = article_names.get(members) or subset_name(members, names)
+            base = row_name(members, names)
             row = {
                 "row": base if rule == "average" else f"{base} ({rule})",
                 "members": list(members),
@@ -500,6 +500,29 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
                 row["weights"] = fitted["weights"]
             rows.append(row)
     return rows
+
+
+def per_class_errors(names, test_probs, labels, classes):
+    """{"classes": names, row: [test error of each class]} for each member and, of
+    several, their average (the article's ensemble): where averaging helps."""
+    errors = {"classes": list(classes)}
+    for name in names:
+        errors[row_name((name,), names)] = evaluation.per_class_error(
+            test_probs[name], labels, len(classes)
+        )
+    if len(names) > 1:
+        mean = evaluation.average([test_probs[n] for n in names])
+        errors[row_name(tuple(names), names)] = evaluation.per_class_error(
+            mean, labels, len(classes)
+        )
+    return errors
+
+
+def row_name(members, names):
+    """The table's name for the average of `members` (of all `names`): the article's,
+    in any member order, or `subset_name`'s."""
+    article = (row for row, chosen in ARTICLE_ROWS if set(chosen) == set(members))
+    return next(article, None) or subset_name(members, names)
 
 
 # Beyond this many members, the rows of all of them and of all but one are named so:

@@ -55,6 +55,15 @@ def expected_calibration_error(probs, labels, bins=ECE_BINS):
     return float(total / len(labels))
 
 
+def per_class_error(probs, labels, num_classes):
+    """The error on each class's images, class by class (None for a class with none)."""
+    predicted = np.argmax(probs, axis=1)
+    return [
+        float(np.mean(predicted[labels == k] != k)) if np.any(labels == k) else None
+        for k in range(num_classes)
+    ]
+
+
 def brier_score(probs, labels):
     """Mean over images of the squared distance to the one-hot label (0 best, 2 worst)."""
     one_hot = np.eye(probs.shape[1])[labels]

@@ -3,6 +3,8 @@
 full table   every subset of members under every rule, with test error,
              NLL, ECE, Brier, member disagreement, oracle error and the gain
              over the best member (terminal, results.json, results.md)
+per class    each class's test error, of each member and of their average
+             (results.json, results.md)
 plots        per-member training curves from the CSV logs, and the test error
              of every row (PNG files in the logs folder)
 costs        parameters, bytes of float32 weights and of the checkpoint files
@@ -81,7 +83,9 @@ def selection_note(rows):
     return f"{row['row']} kept {kept} (their weights){out}"
 
 
-def markdown_table(rows):
+def markdown_table(rows, per_class=None):
+    """The full table in Markdown, then, if given, `per_class` (`per_class_errors`'s
+    {"classes": names, row: errors}) as a table of classes by rows."""
     header = ["row", "members", "rule", *(title for _, title in COLUMNS)]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -91,6 +95,13 @@ def markdown_table(rows):
         cells = _cells(row)
         cells[1:1] = ["+".join(row["members"]), row["rule"]]
         lines.append("| " + " | ".join(cells) + " |")
+    if per_class:
+        named = {row: errors for row, errors in per_class.items() if row != "classes"}
+        lines += ["", "Test error per class:", "", "| class | " + " | ".join(named) + " |"]
+        lines.append("|---|" + "---:|" * len(named))
+        for k, name in enumerate(per_class["classes"]):
+            cells = [_number("test_error", errors[k]) for errors in named.values()]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -245,5 +256,5 @@ def save_results(settings, rows, extra, stem=RESULTS_STEM):
     }
     # Whole or not at all: a full disk leaves the previous run's results as they were.
     replace_text(path, json.dumps(payload, indent=2) + "\n")
-    replace_text(path.with_suffix(".md"), markdown_table(rows))
+    replace_text(path.with_suffix(".md"), markdown_table(rows, extra.get("per_class_errors")))
     return path

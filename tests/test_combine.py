@@ -71,6 +71,12 @@ def test_combine_scores_every_subset_of_saved_models_and_exports_one(tmp_path, s
     reloaded = keras.saving.load_model(exported)
     np.testing.assert_allclose(reloaded.predict(x_test, verbose=0), mean, atol=1e-6)
     assert [layer.name for layer in reloaded.layers][1:3] == ["nin", "small"]
+    # Each class's test error, of each model and of their average.
+    per_class = results["per_class_errors"]
+    assert list(per_class) == ["classes", "nin", "small", "nin+small"]
+    expected = [np.mean(mean.argmax(1)[y_test[:, 0] == k] != k) for k in range(10)]
+    assert per_class["nin+small"] == pytest.approx(expected)
+    assert "| class | nin | small | nin+small |" in "\n".join(markdown)
 
 
 def test_cost_measures_each_model_the_ensemble_of_all_and_the_exported_file(

@@ -70,7 +70,20 @@ def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
     assert len({len(line) for line in table[:9]}) == 1  # aligned columns
 
     # The full table in Markdown, the plots, and the cost of members and ensembles.
-    assert "| ensemble of three |" in (logs / "results.md").read_text()
+    markdown = (logs / "results.md").read_text()
+    assert "| ensemble of three |" in markdown
+    # Each class's test error for each member and the ensemble of three, which the
+    # overall errors weigh by the class's images.
+    per_class = results["per_class_errors"]
+    assert per_class["classes"] == list(data.CLASS_NAMES)
+    assert list(per_class)[1:] == ["ConvPool-CNN-C", "ALL-CNN-C", "NIN", "ensemble of three"]
+    _, (_, y_test) = data.load_data(tree)
+    counts = np.bincount(y_test[:, 0], minlength=10)
+    for row in rows[:4]:
+        overall = np.dot(per_class[row["row"]], counts) / counts.sum()
+        assert overall == pytest.approx(row["test_error"])
+    assert "| class | ConvPool-CNN-C | ALL-CNN-C | NIN | ensemble of three |" in markdown
+    assert "| airplane | " in markdown
     for png in [logs / f"{name}_curves.png" for name in MODELS] + [logs / "test_errors.png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     costs = results["costs"]

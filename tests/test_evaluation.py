@@ -81,6 +81,12 @@ def test_binomial_tail_by_hand_and_at_chance_for_two_classes_as_for_ten():
     assert ev.at_chance(np.eye(10)[np.zeros(1000, int)], skewed)  # error 0.2, yet no skill
 
 
+def test_per_class_error_by_hand():
+    labels = np.array([0, 0, 1, 2])
+    probs = np.eye(4)[[0, 1, 1, 0]]  # right, wrong, right, wrong
+    assert ev.per_class_error(probs, labels, 4) == [0.5, 0.0, 1.0, None]  # no class 3
+
+
 def test_the_gain_p_value_compares_the_ensemble_with_its_best_member():
     members, labels = random_members(3, count=2, images=400)
     members[0] = 0.5 * np.eye(10)[labels] + 0.5 * members[0]  # the better member
