@@ -115,20 +115,27 @@ def check_export_path(path):
     check_output("--export", path, ".keras")
 
 
-def check_output(flag, path, suffix):
+def check_output(flag, path, suffix, required=True, reads=()):
     """An ExportError for a file `flag` is to write that cannot be: an empty path, one
-    not ending in `suffix`, a folder, or one in a missing or read-only folder."""
+    not ending in `suffix` (if `required`), a folder, one in a missing or read-only
+    folder, or one of the files this command `reads`, which it would replace."""
     if not path:
         raise ExportError(f"{flag} is empty (an unset shell variable?); give a path")
     path = Path(path)
-    if path.suffix != suffix:
+    if required and path.suffix != suffix:
         raise ExportError(f"{flag} {path} must end in {suffix}")
     if path.is_dir():
-        raise ExportError(f"{flag} {path} is a folder; give a file name ending in {suffix}")
+        name = f" ending in {suffix}" if required else f", such as {path}{suffix}"
+        raise ExportError(f"{flag} {path} is a folder; give a file name{name}")
     if not path.parent.is_dir():
         raise ExportError(f"{flag} {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"{flag} {path}: folder {path.parent} is not writable")
+    if path.resolve() in {Path(given).resolve() for given in reads if str(given)}:
+        raise ExportError(
+            f"{flag} {path} is a file this command reads, which it would replace; give it "
+            "a file of its own"
+        )
 
 
 def export(path, members, rule, val_member_probs=None, val_labels=None, classes=data.CLASS_NAMES):

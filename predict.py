@@ -9,7 +9,6 @@ batches, and printed with its top classes; `--csv` also writes every probability
 
 import contextlib
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -125,8 +124,9 @@ def main(argv):
     args = parser.parse_args(argv)
     try:
         paths = [found for given in args.images for found in image_files(given)]
-        if args.csv is not None:
-            _check_csv_path(args.csv, [args.model, *paths])
+        if args.csv is not None:  # refused before anything is predicted
+            reads = [args.model, *paths]
+            export.check_output("--csv", args.csv, ".csv", required=False, reads=reads)
         custom = export.custom_objects(args.custom_objects)
         model = export.load(args.model, custom_objects=custom, safe_mode=args.safe_mode)
         label = f"--model {args.model}"
@@ -190,25 +190,6 @@ def _predicted(model, paths, shape, args, raw, label):
             outputs = fast.predict(model, pixels, args.batch_size, args.tta, raw)
             probs = export.probabilities(label, outputs)
         yield chunk, probs
-
-
-def _check_csv_path(path, inputs):
-    """An export.ExportError for a --csv path that cannot be written, or that is one of the
-    files this run reads (the model, an image), before anything is predicted."""
-    if path == "":
-        raise export.ExportError("--csv is empty (an unset shell variable?); give a file name")
-    path = Path(path)
-    if path.is_dir():
-        raise export.ExportError(f"--csv {path} is a folder; give a file name, such as {path}.csv")
-    if not path.parent.is_dir():
-        raise export.ExportError(f"--csv {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise export.ExportError(f"--csv {path}: folder {path.parent} is not writable")
-    if path.resolve() in {Path(given).resolve() for given in inputs if str(given)}:
-        raise export.ExportError(
-            f"--csv {path} is a file this command reads, which it would replace; give the "
-            "table a file of its own"
-        )
 
 
 @contextlib.contextmanager
