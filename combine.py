@@ -359,7 +359,7 @@ def measure_costs(models, args, sample, exported=None, custom=None):
     if exported:
         loaded = export.load(exported["path"], "--export", "", custom, args.safe_mode)
         size, kept = os.path.getsize(exported["path"]), exported.get("kept", names)
-        costs[report.exported_label(exported)] = report.ensemble_cost(
+        costs[f"{Path(exported['path']).name} ({exported['rule']})"] = report.ensemble_cost(
             loaded, sample, size, kept, costs
         )
     return costs

@@ -496,7 +496,7 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
                 **evaluation.row_metrics(combined, [test_probs[m] for m in members], labels),
                 "article_error": ARTICLE_ERRORS.get(base) if rule == "average" else None,
             }
-            if rule in ("weighted", "select"):
+            if rule in evaluation.WEIGHTING_RULES:
                 row["weights"] = fitted["weights"]
             rows.append(row)
     return rows

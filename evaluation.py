@@ -214,6 +214,15 @@ def fit_selection(val_member_probs, val_labels, rounds=SELECTION_ROUNDS):
     return best_counts / best_counts.sum()
 
 
+WEIGHTING_RULES = ("weighted", "select")  # rules that weigh the members' average
+
+
+def fit_rule_weights(rule, val_member_probs, val_labels):
+    """The weights of a `WEIGHTING_RULES` rule, fitted on the validation images."""
+    fit = fit_weights if rule == "weighted" else fit_selection
+    return fit(val_member_probs, val_labels)
+
+
 def fit_stacking(val_member_probs, val_labels, steps=300, l2=1e-3, learning_rate=0.05):
     """A multinomial logistic regression on concatenated member probabilities (Adam)."""
     features = np.concatenate(val_member_probs, axis=1)
@@ -282,8 +291,8 @@ def combine(rule, names, test_probs, val_probs, val_labels):
     if rule == "vote":
         return vote(test), None
     val = [val_probs[n] for n in names]
-    if rule in ("weighted", "select"):
-        weights = (fit_weights if rule == "weighted" else fit_selection)(val, val_labels)
+    if rule in WEIGHTING_RULES:
+        weights = fit_rule_weights(rule, val, val_labels)
         return average(test, weights), {"weights": [round(float(w), 6) for w in weights]}
     if rule == "stack":
         stacker = fit_stacking(val, val_labels)

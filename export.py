@@ -64,9 +64,8 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     fitted = {}
     if rule == "average":
         combined = keras.layers.Average(name="average", dtype="float32")(outputs)
-    elif rule in ("weighted", "select"):
-        fit = evaluation.fit_weights if rule == "weighted" else evaluation.fit_selection
-        weights = fit(val_member_probs, val_labels)
+    elif rule in evaluation.WEIGHTING_RULES:
+        weights = evaluation.fit_rule_weights(rule, val_member_probs, val_labels)
         fitted["weights"] = [round(float(w), 6) for w in weights]
         scaled = [
             keras.layers.Rescaling(float(w), name=f"weight_{member.name}", dtype="float32")(output)

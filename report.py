@@ -202,11 +202,6 @@ def ensemble_cost(model, sample, weight_bytes, members, costs):
     return cost
 
 
-def exported_label(info):
-    """The cost table's row for an exported file: its name and rule."""
-    return f"{Path(info['path']).name} ({info['rule']})"
-
-
 def cost_table(costs, files="checkpoint MB"):
     """`files`: what `weight_bytes` measures, the training checkpoints (ensemble.py's,
     with Adam's state) or the saved model files (combine's)."""
