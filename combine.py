@@ -413,7 +413,7 @@ def main(argv):
         print(f"ensemble.py combine: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     print(report.full_table(rows))
-    if note := report.selection_note(rows):
+    for note in report.table_notes(rows):
         print(note)
     if "costs" in extra:
         print("\ncost on " + ", ".join(fast.devices()))

@@ -485,8 +485,8 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
     rows = []
     for rule in ("average", *(r for r in rules if r != "average")):
         for members in ordered:
-            if len(members) == 1 and rule != "average":
-                continue  # a single model is itself under every rule
+            if len(members) == 1 and rule not in evaluation.ONE_MODEL_RULES:
+                continue  # a single model is itself under this rule
             combined, fitted = evaluation.combine(rule, members, test_probs, val_probs, val_labels)
             base = row_name(members, names)
             row = {
@@ -498,6 +498,8 @@ def table_rows(names, rules, test_probs, val_probs, val_labels, labels, every_su
             }
             if rule in evaluation.WEIGHTING_RULES:
                 row["weights"] = fitted["weights"]
+            if rule == "temperature":
+                row["temperature"] = round(fitted["temperature"], 4)
             rows.append(row)
     return rows
 
@@ -636,7 +638,7 @@ def _train_and_report(settings):
     print(format_table(rows))
     print("\nevery combination (NLL, ECE and Brier need probabilities: none for votes)")
     print(report.full_table(rows))
-    if note := report.selection_note(rows):
+    for note in report.table_notes(rows):
         print(note)
     if "costs" in extra:
         print("\ncost on " + ", ".join(fast.devices()))

@@ -15,6 +15,12 @@ Rules (`--combine`):
               probability; it yields classes, not probabilities
     stack     multinomial logistic regression on the members' concatenated
               probabilities, fitted on the validation split
+    temperature
+              the average, its confidence set by one temperature fitted on the
+              validation split (Guo et al., 2017): the same classes, calibrated
+              probabilities, calibrated after averaging (Rahaman and Thiery, 2021);
+              scored for each member alone too, as comparing NLL is only fair
+              between calibrated models (Ashukha et al., 2020)
 
 Nothing is ever fitted on the test set: fitting functions only take validation data.
 """
@@ -24,8 +30,10 @@ import math
 
 import numpy as np
 
-RULES = ("average", "weighted", "select", "vote", "stack")
-FITTED_RULES = ("weighted", "select", "stack")  # fitted on the validation images
+RULES = ("average", "weighted", "select", "vote", "stack", "temperature")
+FITTED_RULES = ("weighted", "select", "stack", "temperature")  # fitted on validation images
+# Rules that change even one model's output; under the others a model alone is itself.
+ONE_MODEL_RULES = ("average", "temperature")
 ECE_BINS = 15
 _EPS = 1e-12
 
@@ -246,6 +254,57 @@ def apply_stacking(stacker, member_probs):
     return softmax(np.concatenate(member_probs, axis=1) @ stacker["kernel"] + stacker["bias"])
 
 
+# Where the fitted temperature may lie: 100 times softer or sharper than the average.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+def fit_temperature(val_probs, val_labels, steps=50):
+    """The temperature T at which `with_temperature(val_probs, T)` has the lowest NLL.
+
+    Temperature scaling (Guo et al., ICML 2017) on probabilities: softmax(log(p) / T),
+    that is p ** (1 / T) renormalised, so T > 1 softens overconfident outputs and
+    T < 1 sharpens underconfident ones (an average of members, or label smoothing),
+    and the predicted class never changes. The NLL is convex in b = 1 / T: its slope
+    is the mean over images of E[log p] under the scaled output less log p of the
+    label, its curvature the variance of log p there. Newton's steps from b = 1 find
+    the minimum in a few, each kept inside the bracket of the slope's sign change (or
+    replaced by halving it, in log space) within `TEMPERATURE_RANGE`, whose ends are
+    returned when the minimum lies beyond them.
+    """
+    logs = np.log(np.clip(np.asarray(val_probs, dtype=np.float64), _EPS, 1.0))
+    of_label = np.mean(logs[np.arange(len(val_labels)), val_labels])
+
+    def slope_and_curvature(inverse):  # of the NLL, in b = 1 / T
+        scaled = softmax(logs * inverse)
+        mean = np.sum(scaled * logs, axis=1)
+        variance = np.sum(scaled * logs**2, axis=1) - mean**2
+        return float(np.mean(mean) - of_label), float(np.mean(variance))
+
+    low, high = 1 / TEMPERATURE_RANGE[1], 1 / TEMPERATURE_RANGE[0]
+    if slope_and_curvature(low)[0] >= 0:
+        return TEMPERATURE_RANGE[1]
+    if slope_and_curvature(high)[0] <= 0:
+        return TEMPERATURE_RANGE[0]
+    inverse = 1.0
+    for _ in range(steps):
+        slope, curvature = slope_and_curvature(inverse)
+        low, high = (inverse, high) if slope < 0 else (low, inverse)
+        step = inverse - slope / curvature if curvature > 0 else low
+        if not low < step < high:
+            step = math.sqrt(low * high)
+        done = abs(step - inverse) <= 1e-12 * inverse
+        inverse = step
+        if done:
+            break
+    return float(1 / inverse)
+
+
+def with_temperature(probs, temperature):
+    """softmax(log(probs) / temperature): `probs` made softer (T > 1) or sharper."""
+    logs = np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0))
+    return softmax(logs / temperature)
+
+
 def softmax(logits):
     """Each row of `logits` as probabilities (shifted by its maximum: no overflow)."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -286,6 +345,9 @@ def subsets(names, every=None):
 def combine(rule, names, test_probs, val_probs, val_labels):
     """(combined test output, fitted parameters) for `names` under `rule`."""
     test = [test_probs[n] for n in names]
+    if rule == "temperature":  # one model alone is calibrated too
+        temperature = fit_temperature(average([val_probs[n] for n in names]), val_labels)
+        return with_temperature(average(test), temperature), {"temperature": temperature}
     if rule == "average" or len(names) == 1:
         return average(test), None
     if rule == "vote":

@@ -88,6 +88,14 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
         concatenated = keras.layers.Concatenate(name="member_probabilities", dtype="float32")
         combined = dense(concatenated(outputs))
         dense.set_weights([stacker["kernel"].astype("float32"), stacker["bias"].astype("float32")])
+    elif rule == "temperature":
+        # softmax(log(p) / T) needs a logarithm, which no built-in layer takes, and a
+        # custom layer would need this code to load the file.
+        raise ExportError(
+            "the temperature rule cannot be exported: no built-in Keras layer takes the "
+            "logarithm it needs; export average, which predicts the same classes, and "
+            "give predict --temperature the T that results.json holds"
+        )
     else:
         raise ExportError(
             f"--export-rule {rule!r} cannot be exported; choose from {', '.join(EXPORT_RULES)}"

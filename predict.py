@@ -5,10 +5,12 @@ its classes, or any saved Keras classifier of images that `combine` takes. Each 
 file (PNG, JPEG, BMP, GIF or WebP, of any size; a folder stands for its image files)
 is read upright and resized to the model's input (`read_pixels`), predicted in
 batches, and printed with its top classes; `--csv` also writes every probability.
+`--temperature T` calibrates them as `--combine temperature` scored them.
 """
 
 import contextlib
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import checkpoints
 import config
 import data
+import evaluation
 import export
 import fast
 
@@ -106,6 +109,10 @@ def main(argv):
                         f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
     parser.add_argument("--tta", action="store_true", help="average with the mirror image's "
                         "probabilities, as combine --tta scores them")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="soften (T > 1) or sharpen the probabilities: softmax(log(p) "
+                        "/ T), with the T that --combine temperature fitted (results.json); "
+                        "the top class stays")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
     parser.add_argument("--pixels", choices=PIXELS, default="auto",
                         help="the images' scale: 0-1 (x / 255, the article's, and every "
@@ -136,6 +143,10 @@ def main(argv):
         names = _names(args, num_classes, exported_names)
         if args.batch_size < 1:
             raise export.ExportError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if not (math.isfinite(args.temperature) and args.temperature > 0):
+            raise export.ExportError(
+                f"--temperature must be a positive number, got {args.temperature}"
+            )
         args.top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
         if not 1 <= args.top <= len(names):
             raise export.ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
@@ -189,6 +200,8 @@ def _predicted(model, paths, shape, args, raw, label):
         else:
             outputs = fast.predict(model, pixels, args.batch_size, args.tta, raw)
             probs = export.probabilities(label, outputs)
+        if args.temperature != 1:  # 1 leaves the model's own numbers, to the last bit
+            probs = evaluation.with_temperature(probs, args.temperature)
         yield chunk, probs
 
 

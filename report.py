@@ -83,6 +83,23 @@ def selection_note(rows):
     return f"{row['row']} kept {kept} (their weights){out}"
 
 
+def temperature_note(rows):
+    """The temperature fitted for each `temperature` row, or None: above 1, its plain
+    outputs were overconfident on the validation images; below 1, underconfident."""
+    fitted = [row for row in rows if row["rule"] == "temperature"]
+    if not fitted:
+        return None
+    each = ", ".join(f"{row['row'].removesuffix(' (temperature)')} {row['temperature']:.2f}"
+                     for row in fitted)  # fmt: skip
+    return (f"temperatures fitted on the validation images (above 1: overconfident "
+            f"before): {each}")  # fmt: skip
+
+
+def table_notes(rows):
+    """The lines printed under the full table: what its fitted rules chose."""
+    return [note for note in (selection_note(rows), temperature_note(rows)) if note]
+
+
 def markdown_table(rows, per_class=None):
     """The full table in Markdown, then, if given, `per_class` (`per_class_errors`'s
     {"classes": names, row: errors}) as a table of classes by rows."""
@@ -95,6 +112,9 @@ def markdown_table(rows, per_class=None):
         cells = _cells(row)
         cells[1:1] = ["+".join(row["members"]), row["rule"]]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = table_notes(rows)
+    if notes:
+        lines += ["", *notes]
     if per_class:
         named = {row: errors for row, errors in per_class.items() if row != "classes"}
         lines += ["", "Test error per class:", "", "| class | " + " | ".join(named) + " |"]

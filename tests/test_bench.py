@@ -206,10 +206,11 @@ def test_bench_data_times_the_handover_and_checks_it(tmp_path, capsys):
 def test_bench_subsets_times_every_subset_against_the_default_beyond_six(capsys):
     assert bench_subsets.main(["--members", "3", "7", "--images", "200"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    # 3 members: 3 + 3 + 1 averaged rows, 3 + 1 under each of the four other rules.
-    assert lines[2].split()[:4] == ["3", "every", "one", "23"]
-    assert lines[3].split()[:4] == ["7", "every", "one", str(127 + 4 * 120)]
-    assert lines[4].split()[:2] == ["7", "each,"] and lines[4].split()[6] == str(15 + 4 * 8)
+    # 3 members: 3 + 3 + 1 rows averaged and as many calibrated (temperature), 3 + 1
+    # under each of the four other rules, for which a member alone is itself.
+    assert lines[2].split()[:4] == ["3", "every", "one", str(7 + 4 * 4 + 7)]
+    assert lines[3].split()[:4] == ["7", "every", "one", str(127 + 4 * 120 + 127)]
+    assert lines[4].split()[:2] == ["7", "each,"] and lines[4].split()[6] == str(15 + 4 * 8 + 15)
 
 
 def test_bench_resize_times_keras_op_against_ours_and_checks_they_agree(capsys):

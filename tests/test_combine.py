@@ -637,6 +637,35 @@ def test_ensemble_selection_keeps_what_helps_and_exports_only_that(tmp_path, cap
     np.testing.assert_allclose(reloaded.predict(x_test, verbose=0), expected, atol=1e-6)
 
 
+def test_combine_temperature_calibrates_every_row_on_the_validation_images(tmp_path, capsys):
+    tree = write_grey_tree(tmp_path / "tree", per_class=4, splits=("train", "test", "val"))
+    paths = [tmp_path / f"{name}.keras" for name in ("reader", "small")]
+    grey_reader().save(paths[0])
+    small_classifier(3, (12, 10, 1)).save(paths[1])
+    argv = ["combine", *map(str, paths), "--data-dir", str(tree), "--combine", "temperature",
+            "--logs-dir", str(tmp_path / "logs")]  # fmt: skip
+    assert ensemble.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
+    plain = [row for row in rows if row["rule"] == "average"]
+    calibrated = [row for row in rows if row["rule"] == "temperature"]
+    assert [r["row"] for r in calibrated] == [f"{r['row']} (temperature)" for r in plain]
+    for before, after in zip(plain, calibrated, strict=True):
+        assert after["test_error"] == before["test_error"]  # the same classes
+        assert after["temperature"] > 0
+    each = ", ".join(f"{r['row'].removesuffix(' (temperature)')} {r['temperature']:.2f}"
+                     for r in calibrated)  # fmt: skip
+    assert f"(above 1: overconfident before): {each}\n" in out
+    # It is scored, not exported: refused before any model is read.
+    refused = ["combine", *map(str, paths), "--data-dir", str(tree), "--export",
+               str(tmp_path / "t.keras"), "--export-rule", "temperature"]  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        ensemble.main(refused)
+    assert stopped.value.code == 2
+    assert "invalid choice: 'temperature'" in capsys.readouterr().err
+    assert not (tmp_path / "t.keras").exists()
+
+
 def write_photos(root):
     """val/ and test/ of red cats and blue dogs, photos of eight sizes: a tree of models
     trained elsewhere (no train/ needed)."""

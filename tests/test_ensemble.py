@@ -283,6 +283,11 @@ def test_missing_data_dir_from_the_shell_is_one_line_exit_2(tmp_path):
     [
         (["--epochs", "abc"], "ensemble.py: error: argument --epochs: invalid int value: 'abc'"),
         (["--combine", "mean"], "ensemble.py: error: argument --combine: invalid choice: 'mean'"),
+        # Scored, not exported: no built-in layer takes its logarithm (README).
+        (
+            ["--export", "e.keras", "--export-rule", "temperature"],
+            "ensemble.py: error: argument --export-rule: invalid choice: 'temperature'",
+        ),
         (["--nope"], "ensemble.py: error: unrecognized arguments: --nope"),
         (["predict"], "ensemble.py predict: error: the following arguments are required"),
         (["combine", "a.keras", "--top", "3"], "ensemble.py combine: error: unrecognized"),
@@ -355,12 +360,13 @@ def test_format_table_aligns_columns():
 
 def test_every_rule_and_an_export_from_the_cli(tmp_path, tree, capsys):
     target = str(tmp_path / "ensemble.keras")
-    flags = ["--epochs", "1", "--no-cost", "--combine", "weighted", "select", "vote", "stack"]
+    rules = ["weighted", "select", "vote", "stack", "temperature"]
+    flags = ["--epochs", "1", "--no-cost", "--combine", *rules]
     assert cli(tmp_path, *flags, "--export", target, "--export-rule", "stack") == 0
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     rules = [row["rule"] for row in results["results"]]
     fitted = ["weighted"] * 4 + ["select"] * 4 + ["vote"] * 4 + ["stack"] * 4
-    assert rules == ["average"] * 7 + fitted
+    assert rules == ["average"] * 7 + fitted + ["temperature"] * 7  # members alone too
     assert results["export"]["rule"] == "stack"
     model = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     assert model.output.shape == (None, 10)
@@ -371,6 +377,15 @@ def test_every_rule_and_an_export_from_the_cli(tmp_path, tree, capsys):
     pairs = zip(selected["members"], selected["weights"], strict=True)
     kept = [f"{name} {weight:.2f}" for name, weight in pairs if weight > 0]
     assert f"ensemble of three (select) kept {', '.join(kept)} (their weights)" in out
+    # The temperature of each calibrated row, as in results.json, in the table's order.
+    calibrated = [r for r in results["results"] if r["rule"] == "temperature"]
+    each = ", ".join(f"{r['row'].removesuffix(' (temperature)')} {r['temperature']:.2f}"
+                     for r in calibrated)  # fmt: skip
+    assert (
+        f"temperatures fitted on the validation images (above 1: overconfident before): {each}\n"
+        in out
+    )
+    assert each in (tmp_path / "logs" / "results.md").read_text()
 
 
 # Keras warns for every layer it cannot match before it gives up on the file.

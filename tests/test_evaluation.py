@@ -168,6 +168,70 @@ def test_selection_by_hand_and_never_worse_than_the_best_member():
         assert ev.negative_log_likelihood(ev.average(members, weights), labels) <= best
 
 
+def test_temperature_by_hand_and_at_its_ends():
+    # Every image scored [0.9, 0.1], three of four right: calibrated means [0.75, 0.25],
+    # (0.9 / 0.1) ** (1 / T) = 0.75 / 0.25, so 1 / T = log 3 / log 9 and T = 2.
+    probs, labels = np.tile([0.9, 0.1], (4, 1)), np.array([0, 0, 0, 1])
+    assert ev.fit_temperature(probs, labels) == pytest.approx(2.0, rel=1e-9)
+    np.testing.assert_allclose(ev.with_temperature(probs, 2.0), np.tile([0.75, 0.25], (4, 1)))
+    # Scored [0.6, 0.4] and right nine times in ten: sharper, T = log 1.5 / log 9.
+    probs, labels = np.tile([0.6, 0.4], (10, 1)), np.array([0] * 9 + [1])
+    assert ev.fit_temperature(probs, labels) == pytest.approx(math.log(1.5) / math.log(9))
+    # Always right, and sure of it: as sharp as the range allows; the classes stay.
+    sure = np.eye(3)[[0, 2, 1]] * 0.98 + 0.01
+    assert ev.fit_temperature(sure, np.array([0, 2, 1])) == ev.TEMPERATURE_RANGE[0]
+    sharpened = ev.with_temperature(sure, ev.TEMPERATURE_RANGE[0])
+    np.testing.assert_array_equal(np.argmax(sharpened, axis=1), [0, 2, 1])
+    # Right as often as chance, sure of it anyway: as soft as the range allows.
+    assert ev.fit_temperature(sure, np.array([1, 0, 2])) == ev.TEMPERATURE_RANGE[1]
+
+
+def test_temperature_undoes_over_and_underconfidence():
+    rng = np.random.default_rng(0)
+    logits = 2 * rng.normal(size=(5000, 10))
+    labels = np.array([rng.choice(10, p=p) for p in ev.softmax(logits)])  # calibrated
+    for scale in (3.0, 1.0, 0.5):  # logits 3x too sure, as they are, half as sure
+        probs = ev.softmax(scale * logits)
+        temperature = ev.fit_temperature(probs, labels)
+        assert temperature == pytest.approx(scale, rel=0.1)
+        scaled = ev.with_temperature(probs, temperature)
+        nll = ev.negative_log_likelihood(scaled, labels)
+        for other in (1.0, 0.9 * temperature, 1.1 * temperature):  # the minimum
+            assert nll <= ev.negative_log_likelihood(ev.with_temperature(probs, other), labels)
+        np.testing.assert_array_equal(np.argmax(scaled, axis=1), np.argmax(probs, axis=1))
+        np.testing.assert_allclose(scaled.sum(axis=1), 1.0)
+
+
+def test_temperature_rows_calibrate_each_member_and_each_average_on_validation_only(
+    monkeypatch,
+):
+    names = ("conv_pool_cnn", "all_cnn", "nin_cnn")
+    val, val_labels = random_members(2)
+    test, test_labels = random_members(3)
+    val_probs, test_probs = dict(zip(names, val, strict=True)), dict(zip(names, test, strict=True))
+    seen = []
+    original = ev.fit_temperature
+    monkeypatch.setattr(
+        ev, "fit_temperature", lambda p, labels: seen.append((p, labels)) or original(p, labels)
+    )
+    rows = ensemble.table_rows(
+        names, ("temperature",), test_probs, val_probs, val_labels, test_labels
+    )
+    calibrated = rows[7:]
+    # Members alone too: comparing NLL is only fair between calibrated models.
+    assert [r["row"] for r in calibrated] == [f"{r['row']} (temperature)" for r in rows[:7]]
+    assert len(seen) == 7 and all(labels is val_labels for _, labels in seen)
+    for row, (probs, _) in zip(calibrated, seen, strict=True):
+        np.testing.assert_allclose(probs, np.mean([val_probs[m] for m in row["members"]], 0))
+        assert row["temperature"] == pytest.approx(original(probs, val_labels), abs=1e-4)
+    for plain, row in zip(rows[:7], calibrated, strict=True):  # the same classes
+        assert row["test_error"] == plain["test_error"]
+        expected = ev.with_temperature(np.mean([test_probs[m] for m in row["members"]], 0),
+                                       row["temperature"])  # fmt: skip
+        assert row["nll"] == pytest.approx(ev.negative_log_likelihood(expected, test_labels),
+                                           abs=1e-4)  # fmt: skip
+
+
 def test_stacking_learns_from_validation_only():
     members, labels = random_members(1)
     members[0] = 0.5 * np.eye(10)[labels] + 0.5 * members[0]
@@ -192,7 +256,7 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
         )
     rows = ensemble.table_rows(
         names,
-        ("average", "weighted", "select", "vote", "stack"),
+        ("average", "weighted", "select", "vote", "stack", "temperature"),
         test_probs,
         val_probs,
         val_labels,
@@ -205,7 +269,7 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
         assert not any(any(p is t for t in test) for p in probs)
     # The article's 7 rows first, under its names; then 4 rows per other rule.
     assert [r["row"] for r in rows[:7]] == [row for row, _ in ensemble.ARTICLE_ROWS]
-    assert len(rows) == 7 + 4 * 4
+    assert len(rows) == 7 + 4 * 4 + 7  # temperature scores each member alone too
     assert rows[7]["row"] == "ensemble of three (weighted)"
     assert sum(rows[7]["weights"]) == pytest.approx(1.0, abs=1e-5)
     assert rows[11]["row"] == "ensemble of three (select)"

@@ -219,6 +219,41 @@ def test_predict_csv_holds_every_probability_of_every_image(tmp_path, members, c
         assert row[1] == data.CLASS_NAMES[int(np.argmax(probs))]
 
 
+def test_predict_temperature_calibrates_as_the_table_did_and_keeps_the_classes(
+    tmp_path, members, capsys
+):
+    export.export(tmp_path / "e.keras", members, "average")
+    rng = np.random.default_rng(6)
+    images = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
+    for image in images:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+
+    def probabilities(*flags):
+        table = tmp_path / "out.csv"
+        argv = ["--model", str(tmp_path / "e.keras"), *map(str, images), "--csv", str(table)]
+        assert predict.main([*argv, *flags]) == 0
+        capsys.readouterr()
+        rows = [line.split(",") for line in table.read_text().splitlines()[1:]]
+        return [row[1] for row in rows], np.array([[float(v) for v in row[2:]] for row in rows])
+
+    classes, plain = probabilities()
+    for temperature in ("2.5", "0.4"):
+        scaled_classes, scaled = probabilities("--temperature", temperature)
+        assert scaled_classes == classes
+        expected = evaluation.with_temperature(plain, float(temperature))
+        np.testing.assert_allclose(scaled, expected, atol=2e-5)
+    assert probabilities("--temperature", "1")[1].tolist() == plain.tolist()
+
+
+def test_the_temperature_rule_is_not_exported_and_says_why(tmp_path, members):
+    rng = np.random.default_rng(1)
+    val_images, val_labels = rng.random((20, 32, 32, 3), dtype=np.float32), rng.integers(0, 10, 20)
+    val_probs = [m.predict(val_images, verbose=0) for m in members]
+    with pytest.raises(export.ExportError, match="no built-in Keras layer takes the logarithm"):
+        export.export(tmp_path / "t.keras", members, "temperature", val_probs, val_labels)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_predict_reads_a_large_folder_a_chunk_at_a_time(tmp_path, capsys, monkeypatch):
     """A folder of any size fits in memory: the images are read and predicted a chunk at
     a time, with the same lines and table as in one go; what the model outputs (logits
@@ -278,6 +313,8 @@ def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
         ("sigmoids", "scores each class with a sigmoid of its own (a multi-label model)"),
         ("top", "--top must lie between 1 and 10, got 11"),
         ("batch size", "--batch-size must be at least 1, got 0"),
+        ("temperature", "--temperature must be a positive number, got 0.0"),
+        ("temperature nan", "--temperature must be a positive number, got nan"),
         ("classes", "--classes names 2 classes; --model MODEL scores 10"),
         ("csv folder", "is a folder; give a file name, such as"),
         ("csv nowhere", "nowhere/p.csv: folder"),
@@ -330,6 +367,8 @@ def test_predict_command_bad_input_is_one_line_exit_2(tmp_path, members, capsys,
         ).save(model)
     extra = {"top": ["--top", "11"], "classes": ["--classes", "cat,dog"],
              "batch size": ["--batch-size", "0"], "csv folder": ["--csv", str(tmp_path)],
+             "temperature": ["--temperature", "0"],
+             "temperature nan": ["--temperature", "nan"],
              "csv nowhere": ["--csv", str(tmp_path / "nowhere" / "p.csv")],
              "csv onto model": ["--csv", str(model)],
              "csv onto image": ["--csv", str(tmp_path / "." / "cat.png")],
