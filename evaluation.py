@@ -320,8 +320,8 @@ def repeated(names):
     return min((name for name in names if names.count(name) > 1), default=None)
 
 
-# Every subset of 6 members is 63 subsets, scored under all five rules in 50 s on
-# 10,000 images; of 8, 255 subsets in 152 s, against 6.9 s for each member, all but
+# Every subset of 6 members is 63 subsets, scored under all six rules in 59 s on
+# 10,000 images; of 8, 255 subsets in 286 s, against 14.7 s for each member, all but
 # each and all (`python bench/bench_subsets.py`, a 2-core VM). Each member more
 # doubles the time, and no one reads a thousand rows.
 EVERY_SUBSET_UP_TO = 6
