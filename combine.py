@@ -16,8 +16,8 @@ each, and all) is scored under every `--combine` rule with the full report's
 metrics, exactly as `ensemble.py` scores its own members; `--export` writes the
 chosen combination as one `.keras` file.
 
-The fitted rules (`weighted`, `select`, `stack`) learn on the tree's own `val/`
-folder if it has one, else on the last `--validation-split` of the training set,
+The fitted rules (`weighted`, `select`, `stack`, `temperature`) learn on the tree's
+own `val/` folder if it has one, else on the last `--validation-split` of the training set,
 never on the test set; they are fair only if the models did not train on those
 images (the article's members hold that split out).
 """
