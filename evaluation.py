@@ -18,7 +18,8 @@ Rules (`--combine`):
     temperature
               the average, its confidence set by one temperature fitted on the
               validation split (Guo et al., 2017): the same classes, calibrated
-              probabilities, calibrated after averaging (Rahaman and Thiery, 2021);
+              probabilities; fitted after averaging, not member by member (Rahaman
+              and Thiery, 2021);
               scored for each member alone too, as comparing NLL is only fair
               between calibrated models (Ashukha et al., 2020)
 
@@ -271,7 +272,7 @@ def fit_temperature(val_probs, val_labels, steps=50):
     replaced by halving it, in log space) within `TEMPERATURE_RANGE`, whose ends are
     returned when the minimum lies beyond them.
     """
-    logs = np.log(np.clip(np.asarray(val_probs, dtype=np.float64), _EPS, 1.0))
+    logs = _logs(val_probs)
     of_label = np.mean(logs[np.arange(len(val_labels)), val_labels])
 
     def slope_and_curvature(inverse):  # of the NLL, in b = 1 / T
@@ -301,8 +302,12 @@ def fit_temperature(val_probs, val_labels, steps=50):
 
 def with_temperature(probs, temperature):
     """softmax(log(probs) / temperature): `probs` made softer (T > 1) or sharper."""
-    logs = np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0))
-    return softmax(logs / temperature)
+    return softmax(_logs(probs) / temperature)
+
+
+def _logs(probs):
+    """log(probs) in float64, a probability of 0 (float32's softmax gives them) as 1e-12."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0))
 
 
 def softmax(logits):
