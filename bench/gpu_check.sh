@@ -52,7 +52,7 @@ step_preset() {
   # FAST_FLAGS adds flags to the preset's run, e.g. FAST_FLAGS="--weight-decay 0.05".
   local flags
   read -r -a flags <<< "${FAST_FLAGS:-}"
-  # --small: 600 images, so that a try-out on a 2-core CPU (about 25 s an epoch for all
+  # --small: 600 images, so that a try-out on a 2-core CPU (under 30 s an epoch for all
   # three members) finishes inside the step's 320 s even when a member dies and restarts;
   # 2,000 images took 75 s an epoch there and never did. 3 epochs: the preset's warm-up
   # takes 2, and --warmup-epochs must be fewer than --epochs.
