@@ -41,6 +41,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ensembling.errors import DataError
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 CLASS_NAMES = (
@@ -69,10 +71,6 @@ HELD_OUT_FOLDERS = ("val", "valid", "validation")
 SPLITS = ("train", "test", *HELD_OUT_FOLDERS)
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")  # keras.datasets' arrays, saved
 VALIDATION_SPLIT = 0.2  # the article's, and combine's default
-
-
-class DataError(ValueError):
-    """The data source is missing, malformed or unsafe; the message says what to do."""
 
 
 class _SizesDiffer(DataError):
@@ -303,7 +301,7 @@ def _load_keras_download(spec):
     except Exception as error:  # urllib, ssl and tar errors all surface here
         raise DataError(
             f"could not download CIFAR-10 ({type(error).__name__}: {error}); "
-            "pass --data-dir with a local copy (see README, 'Offline data')"
+            "pass --data-dir with a local copy (see docs/cli.md)"
         ) from error
     return (
         _Split(y_train.reshape(-1), CLASS_NAMES, x_train),
@@ -314,10 +312,10 @@ def _load_keras_download(spec):
 
 def _load_from_path(path, spec, held_out=False):
     if not path.exists():
-        raise DataError(f"--data-dir {path} does not exist; point it at CIFAR-10 (see README)")
+        raise DataError(f"--data-dir {path} does not exist; point it at CIFAR-10 (see docs/cli.md)")
     if path.is_dir():
         if not any(path.iterdir()):
-            raise DataError(f"--data-dir {path} is empty; point it at CIFAR-10 (see README)")
+            raise DataError(f"--data-dir {path} is empty; point it at CIFAR-10 (see docs/cli.md)")
         for folder in (path, path / OFFICIAL_BATCHES_DIR):
             if (folder / TEST_BATCH).is_file():
                 _cifar10_only(spec, folder)
@@ -347,7 +345,7 @@ def _load_from_path(path, spec, held_out=False):
         return *_load_image_tree(files, path, spec, held_out), True
     raise DataError(
         f"{path} is neither a folder nor a readable .tar, .tar.gz or .zip archive "
-        "(truncated download?); see README, 'Offline data'"
+        "(truncated download?); see docs/cli.md"
     )
 
 

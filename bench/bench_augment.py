@@ -4,7 +4,7 @@
 
 Trains the `--preset fast` step (every member, bf16 on an accelerator, batch 512)
 for a few epochs twice in this one process on the same data, once with
-`fast.Augment` between the input and each member and once without, and prints
+`recipe.Augment` between the input and each member and once without, and prints
 the median time of the epochs after the first (which compiles) and their ratio.
 No files are written besides augment.json (after each case). Small on a CPU
 (2,000 images), the whole training set on a GPU.
@@ -19,18 +19,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import keras
 
-import config
 import data
-import fast
-import joint
+from ensembling import backend, joint
+from ensembling.settings import settings_from
 from models import MODELS
 
 
 def epoch_seconds(settings, x_train, y_train):
-    with fast.DtypePolicy(settings.precision):
+    with backend.DtypePolicy(settings.precision):
         model_input = keras.Input(shape=x_train.shape[1:])
         members = [MODELS[name](model_input) for name in settings.models]
         trained = joint.train_jointly(
@@ -47,15 +45,15 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/out", help="folder for augment.json")
     args = parser.parse_args(argv)
 
-    on_accelerator = fast.has_accelerator()
+    on_accelerator = backend.has_accelerator()
     limit = args.limit or (None if on_accelerator else 2_000)
-    settings = config.settings_from(
+    settings = settings_from(
         {"preset": "fast", "epochs": args.epochs, "limit": limit, "data_dir": args.data_dir}
     )
     keras.utils.set_random_seed(settings.seed)
     (x_train, y_train), _ = data.load_data(args.data_dir, limit=limit, seed=settings.seed)
     images = len(x_train) * (1 - settings.validation_split)
-    devices = fast.devices()
+    devices = backend.devices()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"date": datetime.date.today().isoformat(), "devices": devices,

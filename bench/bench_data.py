@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
-import config
 import data
-import parallel
-import report
+from ensembling import parallel, report
+from ensembling.settings import settings_from
 
 
 def main(argv=None):
@@ -31,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", required=True, help="CIFAR-10 source, as ensemble.py")
     parser.add_argument("--limit", type=int, help="images (default: all)")
     args = parser.parse_args(argv)
-    settings = config.settings_from({"data_dir": args.data_dir, "limit": args.limit})
+    settings = settings_from({"data_dir": args.data_dir, "limit": args.limit})
 
     start = time.perf_counter()
     arrays = data.load_data(settings.data_dir, limit=settings.limit, seed=settings.seed)

@@ -40,14 +40,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import keras
 import numpy as np
 
 import data
 import ensemble
-import fast
-import joint
+from ensembling import backend, joint
 from models import MODELS
 
 ROUNDING = 2.0**-24  # float32's unit roundoff, about 6e-8
@@ -128,7 +126,7 @@ def main(argv=None):
 
     if args.scan:
         joint.SCAN_EPOCHS = True
-    horizons = args.steps or ([1, 10, 100, 1250] if fast.has_accelerator() else [1, 10, 50])
+    horizons = args.steps or ([1, 10, 100, 1250] if backend.has_accelerator() else [1, 10, 50])
     base = ensemble.Settings()
     # 32 x steps training images, then the validation split's share: no partial batch.
     per_step = round(base.batch_size / (1 - base.validation_split))  # 40 images
@@ -144,7 +142,7 @@ def main(argv=None):
     settings = ensemble.Settings(epochs=1, seed=args.seed, weights_dir=work)
     fit = Fit(args.model, start, settings, shape)
 
-    devices = fast.devices()
+    devices = backend.devices()
     versions = f"keras {keras.__version__} on {keras.backend.backend()}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +172,7 @@ def main(argv=None):
             flush=True,
         )
 
-    from report import aligned
+    from ensembling.report import aligned
 
     header = ["steps", "loss: fit", "joint", "distance from fit: again", "nudged", "joint"]
     lines = [

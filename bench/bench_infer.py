@@ -24,15 +24,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import keras
 import numpy as np
 
 import ensemble
-import fast
-from checkpoints import best_checkpoint
+from ensembling import backend
+from ensembling.checkpoints import best_checkpoint
+from ensembling.report import aligned
 from models import MODELS
-from report import aligned
 
 
 def timed(function, repeats):
@@ -66,7 +65,7 @@ def device_forward(model, images, batch_size):
 
 
 def measure(precision, images, batch_size, repeats, weights_dir):
-    with fast.DtypePolicy(precision):
+    with backend.DtypePolicy(precision):
         model_input = keras.Input(shape=images.shape[1:])
         members = {}
         for name in MODELS:
@@ -114,13 +113,13 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/out", help="folder for infer.json")
     args = parser.parse_args(argv)
 
-    on_accelerator = fast.has_accelerator()
+    on_accelerator = backend.has_accelerator()
     images = args.images or (20_480 if on_accelerator else 2_048)
     batch_size = args.batch_size or (2_048 if on_accelerator else 256)
     precisions = ["float32", "mixed_bfloat16"] if on_accelerator else ["float32"]
     # Random pixels, not zeros: some kernels run faster on zeros than on real data.
     x = np.random.default_rng(0).random((images, 32, 32, 3), dtype=np.float32)
-    devices = fast.devices()
+    devices = backend.devices()
     print(f"{images} images, batch {batch_size}, {args.repeats} timed passes; devices {devices}")
 
     results = {p: measure(p, x, batch_size, args.repeats, args.weights_dir) for p in precisions}

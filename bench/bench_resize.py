@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 import data
-import report
+from ensembling import report
 
 
 def keras_resize(pixels, size):

@@ -46,8 +46,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import parallel  # noqa: E402 (after the path it comes from)
-from report import aligned  # noqa: E402
+from ensembling import parallel  # noqa: E402 (after the path it comes from)
+from ensembling.report import aligned  # noqa: E402
 
 # Several processes share one GPU, as under --parallel: each takes the memory it
 # needs, not most of it (this one too, before anything opens the device).

@@ -87,8 +87,7 @@ def measure(unroll, images, epochs):
     from bench_augment import epoch_seconds  # the same joint run, timed the same way
 
     import ensemble
-    import fast
-    import joint
+    from ensembling import backend, joint
 
     joint.SCAN_UNROLL = unroll
     rng = np.random.default_rng(0)
@@ -100,7 +99,7 @@ def measure(unroll, images, epochs):
         seconds = epoch_seconds(settings, x, y)
     steps = -(-int(images * (1 - settings.validation_split)) // settings.batch_size)
     return {"epoch_seconds": [round(s, 3) for s in seconds], "steps": steps,
-            "devices": fast.devices(),
+            "devices": backend.devices(),
             "versions": f"keras {keras.__version__} on {keras.backend.backend()}"}  # fmt: skip
 
 
@@ -191,9 +190,9 @@ def main(argv=None):
     # memory (JAX reserves most of it on first use) from the variants' processes.
     os.environ["KERAS_BACKEND"] = "jax"
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    import fast
+    from ensembling import backend
 
-    gpu = fast.has_accelerator()
+    gpu = backend.has_accelerator()
     case = SMALL if args.small or not gpu else FULL
     # "baseline again" reruns the baseline last: the machine's drift over the run.
     runs = [("baseline", "baseline")]
@@ -224,7 +223,7 @@ def main(argv=None):
         shown = r.get("failed") or f"epochs {r['epoch_seconds']}; {r['ms_per_step']} ms a step"
         print(f"{name}: {shown}", flush=True)
 
-    from report import aligned
+    from ensembling.report import aligned
 
     baselines = [results[n]["later_epoch_s"] for n in ("baseline", "baseline again")
                  if "failed" not in results[n]]  # fmt: skip

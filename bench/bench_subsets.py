@@ -3,7 +3,7 @@
     python bench/bench_subsets.py                      # 3, 6 and 8 members, every rule
     python bench/bench_subsets.py --members 3 7 --images 2000
 
-`ensemble.table_rows` scores every subset of up to `evaluation.EVERY_SUBSET_UP_TO`
+`rows.table_rows` scores every subset of up to `combination.EVERY_SUBSET_UP_TO`
 members under every rule; beyond, by default, each member, all but each one and all
 of them. This times both for each member count on synthetic probabilities as large
 as CIFAR-10's (10,000 test and 10,000 validation images; members that agree with the
@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-import ensemble
-import evaluation
-import report
+from ensembling import combination, report
+from ensembling.rows import table_rows
 
 
 def synthetic(members, images, rng):
@@ -44,7 +43,7 @@ def timed(members, images, every, rules, seed=0):
     test, test_labels = synthetic(members, images, rng)
     val, val_labels = synthetic(members, images, rng)
     start = time.perf_counter()
-    rows = ensemble.table_rows(list(test), rules, test, val, val_labels, test_labels, every)
+    rows = table_rows(list(test), rules, test, val, val_labels, test_labels, every)
     return time.perf_counter() - start, len(rows)
 
 
@@ -53,17 +52,17 @@ def main(argv=None):
     parser.add_argument("--members", type=int, nargs="+", default=[3, 6, 8])
     parser.add_argument("--images", type=int, default=10_000, help="test and validation images")
     args = parser.parse_args(argv)
-    rules = list(evaluation.RULES)
+    rules = list(combination.RULES)
     timed(3, 100, None, rules)  # warm-up: NumPy's first calls
     baseline, _ = timed(3, args.images, None, rules)
     print(f"rules: {', '.join(rules)}; {args.images:,} test and validation images; "
           f"baseline (3 members, every subset): {baseline:.1f} s")  # fmt: skip
     print(f"{'members':>7}  {'subsets':>23}  {'rows':>5}  {'seconds':>8}  {'vs baseline':>11}")
     for members in args.members:
-        policies = [None] if members <= evaluation.EVERY_SUBSET_UP_TO else [True, None]
+        policies = [None] if members <= combination.EVERY_SUBSET_UP_TO else [True, None]
         for every in policies:
             seconds, rows = timed(members, args.images, every, rules)
-            which = "every one" if every or members <= evaluation.EVERY_SUBSET_UP_TO else (
+            which = "every one" if every or members <= combination.EVERY_SUBSET_UP_TO else (
                 "each, all but each, all"
             )  # fmt: skip
             print(f"{members:>7}  {which:>23}  {rows:>5}  {seconds:>8.1f}  "

@@ -33,14 +33,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import keras
 
 import ensemble
-import fast
-import parallel
-import report
-from report import aligned
+from ensembling import backend, parallel, report
+from ensembling.cli import checks
+from ensembling.report import aligned
 
 SMALL = {"limit": 2000, "epochs": 1}
 
@@ -51,7 +49,7 @@ def measure(settings):
     wall = time.perf_counter() - start
     extra["total_seconds"] = round(wall, 1)
     report.save_results(settings, rows, extra)
-    print(ensemble.format_table(rows))
+    print(report.format_table(rows))
     # --parallel's members train at once: each one's seconds count from the same start.
     train_seconds = (max if settings.parallel else sum)(extra["train_seconds"].values())
     trained = (settings.limit or 50_000) * (1 - settings.validation_split)
@@ -99,8 +97,8 @@ def main(argv=None):
     if args.parallel:  # before this process opens the GPU: the members' processes share it
         parallel.share_the_gpu()
 
-    devices = fast.devices()
-    full = args.full or (fast.has_accelerator() and not args.small)
+    devices = backend.devices()
+    full = args.full or (backend.has_accelerator() and not args.small)
     out, work = Path(args.out), Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     out.mkdir(parents=True, exist_ok=True)
     # No cost table: bench_infer.py measures prediction speed on its own.
@@ -131,7 +129,7 @@ def main(argv=None):
             weights_dir=str(work / folder / "weights"),
             logs_dir=str(work / folder / "logs"),
         )
-        ensemble.check_settings(settings)
+        checks.check_settings(settings)
         print(f"\n=== {path}: {how[kind]}, {epochs} epochs, seed {seed}")
         results[path] = measure(settings)
         if epochs == base.epochs:  # a shortened run's errors mean nothing

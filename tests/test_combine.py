@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 from conftest import SHAPES, write_grey_tree, write_tree
 
-import combine as combine_module
 import data
 import ensemble
-import evaluation
-import export
-import fast
-import predict
+from ensembling import combination, export, prediction
+from ensembling.cli import combine as combine_module
+from ensembling.cli import predict
 from models import nin_cnn
 
 
@@ -119,8 +117,8 @@ def test_save_probs_writes_what_the_table_is_scored_from(tmp_path, saved, capsys
         expected = np.stack([m.predict(images, verbose=0) for m in models])
         np.testing.assert_allclose(arrays[f"{split}_probs"], expected, atol=1e-6)
         np.testing.assert_array_equal(arrays[f"{split}_labels"], labels)
-    # The README's example, run as written: the average row's error from the file.
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    # docs/saved-models.md's example, run as written: the average row's error from the file.
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "saved-models.md").read_text()
     example = re.search(r"```python\n(.*?)```", readme.split("--save-probs PATH.npz", 1)[1], re.S)
     monkeypatch.chdir(tmp_path)
     exec(textwrap.dedent(example.group(1)), {})
@@ -448,7 +446,7 @@ def test_a_model_that_ends_in_logits_is_scored_and_exported_behind_a_softmax(tmp
     _, (x_test, y_test) = data.load_data(tmp_path / "tree")
     logits = keras.saving.load_model(paths[1])
     probs = [keras.ops.convert_to_numpy(keras.ops.softmax(logits.predict(x, verbose=0)))
-             for x in (x_test, fast.flip(x_test))]  # fmt: skip
+             for x in (x_test, prediction.flip(x_test))]  # fmt: skip
     mean = np.mean(probs, axis=0)
     labels = y_test[:, 0]
     assert rows["logits"]["test_error"] == pytest.approx(np.mean(mean.argmax(1) != labels))
@@ -575,7 +573,7 @@ def test_combine_ensembles_classifiers_of_any_labelled_images(tmp_path, capsys):
         np.mean(mean.argmax(1) != y_test[:, 0])
     )
     val_probs = [m.predict(x_val, verbose=0) for m in models]
-    weights = evaluation.fit_weights(val_probs, y_val.argmax(1))
+    weights = combination.fit_weights(val_probs, y_val.argmax(1))
     np.testing.assert_allclose(results["export"]["weights"], weights, atol=1e-5)
     reloaded = keras.saving.load_model(exported)
     assert tuple(reloaded.input_shape) == (None, 12, 10, 1)
@@ -842,7 +840,9 @@ def test_combine_keeps_images_as_pixels_until_a_batch_is_predicted(tmp_path):
     model = small_classifier(3, (12, 10, 1))
     for tta in (False, True):  # 12 images in batches of 5: the last one short
         np.testing.assert_allclose(
-            fast.predict(model, pixels, 5, tta), fast.predict(model, images, 5, tta), atol=1e-6
+            prediction.predict(model, pixels, 5, tta),
+            prediction.predict(model, images, 5, tta),
+            atol=1e-6,
         )
     raw = model.predict(pixels.astype("float32"), verbose=0)
-    np.testing.assert_allclose(fast.predict(model, pixels, 5, raw=True), raw, atol=1e-6)
+    np.testing.assert_allclose(prediction.predict(model, pixels, 5, raw=True), raw, atol=1e-6)

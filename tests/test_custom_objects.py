@@ -10,9 +10,8 @@ import pytest
 from conftest import write_tree
 from PIL import Image
 
-import combine
-import export
-import predict
+from ensembling import export
+from ensembling.cli import combine, predict
 
 # A user's layers file: one registered class, one class and one function found by
 # name only, and the code that saved the models, kept from running on import by the

@@ -24,8 +24,8 @@ from conftest import (
 )
 
 import data
-import export
-import predict
+from ensembling import export
+from ensembling.cli import predict
 
 
 def check_article_arrays(train, test, num_train, num_test):

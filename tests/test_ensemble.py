@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import write_tree
 
-import checkpoints
 import data
 import ensemble
-import fast
-import training
+from ensembling import backend, checkpoints, report, training
+from ensembling.cli import options
+from ensembling.rows import ARTICLE_ROWS
 from models import MODELS, all_cnn, nin_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
     assert cli(tmp_path, "--epochs", "1") == 0
     out = capsys.readouterr().out
     assert f"on {keras.backend.backend()}, devices: " in out.splitlines()[1]
-    assert ("no GPU found: training runs on the CPU" in out) != fast.has_accelerator()
+    assert ("no GPU found: training runs on the CPU" in out) != backend.has_accelerator()
 
     weights = sorted(p.name for p in (tmp_path / "weights").glob("*.weights.h5"))
     assert len(weights) == 3 and all(CHECKPOINT_NAME.match(name) for name in weights)
@@ -59,7 +59,7 @@ def test_full_pipeline_on_tiny_data(tmp_path, tree, capsys):
     results = json.loads((logs / "results.json").read_text())
     assert results["settings"]["epochs"] == 1 and results["settings"]["batch_size"] == 32
     rows = results["results"]
-    assert [row["row"] for row in rows] == [row for row, _ in ensemble.ARTICLE_ROWS]
+    assert [row["row"] for row in rows] == [row for row, _ in ARTICLE_ROWS]
     assert all(0.0 <= row["test_error"] <= 1.0 for row in rows)
     assert results["attempts"] == {name: 1 for name in MODELS}
 
@@ -319,7 +319,7 @@ def test_a_usage_error_is_one_line_not_the_whole_usage(capsys, argv, message):
 
 def test_help_documents_every_flag_with_the_article_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ensemble.parse_args(["--help"])
+        options.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for flag in (
@@ -353,7 +353,7 @@ def test_format_table_aligns_columns():
             "article_error": 0.2447,
         },
     ]
-    lines = ensemble.format_table(rows).splitlines()
+    lines = report.format_table(rows).splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert lines[2].endswith("0.3000   0.3164")
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-import ensemble
-import evaluation as ev
+from ensembling import combination as ev
+from ensembling.rows import ARTICLE_ROWS, table_rows
 
 # Two images, three classes; labels 0 and 2.
 P = np.array([[0.7, 0.2, 0.1], [0.3, 0.5, 0.2]])
@@ -214,9 +214,7 @@ def test_temperature_rows_calibrate_each_member_and_each_average_on_validation_o
     monkeypatch.setattr(
         ev, "fit_temperature", lambda p, labels: seen.append((p, labels)) or original(p, labels)
     )
-    rows = ensemble.table_rows(
-        names, ("temperature",), test_probs, val_probs, val_labels, test_labels
-    )
+    rows = table_rows(names, ("temperature",), test_probs, val_probs, val_labels, test_labels)
     calibrated = rows[7:]
     # Members alone too: comparing NLL is only fair between calibrated models.
     assert [r["row"] for r in calibrated] == [f"{r['row']} (temperature)" for r in rows[:7]]
@@ -254,7 +252,7 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
             fit,
             lambda probs, labels, _f=original: seen.append((probs, labels)) or _f(probs, labels),
         )
-    rows = ensemble.table_rows(
+    rows = table_rows(
         names,
         ("average", "weighted", "select", "vote", "stack", "temperature"),
         test_probs,
@@ -268,7 +266,7 @@ def test_table_rows_fit_rules_on_validation_and_never_see_the_test_set(monkeypat
         assert all(any(p is v for v in val) for p in probs)
         assert not any(any(p is t for t in test) for p in probs)
     # The article's 7 rows first, under its names; then 4 rows per other rule.
-    assert [r["row"] for r in rows[:7]] == [row for row, _ in ensemble.ARTICLE_ROWS]
+    assert [r["row"] for r in rows[:7]] == [row for row, _ in ARTICLE_ROWS]
     assert len(rows) == 7 + 4 * 4 + 7  # temperature scores each member alone too
     assert rows[7]["row"] == "ensemble of three (weighted)"
     assert sum(rows[7]["weights"]) == pytest.approx(1.0, abs=1e-5)
@@ -299,5 +297,5 @@ def test_members_named_in_another_order_still_give_each_row_once():
     names = ("nin_cnn", "all_cnn")  # --models nin_cnn all_cnn
     test, test_labels = random_members(3)
     test_probs = {"nin_cnn": test[2], "all_cnn": test[1]}
-    rows = ensemble.table_rows(names, ("average",), test_probs, {}, None, test_labels)
+    rows = table_rows(names, ("average",), test_probs, {}, None, test_labels)
     assert [r["row"] for r in rows] == ["ALL-CNN-C", "NIN", "pair C"]

@@ -11,10 +11,8 @@ import pytest
 from PIL import Image
 
 import data
-import ensemble
-import evaluation
-import export
-import predict
+from ensembling import cli, combination, export, prediction, rows
+from ensembling.cli import predict
 from models import all_cnn, nin_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,15 +69,15 @@ def test_weighted_and_stacked_exports_match_the_table(tmp_path, members, images)
     test_probs = [m.predict(images, verbose=0) for m in members]
 
     info = export.export(tmp_path / "w.keras", members, "weighted", val_probs, val_labels)
-    weights = evaluation.fit_weights(val_probs, val_labels)
+    weights = combination.fit_weights(val_probs, val_labels)
     assert info["weights"] == pytest.approx(weights, abs=1e-6)
     exported = export.load(tmp_path / "w.keras").predict(images, verbose=0)
-    np.testing.assert_allclose(exported, evaluation.average(test_probs, weights), atol=1e-5)
+    np.testing.assert_allclose(exported, combination.average(test_probs, weights), atol=1e-5)
 
     export.export(tmp_path / "s.keras", members, "stack", val_probs, val_labels)
-    stacker = evaluation.fit_stacking(val_probs, val_labels)
+    stacker = combination.fit_stacking(val_probs, val_labels)
     exported = export.load(tmp_path / "s.keras").predict(images, verbose=0)
-    np.testing.assert_allclose(exported, evaluation.apply_stacking(stacker, test_probs), atol=1e-5)
+    np.testing.assert_allclose(exported, combination.apply_stacking(stacker, test_probs), atol=1e-5)
 
 
 def test_a_selection_export_holds_only_the_members_picked(tmp_path, members, images):
@@ -94,14 +92,14 @@ def test_a_selection_export_holds_only_the_members_picked(tmp_path, members, ima
     knows, guess = np.eye(10)[labels], np.full((40, 10), 0.1)
     first = np.where(np.arange(40)[:, None] < 20, knows, guess)
     val_probs = [first, np.where(np.arange(40)[:, None] >= 20, knows, guess), guess]
-    weights = evaluation.fit_selection(val_probs, labels)
+    weights = combination.fit_selection(val_probs, labels)
     assert weights[0] > 0 and weights[1] > 0 and weights[2] == 0
     info = export.export(tmp_path / "s.keras", three, "select", val_probs, labels)
     assert info["weights"] == pytest.approx(weights) and info["kept"] == [m.name for m in members]
     loaded = export.load(tmp_path / "s.keras")
     assert "small" not in [layer.name for layer in loaded.layers]
     test_probs = [m.predict(images, verbose=0) for m in three]
-    expected = evaluation.average(test_probs, weights)
+    expected = combination.average(test_probs, weights)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, atol=1e-5)
 
     # From Python, a fitted rule without validation data is one clear error.
@@ -143,7 +141,7 @@ def test_members_of_one_name_are_refused_with_the_fix(tmp_path):
         export.export(tmp_path / "e.keras", seeds, "average")
     probs = {"nin_cnn": np.full((2, 10), 0.1, "float32")}  # the second overwrote the first
     with pytest.raises(ValueError, match="both named 'nin_cnn'; give each its own"):
-        ensemble.table_rows(["nin_cnn", "nin_cnn"], [], probs, {}, None, np.zeros(2, int))
+        rows.table_rows(["nin_cnn", "nin_cnn"], [], probs, {}, None, np.zeros(2, int))
     assert not list(tmp_path.iterdir())
     seeds[1].name = "nin_cnn_2"  # the fix the message gives
     export.export(tmp_path / "e.keras", seeds, "average")
@@ -240,7 +238,7 @@ def test_predict_temperature_calibrates_as_the_table_did_and_keeps_the_classes(
     for temperature in ("2.5", "0.4"):
         scaled_classes, scaled = probabilities("--temperature", temperature)
         assert scaled_classes == classes
-        expected = evaluation.with_temperature(plain, float(temperature))
+        expected = combination.with_temperature(plain, float(temperature))
         np.testing.assert_allclose(scaled, expected, atol=2e-5)
     assert probabilities("--temperature", "1")[1].tolist() == plain.tolist()
 
@@ -258,7 +256,6 @@ def test_predict_reads_a_large_folder_a_chunk_at_a_time(tmp_path, capsys, monkey
     """A folder of any size fits in memory: the images are read and predicted a chunk at
     a time, with the same lines and table as in one go; what the model outputs (logits
     here) is found on the first chunk and holds for the rest, --tta too."""
-    import fast
 
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
                               keras.layers.Dense(10)])  # fmt: skip
@@ -275,10 +272,10 @@ def test_predict_reads_a_large_folder_a_chunk_at_a_time(tmp_path, capsys, monkey
 
     whole = run("whole.csv")
     seen = []
-    real_predict = fast.predict
+    real_predict = prediction.predict
     monkeypatch.setattr(predict, "CHUNK", 2)
     monkeypatch.setattr(
-        fast, "predict", lambda m, x, *a: seen.append(len(x)) or real_predict(m, x, *a)
+        prediction, "predict", lambda m, x, *a: seen.append(len(x)) or real_predict(m, x, *a)
     )
     assert run("chunks.csv") == whole
     assert len(whole[0].splitlines()) == 5 and max(seen) == 2
@@ -292,7 +289,7 @@ def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
     run = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run.stdout.close()  # long before the model is loaded: every write finds no reader
     err = run.stderr.read().decode()
-    assert run.wait(timeout=300) == ensemble.BROKEN_PIPE == 141  # as the shell reports SIGPIPE
+    assert run.wait(timeout=300) == cli.BROKEN_PIPE == 141  # as the shell reports SIGPIPE
     assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
 
 

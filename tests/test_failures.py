@@ -12,9 +12,8 @@ import pytest
 from conftest import write_tree
 from PIL import Image
 
-import combine
 import ensemble
-import predict
+from ensembling.cli import combine, options, predict
 from models import nin_cnn
 
 
@@ -89,7 +88,7 @@ def test_where_processes_cannot_be_checked_a_lock_is_kept_and_never_signalled(
     tmp_path, tree, capsys, monkeypatch
 ):
     # On Windows os.kill(pid, 0) would not ask whether the run lives: it would kill it.
-    import checkpoints
+    from ensembling import checkpoints
 
     monkeypatch.setattr(checkpoints, "PIDS_CHECKABLE", False)
     monkeypatch.setattr(os, "kill", lambda *args: pytest.fail(f"os.kill{args}"))
@@ -106,7 +105,8 @@ def test_where_processes_cannot_be_checked_a_lock_is_kept_and_never_signalled(
 def test_the_program_imports_where_there_is_no_sighup():
     # Windows has SIGINT and SIGTERM but no SIGHUP.
     code = (
-        "import signal; del signal.SIGHUP; import ensemble, training; print(training.STOP_SIGNALS)"
+        "import signal; del signal.SIGHUP; import ensemble; "
+        "from ensembling import training; print(training.STOP_SIGNALS)"
     )
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr[-500:]
@@ -315,7 +315,7 @@ def test_a_backend_keras_cannot_load_is_one_line_exit_2(tmp_path, backend, broke
     last = shown.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ensemble.py: error: {message}"), last
     assert last.endswith("set KERAS_BACKEND to tensorflow, jax or torch, one that is installed "
-                         "(README, 'GPU set-up')")  # fmt: skip
+                         "(docs/gpu.md)")  # fmt: skip
     assert list(tmp_path.iterdir()) == []  # no weights/ or logs/ made
 
 
@@ -358,7 +358,7 @@ def test_a_tilde_after_a_flags_equals_sign_means_home(tmp_path, monkeypatch, cap
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     flags = ["data-dir", "weights-dir", "logs-dir", "export", "export-members"]
-    settings = ensemble.parse_args([f"--{flag}=~/{flag}" for flag in flags])
+    settings = options.parse_args([f"--{flag}=~/{flag}" for flag in flags])
     for flag in flags:
         assert getattr(settings, flag.replace("-", "_")) == str(home / flag)
     args = combine.parse_args(["~/a.keras", "~/b.keras", "--data-dir=~/d", "--logs-dir=~/l",

@@ -9,8 +9,9 @@ import pytest
 from conftest import write_tree
 
 import ensemble
-import fast
-import joint
+from ensembling import backend, joint, prediction, recipe
+from ensembling.cli import options
+from ensembling.settings import changes_recipe
 from models import MODELS, conv_pool_cnn
 
 
@@ -24,10 +25,10 @@ def settings(tmp_path):
 def test_devices_are_named_kind_and_index_on_every_backend():
     # Keras' own list has no PyTorch implementation; results.json and the cost table
     # name the devices on every backend all the same.
-    devices = fast.devices()
+    devices = backend.devices()
     assert devices and all(re.fullmatch(r"[a-z]+:\d+", d.lower()) for d in devices), devices
     kinds = {d.split(":")[0].lower() for d in devices}
-    assert fast.has_accelerator() == bool(kinds - {"cpu"})
+    assert backend.has_accelerator() == bool(kinds - {"cpu"})
 
 
 def test_augment_crops_a_shifted_window_and_mirrors_about_half():
@@ -36,7 +37,7 @@ def test_augment_crops_a_shifted_window_and_mirrors_about_half():
     rows, columns = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
     image = np.stack([rows + 1, columns + 1, np.ones_like(rows)], axis=-1).astype("float32")
     images = np.repeat(image[None], 256, axis=0)
-    layer = fast.Augment(pad=4, seed=3)
+    layer = recipe.Augment(pad=4, seed=3)
     out = keras.ops.convert_to_numpy(layer(images, training=True))
     assert out.shape == images.shape
     padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
@@ -62,43 +63,43 @@ def test_augment_crops_a_shifted_window_and_mirrors_about_half():
 def test_cosine_schedule_warms_up_then_decays_to_zero(settings):
     settings = ensemble.Settings(**{**settings.__dict__, "epochs": 10, "schedule": "cosine",
                                     "warmup_epochs": 2, "learning_rate": 4e-3})  # fmt: skip
-    schedule = fast.learning_rate(settings, steps_per_epoch=100)
+    schedule = recipe.learning_rate(settings, steps_per_epoch=100)
     values = [float(schedule(step)) for step in (0, 100, 200, 600, 1000)]
     assert values[0] == 0.0
     assert values[1] == pytest.approx(2e-3)  # half-way through the warm-up
     assert values[2] == pytest.approx(4e-3)  # the peak
     assert values[3] == pytest.approx(2e-3)  # half-way down the cosine
     assert values[4] == pytest.approx(0.0, abs=1e-9)
-    assert fast.learning_rate(ensemble.Settings(), steps_per_epoch=100) == 1e-3
+    assert recipe.learning_rate(ensemble.Settings(), steps_per_epoch=100) == 1e-3
 
 
 def test_warm_up_also_leads_into_the_constant_rate(settings):
     # --warmup-epochs without --schedule cosine: once silently ignored, now a warm-up.
     settings = ensemble.Settings(**{**settings.__dict__, "epochs": 10, "warmup_epochs": 2,
                                     "learning_rate": 4e-3})  # fmt: skip
-    schedule = fast.learning_rate(settings, steps_per_epoch=100)
+    schedule = recipe.learning_rate(settings, steps_per_epoch=100)
     values = [float(schedule(step)) for step in (0, 100, 200, 600, 999)]
     assert values == pytest.approx([0.0, 2e-3, 4e-3, 4e-3, 4e-3])
-    assert fast.changes_recipe(settings)  # so it trains through the path that applies it
+    assert changes_recipe(settings)  # so it trains through the path that applies it
 
 
 def test_preset_sets_the_recipe_and_flags_still_override_it():
-    article = ensemble.parse_args([])
+    article = options.parse_args([])
     assert article == ensemble.Settings()  # no flags: the article, exactly
-    preset = ensemble.parse_args(["--preset", "fast"])
+    preset = options.parse_args(["--preset", "fast"])
     assert (preset.batch_size, preset.epochs, preset.joint) == (512, 150, True)
     assert preset.combine == ("average", "weighted")
     assert (preset.augment, preset.label_smoothing, preset.schedule, preset.tta) == (
         True, 0.1, "cosine", True,
     )  # fmt: skip
     # "auto" is resolved before it is printed and saved: bfloat16 only on an accelerator.
-    assert preset.precision == ("mixed_bfloat16" if fast.has_accelerator() else "float32")
-    mixed = ensemble.parse_args(["--preset", "fast", "--epochs", "3", "--no-augment", "--ema"])
+    assert preset.precision == ("mixed_bfloat16" if backend.has_accelerator() else "float32")
+    mixed = options.parse_args(["--preset", "fast", "--epochs", "3", "--no-augment", "--ema"])
     assert (mixed.epochs, mixed.augment, mixed.ema, mixed.batch_size) == (3, False, True, 512)
-    assert ensemble.parse_args(["--label-smoothing", "0.2"]).label_smoothing == 0.2
+    assert options.parse_args(["--label-smoothing", "0.2"]).label_smoothing == 0.2
     # A short run keeps a warm-up shorter than itself, unless the flag says otherwise.
-    assert ensemble.parse_args(["--preset", "fast", "--epochs", "2"]).warmup_epochs == 1
-    explicit = ensemble.parse_args(["--preset", "fast", "--epochs", "2", "--warmup-epochs", "2"])
+    assert options.parse_args(["--preset", "fast", "--epochs", "2"]).warmup_epochs == 1
+    explicit = options.parse_args(["--preset", "fast", "--epochs", "2", "--warmup-epochs", "2"])
     assert explicit.warmup_epochs == 2  # and check_settings refuses it
 
 
@@ -146,7 +147,7 @@ def test_one_joint_step_with_smoothing_and_schedule_equals_keras_fit(settings):
 
     trained = joint.train_jointly([together], 2, x, y, settings, lambda member: [])
 
-    alone.compile(loss=fast.loss_function(settings), optimizer=fast.optimizer(settings, 1))
+    alone.compile(loss=recipe.loss_function(settings), optimizer=recipe.optimizer(settings, 1))
     losses = [alone.train_on_batch(x[:32], y[:32]) for _ in range(2)]  # one batch an epoch
     np.testing.assert_allclose(trained.histories["conv_pool_cnn"]["loss"], losses, rtol=1e-5)
     # Adam divides by the gradient's own scale, so a weight whose gradient is near
@@ -198,15 +199,15 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
 def test_tta_averages_an_image_and_its_mirror():
     member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
     x = np.random.default_rng(2).random((6, 32, 32, 3), dtype=np.float32)
-    plain = fast.predict(member, x, 4)
-    mirrored = fast.predict(member, x[:, :, ::-1], 4)
-    np.testing.assert_allclose(fast.predict(member, x, 4, tta=True), (plain + mirrored) / 2,
+    plain = prediction.predict(member, x, 4)
+    mirrored = prediction.predict(member, x[:, :, ::-1], 4)
+    np.testing.assert_allclose(prediction.predict(member, x, 4, tta=True), (plain + mirrored) / 2,
                                rtol=1e-5, atol=1e-7)  # fmt: skip
     assert not np.allclose(plain, mirrored)
 
 
 def test_mixed_precision_trains_in_bfloat16_and_keeps_float32_weights(settings):
-    with fast.DtypePolicy("mixed_bfloat16"):
+    with backend.DtypePolicy("mixed_bfloat16"):
         member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
     assert member.layers[1].compute_dtype == "bfloat16"
     assert {w.dtype for w in member.get_weights()} == {np.dtype("float32")}
@@ -226,7 +227,7 @@ def test_a_float16_floatx_from_keras_json_is_float32_while_a_run_builds_and_trai
     # checkpoints are chosen by, float16 (2.30078125 for 2.3007839).
     keras.config.set_floatx("float16")
     try:
-        with fast.DtypePolicy("float32"):
+        with backend.DtypePolicy("float32"):
             assert keras.config.floatx() == "float32"
             assert keras.metrics.Mean().variables[0].dtype == "float32"
         assert keras.config.floatx() == "float16"  # the user's, restored
@@ -297,9 +298,9 @@ def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settin
     # A decay strong enough to dominate two steps: the first kernel's norm shrinks by
     # the decay's factor, far more than Adam's own steps of 1e-3 can move it.
     decayed = ensemble.Settings(**{**settings.__dict__, "weight_decay": 50.0, "epochs": 2})
-    assert isinstance(fast.optimizer(decayed, 1), keras.optimizers.AdamW)
+    assert isinstance(recipe.optimizer(decayed, 1), keras.optimizers.AdamW)
     # Plain Adam without the flag (PyTorch's backend hands out a subclass of Adam).
-    plain = fast.optimizer(settings, 1)
+    plain = recipe.optimizer(settings, 1)
     assert isinstance(plain, keras.optimizers.Adam)
     assert not isinstance(plain, keras.optimizers.AdamW)
     rng = np.random.default_rng(0)

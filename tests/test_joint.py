@@ -9,8 +9,7 @@ from conftest import write_tree
 
 import data
 import ensemble
-import joint
-import training
+from ensembling import joint, train, training
 from models import MODELS, all_cnn, conv_pool_cnn, nin_cnn
 
 
@@ -84,7 +83,7 @@ def test_a_member_dying_in_joint_training_is_retrained_from_fresh_weights(
     monkeypatch.setitem(ensemble.MODELS, "nin_cnn", dead_nin)
     (x_train, y_train), _ = data.load_data(write_tree(tmp_path / "tree"))
     settings = ensemble.Settings(**{**settings.__dict__, "epochs": 1})
-    attempts, failed, _ = ensemble.train_jointly(
+    attempts, failed, _ = train.train_jointly(
         ("all_cnn", "nin_cnn"), keras.Input(shape=(32, 32, 3)), x_train, y_train, settings
     )
     assert failed == {}

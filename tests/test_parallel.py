@@ -16,11 +16,11 @@ import keras
 import pytest
 from conftest import write_tree
 
-import checkpoints
-import config
 import data
 import ensemble
-import parallel
+from ensembling import checkpoints, parallel
+from ensembling.cli import checks, options
+from ensembling.settings import Settings, settings_argv, settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,29 +40,29 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )  # fmt: skip
 def test_settings_argv_parses_back_to_the_same_settings(argv):
-    settings = config.parse_args(argv)
-    assert config.parse_args(config.settings_argv(settings)) == settings
+    settings = options.parse_args(argv)
+    assert options.parse_args(settings_argv(settings)) == settings
 
 
 @pytest.mark.parametrize("preset", ["article", "fast"])
 def test_settings_argv_spells_every_boolean_flag_both_ways(preset):
-    # config.NEGATABLE lists the --flag/--no-flag pairs by hand; a flag missing from
+    # NEGATABLE lists the --flag/--no-flag pairs by hand; a flag missing from
     # it (or listed wrongly) fails here, whichever way its preset sets it.
-    base = config.settings_from({"preset": preset})
-    for field in dataclasses.fields(config.Settings):
+    base = settings_from({"preset": preset})
+    for field in dataclasses.fields(Settings):
         if isinstance(getattr(base, field.name), bool):
             flipped = dataclasses.replace(base, **{field.name: not getattr(base, field.name)})
-            assert config.parse_args(config.settings_argv(flipped)) == flipped, field.name
+            assert options.parse_args(settings_argv(flipped)) == flipped, field.name
 
 
 def test_each_member_process_takes_its_command_line_whatever_the_run_exports(tmp_path, monkeypatch):
     # Exports are the main process's, after training; a member process trains only.
     monkeypatch.chdir(tmp_path)
-    settings = config.parse_args(["--parallel", "--export", "e.keras", "--export-rule", "stack",
+    settings = options.parse_args(["--parallel", "--export", "e.keras", "--export-rule", "stack",
                                   "--export-members", "members", "--epochs", "3"])  # fmt: skip
     for name in settings.models:
-        member = config.parse_args(parallel.command(name, settings)[2:])
-        config.check_settings(member)  # raised UsageError for --export with --train-only
+        member = options.parse_args(parallel.command(name, settings)[2:])
+        checks.check_settings(member)  # raised UsageError for --export with --train-only
         assert member.models == (name,) and member.train_only and member.epochs == 3
         assert member.export is None and member.export_members is None
 
@@ -123,7 +123,7 @@ def test_parallel_trains_each_member_in_its_own_process_as_a_one_member_run(
 
 
 def test_a_member_process_decodes_the_data_itself_without_the_parents(tmp_path, monkeypatch):
-    settings = config.parse_args(["--data-dir", "a", "--limit", "20"])
+    settings = options.parse_args(["--data-dir", "a", "--limit", "20"])
     assert parallel.handed_data(settings) is None  # not a member process
     monkeypatch.setenv(parallel.DATA_FILE, str(tmp_path / "gone.npz"))
     assert parallel.handed_data(settings) is None  # a stale variable
@@ -142,10 +142,10 @@ def test_a_full_temporary_folder_leaves_the_decoding_to_each_process(monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(data, "save_decoded", full)
-    with parallel.handing_over(None, config.Settings()) as handover:
+    with parallel.handing_over(None, Settings()) as handover:
         assert handover == {parallel.DATA_FILE: ""}
         monkeypatch.setenv(parallel.DATA_FILE, "")
-        assert parallel.member_process() and parallel.handed_data(config.Settings()) is None
+        assert parallel.member_process() and parallel.handed_data(Settings()) is None
     assert "(No space left on device): each member's process decodes it" in capsys.readouterr().out
 
 

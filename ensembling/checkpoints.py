@@ -30,12 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ensembling.errors import UsageError
 from models import MODELS
-
-
-class UsageError(ValueError):
-    """A flag or file the user chose cannot work; the message says what to do instead."""
-
 
 # The article's checkpoint name, with Keras 3's mandatory `.weights.h5` suffix.
 CHECKPOINT_PATTERN = "{name}.{{epoch:02d}}-{{loss:.2f}}.weights.h5"
@@ -54,9 +50,24 @@ JOINT_STATE = "state.npz"
 # refused (`recipe_conflict`) unless --retrain says to replace it. --data-dir is left
 # out (the same data may move), and so are flags that do not change what a healthy
 # run computes (--restarts, --distribute) or that act after training (--tta, --combine).
-RECIPE_FLAGS = ("epochs", "batch_size", "validation_split", "learning_rate", "seed", "limit",
-                "joint", "precision", "augment", "label_smoothing", "schedule",
-                "warmup_epochs", "ema", "weight_decay", "dropout", "input_dropout")  # fmt: skip
+RECIPE_FLAGS = (
+    "epochs",
+    "batch_size",
+    "validation_split",
+    "learning_rate",
+    "seed",
+    "limit",
+    "joint",
+    "precision",
+    "augment",
+    "label_smoothing",
+    "schedule",
+    "warmup_epochs",
+    "ema",
+    "weight_decay",
+    "dropout",
+    "input_dropout",
+)
 
 
 class Resume(NamedTuple):
@@ -422,8 +433,12 @@ class MemberLocks:
         return self
 
     def _take(self, path):
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime(),
-                 "command": " ".join(sys.argv)}  # fmt: skip
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.ctime(),
+            "command": " ".join(sys.argv),
+        }
         for _ in range(2):
             try:
                 with open(path, "x") as file:
@@ -436,9 +451,11 @@ class MemberLocks:
                     name = path.name.removeprefix(".").removesuffix(".lock")
                     # A run on another machine cannot be checked from here: if it died
                     # there (a lost node, a SIGKILL), only its user can tell.
-                    gone = "" if _checkable(other) else (
-                        f", or if that run is no longer running there, delete {path}"
-                    )  # fmt: skip
+                    gone = (
+                        ""
+                        if _checkable(other)
+                        else (f", or if that run is no longer running there, delete {path}")
+                    )
                     raise UsageError(
                         f"{name} is being trained into {path.parent} by another run (pid "
                         f"{other['pid']} on {other['host']} since {other['since']}: "

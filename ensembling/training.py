@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from checkpoints import PARTIAL_SUFFIX, Resume, UsageError, checkpoint_pattern
+from ensembling.checkpoints import PARTIAL_SUFFIX, Resume, UsageError, checkpoint_pattern
 
 # Set by `interrupt`, the handler of Ctrl-C and the other stop signals.
 INTERRUPTED = threading.Event()

@@ -15,6 +15,7 @@ costs        parameters, bytes of float32 weights and of the checkpoint files
 
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -25,8 +26,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-import fast
-from checkpoints import replace_text, replacing
+from ensembling import backend
+from ensembling.checkpoints import replace_text, replacing
+from ensembling.prediction import ensemble
 
 RESULTS_STEM = "results"  # results.json and results.md in --logs-dir
 
@@ -89,10 +91,10 @@ def temperature_note(rows):
     fitted = [row for row in rows if row["rule"] == "temperature"]
     if not fitted:
         return None
-    each = ", ".join(f"{row['row'].removesuffix(' (temperature)')} {row['temperature']:.2f}"
-                     for row in fitted)  # fmt: skip
-    return (f"temperatures fitted on the validation images (above 1: overconfident "
-            f"before): {each}")  # fmt: skip
+    each = ", ".join(
+        f"{row['row'].removesuffix(' (temperature)')} {row['temperature']:.2f}" for row in fitted
+    )
+    return f"temperatures fitted on the validation images (above 1: overconfident before): {each}"
 
 
 def table_notes(rows):
@@ -225,8 +227,15 @@ def ensemble_cost(model, sample, weight_bytes, members, costs):
 def cost_table(costs, files="checkpoint MB"):
     """`files`: what `weight_bytes` measures, the training checkpoints (ensemble.py's,
     with Adam's state) or the saved model files (combine's)."""
-    header = ["model or ensemble", "params", "weights MB", files, "ms/image @1",
-              "images/s @256", "vs members"]  # fmt: skip
+    header = [
+        "model or ensemble",
+        "params",
+        "weights MB",
+        files,
+        "ms/image @1",
+        "images/s @256",
+        "vs members",
+    ]
     lines = []
     for name, cost in costs.items():
         ratio = cost.get("latency_vs_members")
@@ -266,10 +275,36 @@ def save_results(settings, rows, extra, stem=RESULTS_STEM):
             "backend": keras.backend.backend(),
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "devices": fast.devices(),
+            "devices": backend.devices(),
         },
     }
     # Whole or not at all: a full disk leaves the previous run's results as they were.
     replace_text(path, json.dumps(payload, indent=2) + "\n")
     replace_text(path.with_suffix(".md"), markdown_table(rows, extra.get("per_class_errors")))
     return path
+
+
+def format_table(rows):
+    """One aligned table: row, members, our test error, the article's."""
+    header = ("model or ensemble", "members", "test error", "article")
+    lines = [
+        (r["row"], "+".join(r["members"]), f"{r['test_error']:.4f}", f"{r['article_error']:.4f}")
+        for r in rows
+        if r.get("article_error") is not None
+    ]
+    return aligned(header, lines, right_from=2)
+
+
+def measure_costs(members, model_input, x_test):
+    """The article's warning in numbers: each member, then each average ensemble (an
+    exported file costs what the ensemble of its members does, give or take its
+    combining layers)."""
+    costs = {}
+    for name, (model, path) in members.items():
+        costs[name] = {**measure_cost(model, x_test), "weight_bytes": path.stat().st_size}
+    for size in range(2, len(members) + 1):
+        for names in itertools.combinations(members, size):
+            combined = ensemble([members[n][0] for n in names], model_input)
+            checkpoints = sum(costs[n]["weight_bytes"] for n in names)
+            costs["+".join(names)] = ensemble_cost(combined, x_test, checkpoints, names, costs)
+    return costs

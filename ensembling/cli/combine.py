@@ -30,66 +30,109 @@ from pathlib import Path
 import keras
 import numpy as np
 
-import checkpoints
-import config
 import data
-import evaluation
-import export
-import fast
-import report
-from ensemble import per_class_errors, subset_name, table_rows
+from ensembling import (
+    backend,
+    checkpoints,
+    combination,
+    export,
+    prediction,
+    report,
+)
+from ensembling.cli.options import Parser
+from ensembling.rows import per_class_errors, subset_name, table_rows
+from ensembling.settings import user_path
 
 RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
 
 
 def parse_args(argv):
-    parser = config.Parser(
+    parser = Parser(
         prog="ensemble.py combine",
         description="Score every combination of saved image classifiers (.keras or .h5 "
         "files) on CIFAR-10 or any class-folder tree, and optionally export one as a "
         "single model.",
     )
-    parser.add_argument("models", nargs="+", metavar="MODEL.keras", type=config.user_path,
-                        help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
-                        "32x32x3, 10 classes) to class probabilities or logits; each is "
-                        "named after its file (and folders, if files share a name); a "
-                        "folder stands for the .keras and .h5 files in it and its "
-                        "folders")  # fmt: skip
-    parser.add_argument("--data-dir", type=config.user_path, help="offline CIFAR-10, as for "
-                        "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
-                        "(resized to the models' input size), or an .npz of keras.datasets' "
-                        "arrays (mnist.npz) "
-                        "(default: download CIFAR-10 with Keras)")  # fmt: skip
-    parser.add_argument("--limit", type=int, help="keep N test images, and N training images "
-                        "(or N of a val/ folder) to take the validation images from")  # fmt: skip
+    parser.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL.keras",
+        type=user_path,
+        help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
+        "32x32x3, 10 classes) to class probabilities or logits; each is "
+        "named after its file (and folders, if files share a name); a "
+        "folder stands for the .keras and .h5 files in it and its "
+        "folders",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=user_path,
+        help="offline CIFAR-10, as for "
+        "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
+        "(resized to the models' input size), or an .npz of keras.datasets' "
+        "arrays (mnist.npz) "
+        "(default: download CIFAR-10 with Keras)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="keep N test images, and N training images "
+        "(or N of a val/ folder) to take the validation images from",
+    )
     parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")
-    parser.add_argument("--validation-split", type=float,
-                        help="last fraction of the training set the fitted rules learn on "
-                        f"(default: a tree's own val/ folder, else {data.VALIDATION_SPLIT}, the "
-                        "article's)")  # fmt: skip
-    parser.add_argument("--combine", nargs="+", choices=evaluation.RULES, default=["average"],
-                        help="rules to score; the average always comes first")  # fmt: skip
-    parser.add_argument("--every-subset", action="store_true",
-                        help=f"score every subset even beyond {evaluation.EVERY_SUBSET_UP_TO} "
-                        "models (default: then each model, all but each one, and all)")  # fmt: skip
+    parser.add_argument(
+        "--validation-split",
+        type=float,
+        help="last fraction of the training set the fitted rules learn on "
+        f"(default: a tree's own val/ folder, else {data.VALIDATION_SPLIT}, the "
+        "article's)",
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        choices=combination.RULES,
+        default=["average"],
+        help="rules to score; the average always comes first",
+    )
+    parser.add_argument(
+        "--every-subset",
+        action="store_true",
+        help=f"score every subset even beyond {combination.EVERY_SUBSET_UP_TO} "
+        "models (default: then each model, all but each one, and all)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
     parser.add_argument("--tta", action="store_true", help="average with the mirror image's")
-    parser.add_argument("--export", metavar="PATH.keras", type=config.user_path,
-                        help="write the combination as one model")  # fmt: skip
-    parser.add_argument("--export-rule", choices=export.EXPORT_RULES, default="average",
-                        help="combining layer of the exported file (default: average)")  # fmt: skip
-    parser.add_argument("--save-probs", metavar="PATH.npz", type=config.user_path,
-                        help="also write the probabilities the table is scored from, each "
-                        "model's on the test and validation images, with the labels, to "
-                        "an .npz file for NumPy")  # fmt: skip
-    parser.add_argument("--cost", action="store_true",
-                        help="measure each model, the ensemble of all and the exported file: "
-                        "parameters, file size, batch-1 latency and batch-256 throughput "
-                        "on this device")  # fmt: skip
+    parser.add_argument(
+        "--export", metavar="PATH.keras", type=user_path, help="write the combination as one model"
+    )
+    parser.add_argument(
+        "--export-rule",
+        choices=export.EXPORT_RULES,
+        default="average",
+        help="combining layer of the exported file (default: average)",
+    )
+    parser.add_argument(
+        "--save-probs",
+        metavar="PATH.npz",
+        type=user_path,
+        help="also write the probabilities the table is scored from, each "
+        "model's on the test and validation images, with the labels, to "
+        "an .npz file for NumPy",
+    )
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="measure each model, the ensemble of all and the exported file: "
+        "parameters, file size, batch-1 latency and batch-256 throughput "
+        "on this device",
+    )
     export.add_loading_flags(parser)
-    parser.add_argument("--logs-dir", default="logs", type=config.user_path,
-                        help=f"where {RESULTS_STEM}.json and {RESULTS_STEM}.md go (default: "
-                        "logs)")  # fmt: skip
+    parser.add_argument(
+        "--logs-dir",
+        default="logs",
+        type=user_path,
+        help=f"where {RESULTS_STEM}.json and {RESULTS_STEM}.md go (default: logs)",
+    )
     return parser.parse_args(argv)
 
 
@@ -103,7 +146,7 @@ def model_names(paths):
     depth = [1] * len(paths)
     for _ in range(max(map(len, parts))):
         names = [_valid_name("_".join(p[-d:])) for p, d in zip(parts, depth, strict=True)]
-        twice = evaluation.repeated(names)
+        twice = combination.repeated(names)
         if twice is None:
             return names
         for i, name in enumerate(names):  # distinct files: a folder more tells them apart
@@ -158,7 +201,7 @@ def check(args):
     if len(args.models) < 2:
         raise export.ExportError("combine needs at least two models to ensemble")
     resolved = [Path(path).resolve() for path in args.models]
-    twice = evaluation.repeated(resolved)
+    twice = combination.repeated(resolved)
     if twice:
         raise export.ExportError(f"model {twice} is given twice; give each model once")
     # Named after the paths as given (a link's name, not its target's), tidied of "..".
@@ -210,49 +253,20 @@ def run(args):
         model.name = name  # nested models need distinct names in an exported file
         models[name] = model
     Path(args.logs_dir).mkdir(parents=True, exist_ok=True)
-    channels = _one_kind(args.models, list(models.values()))
-    # The fitted rules learn on the validation images only: the rest of the training
-    # set is never decoded, and the images stay uint8 pixels until a batch is predicted
-    # (a data set of large images would not fit in memory in float32). A tree's images
-    # are resized to the models' input, as image_dataset_from_directory resized the
-    # images they trained on.
-    own = {name: export.fixed_size(model) for name, model in models.items()}
-    several = len(set(own.values()) - {None}) > 1
-    size = export.largest_size(models.values())
-    arrays, classes, held_out = data.load_labelled(
-        args.data_dir, args.limit, args.seed, channels, args.validation_split, True, size,
-        own_size=several,
-    )  # fmt: skip
+    arrays, classes, held_out, resized = _read_images(args, names, models)
     (x_val, y_val), (x_test, y_test) = arrays
     val_labels = np.argmax(y_val, axis=1)
-    resized = {}
-    if several:
-        # Models of different input sizes: the images are read at their own size if
-        # they share one no larger than the largest input (CIFAR-10's 32x32 beside a
-        # model fine-tuned at 224x224), else at the largest; each model of another
-        # size takes them through a Resizing layer to its own, in the table and in the
-        # exported file alike. From their own size, that is what Keras' loader gave it.
-        read = tuple(x_test.shape[1:3])
-        for name, wanted in own.items():
-            if wanted not in (None, read):
-                models[name], resized[name] = export.at_size(models[name], read), list(wanted)
-    for path, model in zip(args.models, models.values(), strict=True):
-        export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
-    print(f"{len(names)} models, {len(classes)} classes, {len(x_test)} test images, "
-          f"{len(x_val)} validation images ({held_out})")  # fmt: skip
-    for name, (height, width) in resized.items():
-        print(f"note: model {name} takes {height}x{width} images: it is given the "
-              f"{x_test.shape[1]}x{x_test.shape[2]} images through a Resizing layer to its "
-              "size (bilinear), in the table and in an exported file")  # fmt: skip
-    if len(names) > evaluation.EVERY_SUBSET_UP_TO and not args.every_subset:
+    if len(names) > combination.EVERY_SUBSET_UP_TO and not args.every_subset:
         # Which subset to keep is what --combine select answers, without the test set.
         pick = "" if "select" in args.combine else "; --combine select picks one"
-        print(f"{len(names)} models make {2 ** len(names) - 1} subsets, too many to score "
-              "in good time: scoring each model, all but each one, and all of them "
-              f"(--every-subset scores every one{pick})")  # fmt: skip
+        print(
+            f"{len(names)} models make {2 ** len(names) - 1} subsets, too many to score "
+            "in good time: scoring each model, all but each one, and all of them "
+            f"(--every-subset scores every one{pick})"
+        )
 
     def predict_one(name, images, raw=False):
-        probs = fast.predict(models[name], images, args.batch_size, args.tta, raw)
+        probs = prediction.predict(models[name], images, args.batch_size, args.tta, raw)
         return export.probabilities(f"model {name}", probs)
 
     def predict(images):
@@ -267,28 +281,11 @@ def run(args):
         )
         if kinds[name] != "softmax":
             print(f"note: model {name} outputs {_KIND_NOTES[kinds[name]]}")
-    # A model no better than guessing has almost surely been given its images on the
-    # wrong scale; a fixed threshold would not do for two classes as for ten.
-    at_chance = [name for name in names if evaluation.at_chance(test_probs[name], y_test[:, 0])]
-    raw_pixels = []
-    for name in at_chance:
-        # The likeliest cause: a model that rescales its input itself (Rescaling(1/255),
-        # as Keras' examples train on image_dataset_from_directory's 0..255 pixels).
-        # Whether it is right is decided on the validation images, not the test set.
-        if not evaluation.at_chance(predict_one(name, x_val, raw=True), val_labels):
-            raw_pixels.append(name)
-            models[name] = on_raw_pixels(models[name])  # the export takes [0, 1] alike
-            test_probs[name] = predict_one(name, x_test)
-            print(f"note: model {name} is at chance on pixels in [0, 1] but not on 0..255 "
-                  "(it rescales its input itself, as Keras' examples do): it is given "
-                  "0..255")  # fmt: skip
-    at_chance = [name for name in at_chance if name not in raw_pixels]
-    for name in at_chance:  # silently wrong otherwise: every row with it would be noise
-        error = evaluation.error_rate(test_probs[name], y_test[:, 0])
-        print(f"note: model {name} is at chance level (test error {error:.2f}), on pixels in "
-              "[0, 1] and in 0..255; is it a classifier of these images?")  # fmt: skip
+    raw_pixels, at_chance = _rescue_raw_pixels(
+        names, models, test_probs, (x_test, y_test[:, 0]), (x_val, val_labels), predict_one
+    )
     fitted = set(args.combine) | ({args.export_rule} if args.export else set())
-    wanted = fitted & set(evaluation.FITTED_RULES) or args.save_probs
+    wanted = fitted & set(combination.FITTED_RULES) or args.save_probs
     val_probs = predict(x_val) if wanted else {}
     rows = table_rows(
         names,
@@ -327,6 +324,87 @@ def run(args):
         sample = data.scale(x_test[: report.THROUGHPUT_BATCH])
         extra["costs"] = measure_costs(models, args, sample, extra.get("export"), custom)
     return rows, extra
+
+
+def _read_images(args, names, models):
+    """The validation and test images at the models' input size, resizing the models
+    that take another; returns (arrays, classes, held_out, {name: its own size})."""
+    channels = _one_kind(args.models, list(models.values()))
+    # The fitted rules learn on the validation images only: the rest of the training
+    # set is never decoded, and the images stay uint8 pixels until a batch is predicted
+    # (a data set of large images would not fit in memory in float32). A tree's images
+    # are resized to the models' input, as image_dataset_from_directory resized the
+    # images they trained on.
+    own = {name: export.fixed_size(model) for name, model in models.items()}
+    several = len(set(own.values()) - {None}) > 1
+    size = export.largest_size(models.values())
+    arrays, classes, held_out = data.load_labelled(
+        args.data_dir,
+        args.limit,
+        args.seed,
+        channels,
+        args.validation_split,
+        True,
+        size,
+        own_size=several,
+    )
+    (x_val, _), (x_test, _) = arrays
+    resized = {}
+    if several:
+        # Models of different input sizes: the images are read at their own size if
+        # they share one no larger than the largest input (CIFAR-10's 32x32 beside a
+        # model fine-tuned at 224x224), else at the largest; each model of another
+        # size takes them through a Resizing layer to its own, in the table and in the
+        # exported file alike. From their own size, that is what Keras' loader gave it.
+        read = tuple(x_test.shape[1:3])
+        for name, wanted in own.items():
+            if wanted not in (None, read):
+                models[name], resized[name] = export.at_size(models[name], read), list(wanted)
+    for path, model in zip(args.models, models.values(), strict=True):
+        export.check_fits(model, f"model {path}", x_test.shape[1:], len(classes))
+    print(
+        f"{len(names)} models, {len(classes)} classes, {len(x_test)} test images, "
+        f"{len(x_val)} validation images ({held_out})"
+    )
+    for name, (height, width) in resized.items():
+        print(
+            f"note: model {name} takes {height}x{width} images: it is given the "
+            f"{x_test.shape[1]}x{x_test.shape[2]} images through a Resizing layer to its "
+            "size (bilinear), in the table and in an exported file"
+        )
+    return arrays, classes, held_out, resized
+
+
+def _rescue_raw_pixels(names, models, test_probs, test, validation, predict_one):
+    """Models at chance on [0, 1] pixels that are not on 0..255 take 0..255 from here
+    on (their `models` and `test_probs` entries are replaced); returns (those names,
+    the names still at chance)."""
+    (x_test, labels), (x_val, val_labels) = test, validation
+    # A model no better than guessing has almost surely been given its images on the
+    # wrong scale; a fixed threshold would not do for two classes as for ten.
+    at_chance = [name for name in names if combination.at_chance(test_probs[name], labels)]
+    raw_pixels = []
+    for name in at_chance:
+        # The likeliest cause: a model that rescales its input itself (Rescaling(1/255),
+        # as Keras' examples train on image_dataset_from_directory's 0..255 pixels).
+        # Whether it is right is decided on the validation images, not the test set.
+        if not combination.at_chance(predict_one(name, x_val, raw=True), val_labels):
+            raw_pixels.append(name)
+            models[name] = on_raw_pixels(models[name])  # the export takes [0, 1] alike
+            test_probs[name] = predict_one(name, x_test)
+            print(
+                f"note: model {name} is at chance on pixels in [0, 1] but not on 0..255 "
+                "(it rescales its input itself, as Keras' examples do): it is given "
+                "0..255"
+            )
+    at_chance = [name for name in at_chance if name not in raw_pixels]
+    for name in at_chance:  # silently wrong otherwise: every row with it would be noise
+        error = combination.error_rate(test_probs[name], labels)
+        print(
+            f"note: model {name} is at chance level (test error {error:.2f}), on pixels in "
+            "[0, 1] and in 0..255; is it a classifier of these images?"
+        )
+    return raw_pixels, at_chance
 
 
 def save_probabilities(path, names, classes, test, val):
@@ -416,7 +494,7 @@ def main(argv):
     for note in report.table_notes(rows):
         print(note)
     if "costs" in extra:
-        print("\ncost on " + ", ".join(fast.devices()))
+        print("\ncost on " + ", ".join(backend.devices()))
         print(report.cost_table(extra["costs"], files="file MB"))
     print(f"\nresults saved to {path} and {path.with_suffix('.md')}")
     if "probabilities" in extra:
@@ -425,6 +503,7 @@ def main(argv):
         exported = extra["export"]
         print(f"ensemble exported to {exported['path']} ({export.described(exported)})")
         if extra["export"]["loading_flags"]:  # the file holds what these loaded
-            print(f"note: give predict the same flags to load it: "
-                  f"{extra['export']['loading_flags']}")  # fmt: skip
+            print(
+                f"note: give predict the same flags to load it: {extra['export']['loading_flags']}"
+            )
     return 0

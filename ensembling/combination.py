@@ -113,9 +113,16 @@ def binomial_tail(n, k, p):
         return 1.0
     if k > n or p <= 0:
         return 0.0
-    logs = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                     + i * math.log(p) + (n - i) * math.log1p(-p)
-                     for i in range(k, n + 1)])  # fmt: skip
+    logs = np.array(
+        [
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + i * math.log(p)
+            + (n - i) * math.log1p(-p)
+            for i in range(k, n + 1)
+        ]
+    )
     top = logs.max()
     return float(min(1.0, math.exp(top) * np.sum(np.exp(logs - top))))
 

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-import checkpoints
-import config
 import data
-import evaluation
-import export
-import fast
+from ensembling import checkpoints, combination, export, prediction
+from ensembling.cli.options import Parser
+from ensembling.settings import user_path
 
 TOP_CLASSES = 3
 PIXELS = ("auto", "0-1", "0-255")  # --pixels
@@ -94,39 +92,67 @@ def read_pixels(path, shape=data.IMAGE_SHAPE):
 
 def main(argv):
     """`python ensemble.py predict --model PATH.keras IMAGE...`: top classes per image."""
-    parser = config.Parser(
+    parser = Parser(
         prog="ensemble.py predict",
         description="Classify images with an ensemble exported by --export (or combine "
         "--export), or any Keras classifier of images.",
     )
-    parser.add_argument("--model", required=True, type=config.user_path, help="a .keras (or .h5) "
-                        "classifier of images; one written by --export names its "
-                        "classes")  # fmt: skip
-    parser.add_argument("images", nargs="+", metavar="IMAGE", type=config.user_path,
-                        help=f"image files ({data.IMAGE_KINDS}) of any size, or folders "
-                        "of them")  # fmt: skip
-    parser.add_argument("--top", type=int, help=f"classes shown per image (default: "
-                        f"{TOP_CLASSES}, or all of fewer)")  # fmt: skip
-    parser.add_argument("--tta", action="store_true", help="average with the mirror image's "
-                        "probabilities, as combine --tta scores them")  # fmt: skip
-    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                        help="soften (T > 1) or sharpen the probabilities: softmax(log(p) "
-                        "/ T), with the T that --combine temperature fitted (results.json); "
-                        "the top class stays")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=user_path,
+        help="a .keras (or .h5) classifier of images; one written by --export names its classes",
+    )
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        type=user_path,
+        help=f"image files ({data.IMAGE_KINDS}) of any size, or folders of them",
+    )
+    parser.add_argument(
+        "--top", type=int, help=f"classes shown per image (default: {TOP_CLASSES}, or all of fewer)"
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average with the mirror image's probabilities, as combine --tta scores them",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="soften (T > 1) or sharpen the probabilities: softmax(log(p) "
+        "/ T), with the T that --combine temperature fitted (results.json); "
+        "the top class stays",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
-    parser.add_argument("--pixels", choices=PIXELS, default="auto",
-                        help="the images' scale: 0-1 (x / 255, the article's, and every "
-                        "exported file's), 0-255, or auto: 0-255 for a model that rescales "
-                        "its input itself (a first Rescaling(1/255), say), else 0-1")  # fmt: skip
+    parser.add_argument(
+        "--pixels",
+        choices=PIXELS,
+        default="auto",
+        help="the images' scale: 0-1 (x / 255, the article's, and every "
+        "exported file's), 0-255, or auto: 0-255 for a model that rescales "
+        "its input itself (a first Rescaling(1/255), say), else 0-1",
+    )
     # One comma-separated value, not nargs="+", which would take the images after it too.
-    parser.add_argument("--classes", metavar="NAME,NAME,...", type=_comma_separated,
-                        help="the model's class names, in the order of its outputs (default: "
-                        "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
-                        "'class 1', ... for others)")  # fmt: skip
-    parser.add_argument("--csv", metavar="PATH.csv", type=config.user_path,
-                        help="also write every image's probability of every class to this "
-                        "file: a header (image, predicted, the class names), then one row "
-                        "per image")  # fmt: skip
+    parser.add_argument(
+        "--classes",
+        metavar="NAME,NAME,...",
+        type=_comma_separated,
+        help="the model's class names, in the order of its outputs (default: "
+        "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
+        "'class 1', ... for others)",
+    )
+    parser.add_argument(
+        "--csv",
+        metavar="PATH.csv",
+        type=user_path,
+        help="also write every image's probability of every class to this "
+        "file: a header (image, predicted, the class names), then one row "
+        "per image",
+    )
     export.add_loading_flags(parser)
     args = parser.parse_args(argv)
     try:
@@ -154,8 +180,11 @@ def main(argv):
         if args.pixels == "auto" and exported_names is None:
             raw = export.rescales_itself(model)  # an exported file takes [0, 1], always
             if raw:
-                print(f"note: --model {args.model} rescales its input itself: it is given "
-                      "pixels in 0..255 (--pixels 0-1 overrides)", file=sys.stderr)  # fmt: skip
+                print(
+                    f"note: --model {args.model} rescales its input itself: it is given "
+                    "pixels in 0..255 (--pixels 0-1 overrides)",
+                    file=sys.stderr,
+                )
         rows = _predicted(model, paths, shape, args, raw, label)
         # The CSV is written whole or not at all, at the end; each image's line as soon
         # as its chunk is predicted, so a large folder shows its progress.
@@ -172,8 +201,10 @@ def main(argv):
     except BrokenPipeError:
         raise  # the reader of the lines left: ensemble.main ends quietly
     except OSError as error:  # writing --csv: the disk full; the file before stays whole
-        print(f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
+            file=sys.stderr,
+        )
         return 2
     if args.csv is not None:  # stderr: stdout keeps one line per image
         print(f"probabilities of {len(paths)} images written to {args.csv}", file=sys.stderr)
@@ -198,10 +229,10 @@ def _predicted(model, paths, shape, args, raw, label):
                 model, pixels, args.batch_size, args.tta, raw, label
             )
         else:
-            outputs = fast.predict(model, pixels, args.batch_size, args.tta, raw)
+            outputs = prediction.predict(model, pixels, args.batch_size, args.tta, raw)
             probs = export.probabilities(label, outputs)
         if args.temperature != 1:  # 1 leaves the model's own numbers, to the last bit
-            probs = evaluation.with_temperature(probs, args.temperature)
+            probs = combination.with_temperature(probs, args.temperature)
         yield chunk, probs
 
 

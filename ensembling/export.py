@@ -32,27 +32,23 @@ from pathlib import Path
 import keras
 import numpy as np
 
-import checkpoints
 import data
-import evaluation
-import fast
+from ensembling import checkpoints, combination, prediction
+from ensembling.errors import ExportError
+from ensembling.settings import user_path
 
 EXPORT_RULES = ("average", "weighted", "select", "stack")
 
 
-class ExportError(ValueError):
-    """The export or the prediction cannot be done; the message says why and what to do."""
-
-
 def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     """One `keras.Model` over `members` under `rule`; fitted rules use validation data."""
-    twice = evaluation.repeated([member.name for member in members])
+    twice = combination.repeated([member.name for member in members])
     if twice:  # several seeds of one architecture, say: Keras refuses the file otherwise
         raise ExportError(
             f"two members are both named {twice!r}; give each its own name before "
             f"exporting (model.name = '{twice}_2')"
         )
-    if rule in evaluation.FITTED_RULES and (val_member_probs is None or val_labels is None):
+    if rule in combination.FITTED_RULES and (val_member_probs is None or val_labels is None):
         raise ExportError(
             f"the {rule} rule is fitted on validation images: give their probabilities "
             "from each member (val_member_probs) and their labels (val_labels)"
@@ -64,8 +60,8 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     fitted = {}
     if rule == "average":
         combined = keras.layers.Average(name="average", dtype="float32")(outputs)
-    elif rule in evaluation.WEIGHTING_RULES:
-        weights = evaluation.fit_rule_weights(rule, val_member_probs, val_labels)
+    elif rule in combination.WEIGHTING_RULES:
+        weights = combination.fit_rule_weights(rule, val_member_probs, val_labels)
         fitted["weights"] = [round(float(w), 6) for w in weights]
         scaled = [
             keras.layers.Rescaling(float(w), name=f"weight_{member.name}", dtype="float32")(output)
@@ -81,7 +77,7 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
             else scaled[0]
         )
     elif rule == "stack":
-        stacker = evaluation.fit_stacking(val_member_probs, val_labels)
+        stacker = combination.fit_stacking(val_member_probs, val_labels)
         dense = keras.layers.Dense(
             stacker["bias"].shape[0], activation="softmax", name="stack", dtype="float32"
         )
@@ -436,9 +432,12 @@ def at_size(model, size):
     height, width, channels = model.input_shape[1:]
     inputs = keras.Input((*size, channels), name=f"{model.name}_images")
     resized = keras.layers.Resizing(
-        height, width, interpolation="bilinear", name=f"{model.name}_to_{height}x{width}",
+        height,
+        width,
+        interpolation="bilinear",
+        name=f"{model.name}_to_{height}x{width}",
         dtype="float32",
-    )(inputs)  # fmt: skip
+    )(inputs)
     return keras.Model(inputs, model(resized), name=model.name)
 
 
@@ -484,17 +483,17 @@ def _first_computing_layer(model):
 
 
 def predict_probabilities(model, images, batch_size, tta=False, raw=False, label="model"):
-    """`model`'s class probabilities for `images` (`fast.predict`), whatever it outputs:
+    """`model`'s class probabilities for `images` (`prediction.predict`), whatever it outputs:
     (model, kind, probabilities), the model being one that outputs them
     (`with_probabilities`) and kind what `output_kind` found. `label` names it in errors.
     """
-    outputs = fast.predict(model, images, batch_size, tta, raw)
+    outputs = prediction.predict(model, images, batch_size, tta, raw)
     kind = output_kind(model, outputs, label)
     if kind != "softmax":
         model = with_probabilities(model, kind)
         # --tta averages probabilities, not logits: the wrapped model predicts again.
         outputs = (
-            fast.predict(model, images, batch_size, tta, raw)
+            prediction.predict(model, images, batch_size, tta, raw)
             if tta
             else to_probabilities(outputs, kind)
         )
@@ -564,7 +563,7 @@ def to_probabilities(outputs, kind):
     """float32 `outputs` of `kind` (`output_kind`) as class probabilities, as
     `with_probabilities`' layers compute them."""
     if kind == "logits":
-        return evaluation.softmax(outputs)
+        return combination.softmax(outputs)
     if kind == "softmax":
         return outputs
     # The sigmoid as tanh: 1 / (1 + exp(-x)) overflows for a logit below -88 in float32.
@@ -588,8 +587,9 @@ def with_probabilities(model, kind):
                 "sigmoid", name=f"{model.name}_sigmoid", dtype="float32"
             )(outputs)
         # 1 - p as a built-in layer: Rescaling computes x * scale + offset.
-        other = keras.layers.Rescaling(-1.0, offset=1.0, name=f"{model.name}_class_0",
-                                       dtype="float32")(outputs)  # fmt: skip
+        other = keras.layers.Rescaling(
+            -1.0, offset=1.0, name=f"{model.name}_class_0", dtype="float32"
+        )(outputs)
         probs = keras.layers.Concatenate(name=f"{model.name}_two_classes", dtype="float32")(
             [other, outputs]
         )
@@ -598,15 +598,22 @@ def with_probabilities(model, kind):
 
 def add_loading_flags(parser):
     """combine's and predict's flags for models that need more than Keras to load."""
-    from config import user_path  # config imports this module
-
-    parser.add_argument("--custom-objects", action="append", metavar="FILE.py",
-                        type=user_path, help="a Python file (or module) that defines the "
-                        "models' custom layers or functions; it is imported (its top level "
-                        "runs) and what it defines is given to Keras (repeatable)")  # fmt: skip
-    parser.add_argument("--safe-mode", action=argparse.BooleanOptionalAction, default=True,
-                        help="refuse the Python code of Lambda layers, as Keras does "
-                        "(default); --no-safe-mode loads it, for files you trust")  # fmt: skip
+    parser.add_argument(
+        "--custom-objects",
+        action="append",
+        metavar="FILE.py",
+        type=user_path,
+        help="a Python file (or module) that defines the "
+        "models' custom layers or functions; it is imported (its top level "
+        "runs) and what it defines is given to Keras (repeatable)",
+    )
+    parser.add_argument(
+        "--safe-mode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refuse the Python code of Lambda layers, as Keras does "
+        "(default); --no-safe-mode loads it, for files you trust",
+    )
 
 
 def loading_flags(args):

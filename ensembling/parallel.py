@@ -4,7 +4,7 @@ Each process runs `ensemble.py --models NAME --train-only` with this run's setti
 so a member is trained exactly as that one-member run would train it: its own `fit`
 (the article's), its own batch order, checkpoints, logs and lock. Nothing is shared
 but the device. With several GPUs each process gets one, in turn
-(`CUDA_VISIBLE_DEVICES`): the README's one-member-per-GPU recipe in one command. On
+(`CUDA_VISIBLE_DEVICES`): docs/gpu.md's one-member-per-GPU recipe in one command. On
 one GPU they share it; at the article's batch of 32 a `fit` keeps an H100 busy only
 part of the time, so they may fill each other's idle time (not yet measured:
 `STEPS=parallel` in bench/gpu_check.sh).
@@ -33,20 +33,17 @@ import time
 from pathlib import Path
 
 import data
-from config import settings_argv
-from training import stopping_on_signals
+from ensembling.errors import TrainingFailed
+from ensembling.settings import settings_argv
+from ensembling.training import stopping_on_signals
 
-ENSEMBLE = Path(__file__).resolve().parent / "ensemble.py"
+ENSEMBLE = Path(__file__).resolve().parents[1] / "ensemble.py"
 # Without these, the first process on a GPU takes most of its memory: JAX reserves
 # 75% of it at start, TensorFlow all of it. PyTorch allocates as it goes.
 SHARE_A_GPU = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
 # Where a member process finds the data this process decoded (see `handed_data`).
 DATA_FILE = "ENSEMBLE_PARALLEL_DATA"
 STOP_SECONDS = 60  # for a stopped process to end its epoch's files before it is killed
-
-
-class TrainingFailed(Exception):
-    """A member's process ended with an error; its own lines, relayed above, say which."""
 
 
 def share_the_gpu():
@@ -76,9 +73,12 @@ def command(name, settings):
 def data_key(settings):
     """What a process's arrays depend on: the same key, the same arrays."""
     return json.dumps(
-        {"source": data.describe_source(settings.data_dir), "limit": settings.limit,
-         "seed": settings.seed}
-    )  # fmt: skip
+        {
+            "source": data.describe_source(settings.data_dir),
+            "limit": settings.limit,
+            "seed": settings.seed,
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -94,8 +94,10 @@ def handing_over(arrays, settings):
         try:
             data.save_decoded(path, arrays, data_key(settings))
         except OSError as error:
-            print(f"could not write the decoded data to {folder} ({error.strerror or error}): "
-                  "each member's process decodes it itself")  # fmt: skip
+            print(
+                f"could not write the decoded data to {folder} ({error.strerror or error}): "
+                "each member's process decodes it itself"
+            )
             yield {DATA_FILE: ""}  # still marks the processes as members
         else:
             yield {DATA_FILE: str(path)}

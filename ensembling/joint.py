@@ -8,7 +8,7 @@ no weights, so each member's gradient is exactly the one it would get alone, and
 Adam updates every weight from its own gradient only. The one difference from
 training them one after another: all members see the same batch order.
 
-The recipe options of `fast.py` (augmentation, label smoothing, a schedule, EMA
+The recipe options of `recipe.py` (augmentation, label smoothing, a schedule, EMA
 weights, bfloat16) live here too: augmentation layers sit between the shared
 input and each member, so the members themselves stay the article's models.
 
@@ -33,9 +33,8 @@ import keras
 import numpy as np
 from keras import ops
 
-import fast
-import training
-from checkpoints import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir, replacing
+from ensembling import recipe, training
+from ensembling.checkpoints import JOINT_MEMBERS, JOINT_STATE, joint_backup_dir, replacing
 
 # JAX only: run an epoch's steps as one compiled loop. None chooses by device (see
 # _train_scanned); tests set it to compare both ways on the CPU.
@@ -57,11 +56,11 @@ def joint_model(members, model_input, settings=None):
     """One model with every member's softmax as a named output, nothing shared but the input.
 
     With `settings.augment`, each member reads its own randomly translated and
-    flipped copy of the input while training (`fast.Augment`).
+    flipped copy of the input while training (`recipe.Augment`).
     """
     inputs = [model_input] * len(members)
     if settings is not None:
-        inputs = fast.training_inputs(members, model_input, settings)
+        inputs = recipe.training_inputs(members, model_input, settings)
     outputs = [member(x) for member, x in zip(members, inputs, strict=True)]
     return keras.Model(model_input, outputs, name="joint")
 
@@ -91,8 +90,9 @@ def train_jointly(members, num_epochs, x_train, y_train, settings, callbacks_for
     with training.stopping_at_batch_ends():
         train_with(joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch)
     shutil.rmtree(joint_backup_dir(settings), ignore_errors=True)
-    return Trained(dispatch.histories, dispatch.failed, dispatch.epoch_seconds,
-                   dispatch.callback_seconds)  # fmt: skip
+    return Trained(
+        dispatch.histories, dispatch.failed, dispatch.epoch_seconds, dispatch.callback_seconds
+    )
 
 
 class _MemberDispatch(keras.callbacks.Callback):
@@ -166,8 +166,8 @@ def _train_with_fit(
     del initial_epoch  # Keras' BackupAndRestore below finds the epoch itself
     steps = _steps_per_epoch(len(train[0]), settings)
     joint.compile(
-        loss=[fast.loss_function(settings) for _ in members],
-        optimizer=fast.optimizer(settings, steps),
+        loss=[recipe.loss_function(settings) for _ in members],
+        optimizer=recipe.optimizer(settings, steps),
         metrics=[["acc"]] * len(members),
     )
     repeat = len(members)
@@ -214,7 +214,7 @@ def _train_scanned(
     names = [member.name for member in members]
     num_train, batch_size = len(train[0]), settings.batch_size
     steps = _steps_per_epoch(num_train, settings)
-    optimizer = fast.optimizer(settings, steps)
+    optimizer = recipe.optimizer(settings, steps)
     optimizer.build(joint.trainable_variables)
     label_smoothing = settings.label_smoothing
     x_train, y_train = jnp.asarray(train[0]), jnp.asarray(train[1])  # resident on the device
@@ -355,8 +355,11 @@ def save_state(settings, done, names, arrays, rng):
     meta = {"epoch": done, "members": names, "rng": rng.bit_generator.state}
     with replacing(folder / JOINT_STATE, folder / f".{JOINT_STATE}.partial") as partial:
         with open(partial, "wb") as file:
-            np.savez(file, meta=np.array(json.dumps(meta)),
-                     **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})  # fmt: skip
+            np.savez(
+                file,
+                meta=np.array(json.dumps(meta)),
+                **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)},
+            )
 
 
 def load_state(settings):
