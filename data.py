@@ -31,16 +31,15 @@ import dataclasses
 import hashlib
 import io
 import math
-import os
 import pickle
-import stat
 import tarfile
 import zipfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
+from ensembling import readers
 from ensembling.errors import DataError
 
 NUM_CLASSES = 10
@@ -62,20 +61,8 @@ OFFICIAL_ARCHIVE_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7
 OFFICIAL_BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
-# What Keras' image_dataset_from_directory reads (its first five), and WebP, which the
-# web serves and Pillow reads; an animated GIF or WebP is its first frame, as in Keras.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-IMAGE_KINDS = "PNG, JPEG, BMP, GIF or WebP"
-# A tree's own held-out images, beside train/ and test/, for combine's fitted rules.
-HELD_OUT_FOLDERS = ("val", "valid", "validation")
-SPLITS = ("train", "test", *HELD_OUT_FOLDERS)
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")  # keras.datasets' arrays, saved
 VALIDATION_SPLIT = 0.2  # the article's, and combine's default
-
-
-class _SizesDiffer(DataError):
-    """A tree's images are not all of one size (or of one larger than `_Spec.at_most`),
-    so they cannot be read at their own: `load_labelled` then resizes them."""
 
 
 # --------------------------------------------------------------------------- public
@@ -140,36 +127,19 @@ def load_labelled(
         raise DataError(
             f"the models take {channels}-channel images; combine reads grey or RGB ones (1 or 3)"
         )
-    spec = _Spec(None, None, channels)
+    spec = readers.Spec(None, None, channels)
     if size is not None and own_size:
         try:
-            own = _Spec(None, None, channels, at_most=tuple(size))
+            own = readers.Spec(None, None, channels, at_most=tuple(size))
             return _load(data_dir, limit, seed, own, validation_split, held_out=True, pixels=pixels)
-        except _SizesDiffer:
+        except readers.SizesDiffer:
             pass  # photos of many sizes, or large ones: read at `size`, as below
     if size is not None:
-        spec = _Spec(None, tuple(size), channels, resize=True)
+        spec = readers.Spec(None, tuple(size), channels, resize=True)
     return _load(data_dir, limit, seed, spec, validation_split, held_out=True, pixels=pixels)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """What a source must hold: `num_classes` classes of `size` (h, w) images with
-    `channels` channels; None takes what a class-folder tree holds."""
-
-    num_classes: int | None
-    size: tuple | None
-    channels: int
-    sized_by: str | None = None  # the image whose size a tree's others must share
-    resize: bool = False  # a tree's images of another size are resized to `size`
-    at_most: tuple | None = None  # `load_labelled`'s own_size: the largest size kept
-
-    @property
-    def shape(self):
-        return (*self.size, self.channels)
-
-
-CIFAR10 = _Spec(NUM_CLASSES, IMAGE_SHAPE[:2], IMAGE_SHAPE[2])
+CIFAR10 = readers.Spec(NUM_CLASSES, IMAGE_SHAPE[:2], IMAGE_SHAPE[2], cifar10=True)
 
 
 def _load(data_dir, limit, seed, spec, validation_split=None, held_out=False, pixels=False):
@@ -320,7 +290,7 @@ def _load_from_path(path, spec, held_out=False):
             if (folder / TEST_BATCH).is_file():
                 _cifar10_only(spec, folder)
                 return *_load_batches_dir(folder), False
-        return *_load_image_tree(_folder_files(path), path, spec, held_out), True
+        return *_load_image_tree(readers.folder_files(path), path, spec, held_out), True
     if path.suffix.lower() == ".npz":  # before zip: an .npz is a zip of .npy files
         return *_load_npz(path, spec), False
     # Tar first: an uncompressed tar that ends in a .keras (zip) file can look like a zip.
@@ -328,7 +298,7 @@ def _load_from_path(path, spec, held_out=False):
         if _sha256(path) == OFFICIAL_ARCHIVE_SHA256:
             _cifar10_only(spec, path)
             return *_load_official_archive(path), False
-        files = _tar_files(path)
+        files = readers.tar_files(path)
         if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
             raise DataError(
                 f"{path} looks like cifar-10-python.tar.gz but its sha256 is not the "
@@ -337,7 +307,7 @@ def _load_from_path(path, spec, held_out=False):
             )
         return *_load_image_tree(files, path, spec, held_out), True
     if zipfile.is_zipfile(path):
-        files = _zip_files(path)
+        files = readers.zip_files(path)
         if any(name.split("/")[0] == OFFICIAL_BATCHES_DIR for name in files):
             # The extracted folder, zipped: read as the folder is (no published hash).
             _cifar10_only(spec, path)
@@ -402,7 +372,8 @@ def _load_npz(path, spec):
     if num_classes < 2:
         raise DataError(f"{path}: its labels name one class; a classifier's take two or more")
     x_train, x_test = (
-        _with_channels(x, spec.channels, f"{path} holds colour images") for x in (x_train, x_test)
+        readers.with_channels(x, spec.channels, f"{path} holds colour images")
+        for x in (x_train, x_test)
     )
     # An .npz names no classes: CIFAR-10's for training, the labels themselves for
     # combine (an .npz of 10 classes of 32x32x3 could as well be SVHN's digits).
@@ -421,7 +392,7 @@ def _load_batches_dir(folder):
 
 
 def _load_official_archive(path):
-    return _read_batches(_tar_files(path), path, "download cifar-10-python.tar.gz again")
+    return _read_batches(readers.tar_files(path), path, "download cifar-10-python.tar.gz again")
 
 
 def _read_batches(files, source, remedy):
@@ -442,16 +413,16 @@ def _load_image_tree(files, source, spec, held_out=False):
 
     With `held_out`, also a val/ (valid/, validation/) folder, if there is one, as
     the train split's `held_out`; train/ may then be absent, as nothing of it is read."""
-    wrapped = _wrapping_folders(files)
+    wrapped = readers.wrapping_folders(files)
 
     def listed(split, required=True):
-        return _image_entries(files, split, source, required, wrapped)
+        return readers.image_entries(files, split, source, required, wrapped)
 
     test = listed("test", required=False)
     if not test:
         # As the TensorFlow tutorials' cats_and_dogs_filtered.zip is: train/ and
         # validation/. Say which folder to score on rather than only what is missing.
-        for folder in HELD_OUT_FOLDERS:
+        for folder in readers.HELD_OUT_FOLDERS:
             if listed(folder, required=False):
                 raise DataError(
                     f"{source} has {folder}/ but no test/ to score on; rename {folder}/ to "
@@ -461,7 +432,7 @@ def _load_image_tree(files, source, spec, held_out=False):
         listed("test")  # says that test/<class>/ holds no images
     entries = {"train": listed("train", required=not held_out), "test": test}
     if held_out:
-        found = {folder: listed(folder, required=False) for folder in HELD_OUT_FOLDERS}
+        found = {folder: listed(folder, required=False) for folder in readers.HELD_OUT_FOLDERS}
         found = {folder: images for folder, images in found.items() if images}
         if len(found) > 1:
             raise DataError(
@@ -509,15 +480,15 @@ def _load_image_tree(files, source, spec, held_out=False):
     size = spec.size
     if size is None:  # any size, as long as every image has the first one's
         first = entries["train"][0][1]
-        size = _image_size(files[first](), f"{source}:{first}")
+        size = readers.image_size(files[first](), f"{source}:{first}")
         if spec.at_most is not None and size[0] * size[1] > spec.at_most[0] * spec.at_most[1]:
-            raise _SizesDiffer(f"{source}: {first} is larger than {spec.at_most}")
+            raise readers.SizesDiffer(f"{source}: {first} is larger than {spec.at_most}")
         spec = dataclasses.replace(spec, size=size, sized_by=f"{source}:{first}")
 
     def split(split_entries):
         def decode(index):
             name = split_entries[index][1]
-            return _decode_image(files[name](), f"{source}:{name}", spec)
+            return readers.decode_image(files[name](), f"{source}:{name}", spec)
 
         labels = [label_of[label] for label, _ in split_entries]
         return _Split(labels, train_classes, decode=decode, shape=spec.shape)
@@ -531,291 +502,9 @@ def _load_image_tree(files, source, spec, held_out=False):
 # --------------------------------------------------------------------------- helpers
 
 
-def _wrapping_folders(files):
-    """How many folders wrap the whole tree, as in a zip of a folder of a folder
-    (Kaggle's downloads often nest so); hidden files and macOS' __MACOSX/ aside, and
-    never a split's own folder (a tree of train/ alone is not train/ wrapping it)."""
-    folders = [
-        parts[:-1]
-        for parts in (PurePosixPath(name).parts for name in files)
-        if not any(part.startswith((".", "__MACOSX")) for part in parts)
-    ]
-    common = 0
-    for level in zip(*folders, strict=False):  # down to the shallowest file's folder
-        if len(set(level)) > 1 or level[0] in SPLITS:
-            break
-        common += 1
-    return common
-
-
-# What operating systems leave in a folder of images: Windows Explorer's thumbnail
-# caches and folder settings, which zips made on Windows carry along (hidden files,
-# macOS' .DS_Store and ._ forks among them, are skipped by their dot).
-_OS_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
-
-
-def _os_file(name):
-    return name.startswith(".") or name.lower() in _OS_FILES
-
-
-def _image_entries(files, split, source, required=True, wrapped=0):
-    """[(class, name)] for the images under <split>/<class>/, below the `wrapped`
-    folders that hold the whole tree and one more optional top folder."""
-    entries = []
-    for name in files:
-        parts = PurePosixPath(name).parts[wrapped:]
-        if len(parts) == 4 and parts[1] in SPLITS:
-            parts = parts[1:]  # archive wrapped in one top-level folder
-        if len(parts) != 3 or parts[0] != split or _os_file(parts[2]):
-            continue
-        if not parts[2].lower().endswith(IMAGE_SUFFIXES):
-            raise DataError(
-                f"{source}: {name} is not an image ({IMAGE_KINDS}); remove it from the class folder"
-            )
-        entries.append((parts[1], name))
-    if not entries and required:
-        raise DataError(
-            f"{source} has no images under {split}/<class>/; expected train/<class>/*.jpg "
-            "and test/<class>/*.jpg, cifar-10-batches-py or cifar-10-python.tar.gz"
-        )
-    return entries
-
-
-def _folder_files(root):
-    files = {}
-    # Linked folders are followed: splits are often made with links (ln -s
-    # ../../all/cat train/cat) rather than copies. A link back to a folder on the way
-    # down to it is not: that would walk round until the system refused the path.
-    chains = {str(root): {os.path.realpath(root)}}  # each folder's real ancestors
-    for dirpath, dirnames, filenames in os.walk(str(root), followlinks=True):
-        chain = chains.pop(dirpath)
-        kept = []
-        for name in dirnames:
-            real = os.path.realpath(os.path.join(dirpath, name))
-            if real not in chain:
-                kept.append(name)
-                chains[os.path.join(dirpath, name)] = chain | {real}
-        dirnames[:] = kept
-        for filename in filenames:
-            file = Path(dirpath) / filename
-            files[file.relative_to(root).as_posix()] = file.read_bytes
-    return files
-
-
-def _tar_files(path):
-    """Maps member names to byte readers, refusing members that could escape a folder."""
-    try:
-        with tarfile.open(path, "r:*") as archive:
-            members = archive.getmembers()
-            files = {}
-            for member in members:
-                name = member.name
-                _refuse_escape(path, name)
-                if member.issym() or member.islnk():
-                    raise DataError(f"{path}: member {name!r} is a link; archive refused")
-                if member.isfile():
-                    data = archive.extractfile(member).read()
-                    files[name.removeprefix("./")] = _bytes_reader(data)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise DataError(
-            f"{path} is truncated or corrupt ({error}); download or copy it again"
-        ) from error
-    return files
-
-
-def _refuse_escape(path, name):
-    """A DataError for an archive member that extracted would land outside its folder
-    (nothing is extracted here, but such an archive is not what it claims to be)."""
-    if name.startswith("/") or ".." in PurePosixPath(name).parts:
-        raise DataError(f"{path}: unsafe member path {name!r}; archive refused")
-
-
-def _zip_files(path):
-    """Maps member names to byte readers, refusing members that could escape a folder,
-    as `_tar_files` does."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            files = {}
-            for member in archive.infolist():
-                # The format says "/"; some old Windows tools wrote "\\".
-                name = member.filename.replace("\\", "/")
-                _refuse_escape(path, name)
-                if stat.S_ISLNK(member.external_attr >> 16):  # zip -y stores links so
-                    raise DataError(f"{path}: member {name!r} is a link; archive refused")
-                if member.is_dir():
-                    continue
-                if member.flag_bits & 0x1:
-                    raise DataError(
-                        f"{path} is encrypted ({name}); zip it again without a password, "
-                        "or pass the extracted folder"
-                    )
-                files[name] = _bytes_reader(archive.read(member))
-    except NotImplementedError as error:  # Deflate64, which some Windows tools write
-        raise DataError(
-            f"{path} is compressed in a way Python's zipfile cannot read ({error}); zip "
-            "it again with the usual deflate (zip -r), or pass the extracted folder"
-        ) from error
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
-        raise DataError(
-            f"{path} is truncated or corrupt ({error}); download or copy it again"
-        ) from error
-    return files
-
-
-def _bytes_reader(data):
-    return lambda: data
-
-
-# Image modes whose pixels RGB holds exactly. PNG optimisers (oxipng, optipng) store
-# an image with no colour as grey ("L") and one of few colours as a palette ("P"),
-# losslessly; refusing them would refuse CIFAR-10 itself. Alpha is kept only if opaque.
-# CMYK and 16-bit grey would change in conversion, so they stay refused.
-_EXACTLY_RGB = frozenset({"RGB", "L", "P", "1", "RGBA", "LA", "PA"})
-
-
-def pillow():
-    """PIL's `Image` module, or a DataError saying how to install it: only image files
-    need it, and Keras and its backends install without it."""
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise DataError(
-            "reading image files needs Pillow, which is not installed: "
-            "pip install pillow (requirements.txt has it)"
-        ) from error
-    return Image
-
-
-def _image_size(data, where):
-    """(height, width) of one image, to which a tree's others are held."""
-    Image = pillow()
-    from PIL import UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size[1], image.size[0]
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{where} is not a readable image ({error})") from error
-
-
-def _decode_image(data, where, spec=CIFAR10):
-    """One image's uint8 pixels of `spec`'s shape, resized to it if `spec.resize`."""
-    return _resized(_decode_pixels(data, where, spec), spec.size)
-
-
-def _decode_pixels(data, where, spec):
-    Image = pillow()
-    from PIL import UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            height_width = image.size[1], image.size[0]
-            if spec is CIFAR10 and (height_width != spec.size or image.mode not in _EXACTLY_RGB):
-                raise DataError(
-                    f"{where} is {image.size[0]}x{image.size[1]} {image.mode}; CIFAR-10 "
-                    "images must be 32x32 RGB"
-                )
-            if height_width != spec.size and not spec.resize:
-                raise _SizesDiffer(
-                    f"{where} is {image.size[0]}x{image.size[1]}, {spec.sized_by} is "
-                    f"{spec.size[1]}x{spec.size[0]}: the images must share one size"
-                )
-            if image.mode not in _EXACTLY_RGB:
-                raise DataError(
-                    f"{where} is a {image.mode} image; give RGB or grey ones (its pixels "
-                    "would change in conversion)"
-                )
-            if image.mode == "RGB" and spec.channels == 3:
-                return np.asarray(image, dtype=np.uint8)
-            if image.mode == "L" and spec.channels == 1:
-                return np.asarray(image, dtype=np.uint8)[..., None]
-            pixels = np.asarray(image.convert("RGBA"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{where} is not a readable image ({error})") from error
-    if pixels[..., 3].min() < 255:  # dropping see-through pixels' alpha would change them
-        kind = "CIFAR-10 images" if spec is CIFAR10 else "images"
-        raise DataError(f"{where} has transparent pixels; {kind} must be opaque")
-    return _with_channels(pixels[..., :3], spec.channels, f"{where} is a colour image")
-
-
-def _with_channels(pixels, channels, colour):
-    """`pixels` (..., 1 or 3 channels) with `channels`: grey given to RGB models in all
-    three, RGB whose three agree (the one exact way to read it as grey) to grey ones;
-    other RGB for grey models is refused, `colour` saying what it is."""
-    if pixels.shape[-1] == channels:
-        return pixels
-    if channels == 3:
-        return np.repeat(pixels, 3, axis=-1)
-    if (pixels[..., :1] != pixels[..., 1:]).any():
-        raise DataError(
-            f"{colour}; the models take grey images (1 channel), and converting would lose "
-            "the colour"
-        )
-    return pixels[..., :1]
-
-
-def _resized(pixels, size):
-    """`pixels` at `size` (height, width) as image_dataset_from_directory resizes:
-    bilinear, without antialiasing, rounded to the nearest pixel value.
-
-    It is keras.ops.image.resize's arithmetic (half-pixel centres, edges clamped), done
-    here in NumPy because on JAX that op compiles once per input shape: 0.12 s for each
-    photo of a new size, minutes for a tree of photos of varied sizes
-    (bench/bench_resize.py). Tests hold it to the op on every backend and to Keras'
-    loader."""
-    if pixels.shape[:2] == tuple(size):
-        return pixels
-    values = pixels.astype(np.float32)
-    for axis, wanted in enumerate(size):  # rows, then columns: the resize is separable
-        low, high, fraction = _linear_taps(values.shape[axis], wanted)
-        fraction = fraction.reshape((-1, 1) if axis == 0 else (1, -1))[..., None]
-        below, above = np.take(values, low, axis), np.take(values, high, axis)
-        values = below + (above - below) * fraction
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
-def _linear_taps(size_in, size_out):
-    """For each output position along one axis: the two input positions it lies
-    between and its fraction of the way, with pixel centres at i + 0.5 on both."""
-    # In float32, as the backends compute it: float64 places a 437-pixel row's taps
-    # apart from theirs by up to 0.006 of a pixel value.
-    scale = np.float32(size_in) / np.float32(size_out)
-    source = (np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    source = np.clip(source, 0, size_in - 1)
-    low = np.floor(source).astype(np.int64)
-    high = np.minimum(low + 1, size_in - 1)
-    return low, high, (source - low).astype(np.float32)
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Rebuilds only what the CIFAR-10 batch files hold: dicts, lists, bytes, arrays.
-
-    A pickle can name any importable callable; refusing every global except the
-    three NumPy needs to rebuild an array keeps a crafted batch from running code.
-    """
-
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2
-        }
-    )
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        if module == "numpy.core.multiarray":
-            module = "numpy._core.multiarray"  # NumPy 2 moved it; avoids the shim
-        return super().find_class(module, name)
-
-
 def _read_batch(payload, where):
     try:
-        batch = _BatchUnpickler(io.BytesIO(payload), encoding="bytes").load()
+        batch = readers.BatchUnpickler(io.BytesIO(payload), encoding="bytes").load()
         batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
         images = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch["labels"], dtype=np.int64)

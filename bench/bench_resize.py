@@ -6,7 +6,7 @@
 `combine` resizes each tree image to the models' input as
 `image_dataset_from_directory` does (bilinear, no antialiasing). Photos come in many
 sizes, and `keras.ops.image.resize` on JAX compiles once per input shape, so
-`data._resized` does the same arithmetic in NumPy. This times both on the same
+`readers.resized` does the same arithmetic in NumPy. This times both on the same
 synthetic photos (uint8, random sizes in --sizes, resized to --to), after one
 warm-up call each, checks they agree within 0.5 (ours is rounded to whole pixel
 values), and prints the time per photo of each, their ratio, the backend and the
@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 import numpy as np
 
-import data
-from ensembling import report
+from ensembling import readers, report
 
 
 def keras_resize(pixels, size):
@@ -50,7 +49,7 @@ def main(argv=None):
     seconds = {}
     for name, resize in (
         ("keras.ops.image.resize", keras_resize),
-        ("data._resized", data._resized),
+        ("readers.resized", readers.resized),
     ):
         resize(rng.integers(0, 256, (7, 9, 3), np.uint8), size)  # first-call set-up, not timed
         start = time.perf_counter()
@@ -65,8 +64,8 @@ def main(argv=None):
     shapes = len({photo.shape for photo in photos})
     print(f"{len(photos)} photos ({shapes} sizes) to {args.to}x{args.to} on "
           f"{keras.backend.backend()}: Keras' op {seconds['keras.ops.image.resize'] * 1e3:.1f} "
-          f"ms per photo, data._resized {seconds['data._resized'] * 1e3:.1f} ms "
-          f"({seconds['keras.ops.image.resize'] / seconds['data._resized']:.1f}x), "
+          f"ms per photo, readers.resized {seconds['readers.resized'] * 1e3:.1f} ms "
+          f"({seconds['keras.ops.image.resize'] / seconds['readers.resized']:.1f}x), "
           f"largest difference {worst:.4f}")  # fmt: skip
     print(f"machine: {report.machine()}, "
           f"keras {keras.__version__}, numpy {np.__version__}")  # fmt: skip

@@ -208,7 +208,6 @@ class _EpochTimer(keras.callbacks.Callback):
 def _train_scanned(
     joint, members, num_epochs, train, validation, settings, dispatch, initial_epoch
 ):
-    import jax
     import jax.numpy as jnp
 
     names = [member.name for member in members]
@@ -216,12 +215,72 @@ def _train_scanned(
     steps = _steps_per_epoch(num_train, settings)
     optimizer = recipe.optimizer(settings, steps)
     optimizer.build(joint.trainable_variables)
-    label_smoothing = settings.label_smoothing
     x_train, y_train = jnp.asarray(train[0]), jnp.asarray(train[1])  # resident on the device
     x_val, y_val = jnp.asarray(validation[0]), jnp.asarray(validation[1])
 
+    run_steps, evaluate = _compiled_steps(joint, len(members), optimizer, settings)
+
+    trainable = [v.value for v in joint.trainable_variables]
+    non_trainable = [v.value for v in joint.non_trainable_variables]
+    optimizer_vars = [v.value for v in optimizer.variables]
+    slot = {id(v): i for i, v in enumerate(optimizer.variables)}
+    averages = [slot[id(v)] for v in getattr(optimizer, "_model_variables_moving_average", [])]
+    rng = np.random.default_rng(settings.seed)
+    if initial_epoch:
+        saved = load_state(settings)
+        arrays = [jnp.asarray(a) for a in saved["arrays"]]
+        trainable, non_trainable = (
+            arrays[: len(trainable)],
+            arrays[len(trainable) : -len(optimizer_vars)],
+        )
+        optimizer_vars = arrays[-len(optimizer_vars) :]
+        rng.bit_generator.state = saved["rng"]
+    dispatch.on_train_begin()
+    for epoch in range(initial_epoch, num_epochs):
+        dispatch.on_epoch_begin(epoch)
+        epoch_start = time.perf_counter()
+        batches = _epoch_batches(rng, num_train, steps, batch_size)
+        sums = jnp.zeros(2 * len(members), jnp.float32)
+        state = (trainable, non_trainable, optimizer_vars, sums)
+        trainable, non_trainable, optimizer_vars, sums = run_steps(state, batches, x_train, y_train)
+        # With EMA the members are validated, checkpointed and probed as averages.
+        shown = [optimizer_vars[i] for i in averages] if settings.ema else trainable
+        val_sums = sum(
+            evaluate(shown, non_trainable, x_val[i : i + 1000], y_val[i : i + 1000])
+            for i in range(0, len(validation[0]), 1000)
+        )
+        sums, val_sums = np.asarray(sums), np.asarray(val_sums)
+        dispatch.epoch_seconds.append(time.perf_counter() - epoch_start)
+        logs = _epoch_logs(names, sums / num_train, val_sums / max(len(validation[0]), 1))
+        # Members' callbacks save and probe the Keras variables. They get copies:
+        # Keras' predict (the dead check) donates the variables' buffers to its
+        # compiled call, which would delete the arrays this loop carries on with.
+        for variable, value in zip(joint.trainable_variables, shown, strict=True):
+            variable.assign(jnp.copy(value))
+        for variable, value in zip(joint.non_trainable_variables, non_trainable, strict=True):
+            variable.assign(jnp.copy(value))
+        print(
+            f"epoch {epoch + 1}/{num_epochs} {dispatch.epoch_seconds[-1]:.1f}s: "
+            + _summary([n for n in names if n not in dispatch.stopped], logs),
+            flush=True,
+        )
+        dispatch.on_epoch_end(epoch, logs)
+        save_state(settings, epoch + 1, names, [*trainable, *non_trainable, *optimizer_vars], rng)
+        if dispatch.all_stopped:
+            break
+    dispatch.on_train_end()
+
+
+def _compiled_steps(joint, num_members, optimizer, settings):
+    """(run_steps, evaluate): an epoch of training steps of every member at once, and
+    the members' summed losses and correct counts on a batch, both compiled by JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    label_smoothing = settings.label_smoothing
+
     def member_losses(y, outputs, mask):
-        outputs = outputs if len(members) > 1 else [outputs]
+        outputs = outputs if num_members > 1 else [outputs]
         losses = [
             ops.sum(
                 mask * keras.losses.categorical_crossentropy(y, o, label_smoothing=label_smoothing)
@@ -284,68 +343,34 @@ def _train_scanned(
         losses, correct = member_losses(y, outputs, jnp.ones(x.shape[0], jnp.float32))
         return jnp.stack(losses + correct)
 
-    trainable = [v.value for v in joint.trainable_variables]
-    non_trainable = [v.value for v in joint.non_trainable_variables]
-    optimizer_vars = [v.value for v in optimizer.variables]
-    slot = {id(v): i for i, v in enumerate(optimizer.variables)}
-    averages = [slot[id(v)] for v in getattr(optimizer, "_model_variables_moving_average", [])]
-    rng = np.random.default_rng(settings.seed)
-    if initial_epoch:
-        saved = load_state(settings)
-        arrays = [jnp.asarray(a) for a in saved["arrays"]]
-        trainable, non_trainable = (
-            arrays[: len(trainable)],
-            arrays[len(trainable) : -len(optimizer_vars)],
-        )
-        optimizer_vars = arrays[-len(optimizer_vars) :]
-        rng.bit_generator.state = saved["rng"]
-    dispatch.on_train_begin()
-    for epoch in range(initial_epoch, num_epochs):
-        dispatch.on_epoch_begin(epoch)
-        epoch_start = time.perf_counter()
-        order = epoch_order(rng, num_train).astype(np.int32)
-        padded = np.zeros(steps * batch_size, np.int32)
-        padded[:num_train] = order
-        mask = (np.arange(steps * batch_size) < num_train).astype(np.float32)
-        batches = (
-            jnp.asarray(padded.reshape(steps, batch_size)),
-            jnp.asarray(mask.reshape(steps, batch_size)),
-        )
-        sums = jnp.zeros(2 * len(members), jnp.float32)
-        state = (trainable, non_trainable, optimizer_vars, sums)
-        trainable, non_trainable, optimizer_vars, sums = run_steps(state, batches, x_train, y_train)
-        # With EMA the members are validated, checkpointed and probed as averages.
-        shown = [optimizer_vars[i] for i in averages] if settings.ema else trainable
-        val_sums = sum(
-            evaluate(shown, non_trainable, x_val[i : i + 1000], y_val[i : i + 1000])
-            for i in range(0, len(validation[0]), 1000)
-        )
-        sums, val_sums = np.asarray(sums), np.asarray(val_sums)
-        dispatch.epoch_seconds.append(time.perf_counter() - epoch_start)
-        count, val_count = num_train, max(len(validation[0]), 1)
-        logs = {}
-        for i, name in enumerate(names):
-            logs[f"{name}_loss"] = sums[i] / count
-            logs[f"{name}_acc"] = sums[len(names) + i] / count
-            logs[f"val_{name}_loss"] = val_sums[i] / val_count
-            logs[f"val_{name}_acc"] = val_sums[len(names) + i] / val_count
-        # Members' callbacks save and probe the Keras variables. They get copies:
-        # Keras' predict (the dead check) donates the variables' buffers to its
-        # compiled call, which would delete the arrays this loop carries on with.
-        for variable, value in zip(joint.trainable_variables, shown, strict=True):
-            variable.assign(jnp.copy(value))
-        for variable, value in zip(joint.non_trainable_variables, non_trainable, strict=True):
-            variable.assign(jnp.copy(value))
-        print(
-            f"epoch {epoch + 1}/{num_epochs} {dispatch.epoch_seconds[-1]:.1f}s: "
-            + _summary([n for n in names if n not in dispatch.stopped], logs),
-            flush=True,
-        )
-        dispatch.on_epoch_end(epoch, logs)
-        save_state(settings, epoch + 1, names, [*trainable, *non_trainable, *optimizer_vars], rng)
-        if dispatch.all_stopped:
-            break
-    dispatch.on_train_end()
+    return run_steps, evaluate
+
+
+def _epoch_batches(rng, num_train, steps, batch_size):
+    """(indices, mask) of each step's images in a fresh shuffled order; the last batch
+    is padded and masked, so that every step has one shape."""
+    import jax.numpy as jnp
+
+    order = epoch_order(rng, num_train).astype(np.int32)
+    padded = np.zeros(steps * batch_size, np.int32)
+    padded[:num_train] = order
+    mask = (np.arange(steps * batch_size) < num_train).astype(np.float32)
+    return (
+        jnp.asarray(padded.reshape(steps, batch_size)),
+        jnp.asarray(mask.reshape(steps, batch_size)),
+    )
+
+
+def _epoch_logs(names, means, val_means):
+    """Keras-style logs of each member from the mean losses and accuracies (the first
+    half of each array the losses, the second the accuracies)."""
+    logs = {}
+    for i, name in enumerate(names):
+        logs[f"{name}_loss"] = means[i]
+        logs[f"{name}_acc"] = means[len(names) + i]
+        logs[f"val_{name}_loss"] = val_means[i]
+        logs[f"val_{name}_acc"] = val_means[len(names) + i]
+    return logs
 
 
 def save_state(settings, done, names, arrays, rng):

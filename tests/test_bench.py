@@ -216,5 +216,5 @@ def test_bench_subsets_times_every_subset_against_the_default_beyond_six(capsys)
 def test_bench_resize_times_keras_op_against_ours_and_checks_they_agree(capsys):
     assert bench_resize.main(["--photos", "3", "--sizes", "20", "40", "--to", "16"]) == 0
     out = capsys.readouterr().out
-    assert "3 photos (" in out and "Keras' op " in out and "data._resized " in out
+    assert "3 photos (" in out and "Keras' op " in out and "readers.resized " in out
     assert float(out.split("largest difference ")[1].split()[0]) <= 0.51

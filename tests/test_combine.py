@@ -12,7 +12,7 @@ from conftest import SHAPES, write_grey_tree, write_tree
 
 import data
 import ensemble
-from ensembling import combination, export, prediction
+from ensembling import combination, export, prediction, readers
 from ensembling.cli import combine as combine_module
 from ensembling.cli import predict
 from models import nin_cnn
@@ -812,7 +812,7 @@ def test_resized_trees_match_image_dataset_from_directory(tmp_path):
 
 
 def test_tree_resize_is_keras_resize_on_this_backend():
-    """data._resized does keras.ops.image.resize's bilinear arithmetic in NumPy (the op
+    """readers.resized does keras.ops.image.resize's bilinear arithmetic in NumPy (the op
     compiles per input shape on JAX): down, up, one pixel wide, grey and RGB."""
     rng = np.random.default_rng(3)
     cases = [((37, 52, 3), (16, 16)), ((9, 7, 1), (32, 30)), ((1, 40, 3), (5, 3)),
@@ -823,7 +823,7 @@ def test_tree_resize_is_keras_resize_on_this_backend():
         theirs = keras.ops.image.resize(
             pixels[None].astype("float32"), size, interpolation="bilinear", antialias=False
         )
-        ours = data._resized(pixels, size)
+        ours = readers.resized(pixels, size)
         assert ours.dtype == np.uint8 and ours.shape == (*size, shape[2])
         # Ours is rounded; the backends' own floats differ among themselves by ~0.002.
         np.testing.assert_allclose(ours, keras.ops.convert_to_numpy(theirs)[0], atol=0.5 + 1e-2)

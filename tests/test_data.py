@@ -24,7 +24,7 @@ from conftest import (
 )
 
 import data
-from ensembling import export
+from ensembling import export, readers
 from ensembling.cli import predict
 
 
@@ -328,9 +328,9 @@ def test_official_archive_with_wrong_hash_is_refused(tmp_path):
 def test_limit_keeps_a_deterministic_subset_and_decodes_only_it(image_tree, monkeypatch):
     full = data.load_data(image_tree, seed=5)
     decoded = []
-    real_decode = data._decode_image
+    real_decode = readers.decode_image
     monkeypatch.setattr(
-        data, "_decode_image", lambda b, w, *spec: decoded.append(w) or real_decode(b, w, *spec)
+        readers, "decode_image", lambda b, w, *spec: decoded.append(w) or real_decode(b, w, *spec)
     )
     (x_train, y_train), (x_test, y_test) = data.load_data(image_tree, limit=12, seed=5)
     assert x_train.shape[0] == 12 and x_test.shape[0] == 12
@@ -541,7 +541,7 @@ def test_class_folders_linked_in_are_read_and_a_link_loop_is_not_followed(tmp_pa
             folder.rename(kept)
             folder.symlink_to(kept, target_is_directory=True)
     (linked / "train" / "cat" / "loop").symlink_to(linked, target_is_directory=True)
-    assert not [name for name in data._folder_files(linked) if "loop" in name]
+    assert not [name for name in readers.folder_files(linked) if "loop" in name]
     (x_train, y_train), (x_test, _) = data.load_data(linked, seed=4)
     np.testing.assert_array_equal(x_train, reference[0][0])
     np.testing.assert_array_equal(y_train, reference[0][1])
@@ -568,9 +568,9 @@ def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path, monkeyp
     tree = write_grey_tree(tmp_path / "shapes", per_class=4, size=(12, 10))
     archive = write_tar(tree, tmp_path / "shapes.tar.gz")
     decoded = []
-    real_decode = data._decode_image
+    real_decode = readers.decode_image
     monkeypatch.setattr(
-        data, "_decode_image", lambda b, w, *spec: decoded.append(w) or real_decode(b, w, *spec)
+        readers, "decode_image", lambda b, w, *spec: decoded.append(w) or real_decode(b, w, *spec)
     )
     for source in (tree, archive):
         decoded.clear()
@@ -602,7 +602,7 @@ def test_combine_reads_any_class_folder_tree_of_one_image_size(tmp_path, monkeyp
                                      "python ensemble.py combine")  # fmt: skip
 
 
-@pytest.mark.parametrize("folder", data.HELD_OUT_FOLDERS)
+@pytest.mark.parametrize("folder", readers.HELD_OUT_FOLDERS)
 def test_a_trees_own_validation_folder_is_what_the_fitted_rules_learn_on(tmp_path, folder):
     tree = write_grey_tree(tmp_path / "tree", per_class=2, splits=("train", "test", folder))
     ((x_val, y_val), (x_test, _)), _, held_out = data.load_labelled(tree, channels=1)

@@ -396,7 +396,7 @@ def test_output_kind_reads_logits_and_one_unit_from_values_and_the_last_activati
     soft = rng.dirichlet(np.ones(5), 8).astype("float32")
     inside = rng.random((8, 5), dtype=np.float32)  # in [0, 1], rows not summing to one
     spread = rng.normal(size=(8, 5)).astype("float32") * 4
-    kind = export.output_kind
+    kind = prediction.output_kind
     assert kind(ending(5, "softmax"), soft, "m") == "softmax"
     assert kind(ending(5, last=keras.layers.Softmax()), soft, "m") == "softmax"
     # Rows summing to one are probabilities whatever the model's end (an Average, say).
@@ -434,11 +434,11 @@ def test_with_probabilities_computes_what_to_probabilities_does(tmp_path, kind, 
     model.name = "mine"
     x = np.random.default_rng(1).random((6, 4, 4, 1), dtype=np.float32) * 3
     outputs = model.predict(x, verbose=0)
-    wrapped = export.with_probabilities(model, kind)
+    wrapped = prediction.with_probabilities(model, kind)
     assert wrapped.name == "mine" and (wrapped is model) == (kind == "softmax")
     wrapped.save(tmp_path / "w.keras")
     probs = keras.saving.load_model(tmp_path / "w.keras", safe_mode=True).predict(x, verbose=0)
-    np.testing.assert_allclose(probs, export.to_probabilities(outputs, kind), atol=1e-6)
+    np.testing.assert_allclose(probs, prediction.to_probabilities(outputs, kind), atol=1e-6)
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
     assert probs.shape == (6, max(units, 2))
     if kind == "sigmoid":
@@ -559,9 +559,9 @@ def test_to_probabilities_of_extreme_scores_is_exact_and_raises_no_overflow():
     with np.errstate(over="raise", divide="raise", invalid="raise"):  # underflow to 0 is right
         one = np.array([[-1000.0], [1000.0], [0.0]], "float32")
         np.testing.assert_allclose(
-            export.to_probabilities(one, "logit"), [[1, 0], [0, 1], [0.5, 0.5]], atol=1e-7
+            prediction.to_probabilities(one, "logit"), [[1, 0], [0, 1], [0.5, 0.5]], atol=1e-7
         )
         many = np.array([[1000.0, -1000.0, 0.0], [5.0, 5.0, 5.0]], "float32")
         np.testing.assert_allclose(
-            export.to_probabilities(many, "logits"), [[1, 0, 0], [1 / 3] * 3], atol=1e-7
+            prediction.to_probabilities(many, "logits"), [[1, 0, 0], [1 / 3] * 3], atol=1e-7
         )

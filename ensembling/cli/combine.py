@@ -4,7 +4,7 @@ The article's members are not the only ones worth combining. Each file is loaded
 safe mode (unless --no-safe-mode; custom layers come from --custom-objects) and must
 take images scaled to [0, 1] (the article's x / 255; one at chance on them but not on
 0..255 pixels is given those, `on_raw_pixels`) to class probabilities (or logits, or
-one unit for two classes: `export.output_kind`), whatever its architecture:
+one unit for two classes: `prediction.output_kind`), whatever its architecture:
 CIFAR-10's 32x32x3 images and 10 classes, or those of any class-folder tree
 `--data-dir` names (`data.load_labelled`: any number of classes, RGB or grey,
 resized to the models' input size as image_dataset_from_directory resizes, or of
@@ -267,7 +267,7 @@ def run(args):
 
     def predict_one(name, images, raw=False):
         probs = prediction.predict(models[name], images, args.batch_size, args.tta, raw)
-        return export.probabilities(f"model {name}", probs)
+        return prediction.probabilities(f"model {name}", probs)
 
     def predict(images):
         return {name: predict_one(name, images) for name in names}
@@ -276,7 +276,7 @@ def run(args):
     for name, path in zip(names, args.models, strict=True):
         # One that outputs logits or one unit is wrapped to output probabilities: then
         # the table and the exported file compute the same.
-        models[name], kinds[name], test_probs[name] = export.predict_probabilities(
+        models[name], kinds[name], test_probs[name] = prediction.predict_probabilities(
             models[name], x_test, args.batch_size, args.tta, label=f"model {path}"
         )
         if kinds[name] != "softmax":
@@ -443,7 +443,7 @@ def measure_costs(models, args, sample, exported=None, custom=None):
     return costs
 
 
-_KIND_NOTES = {  # export.output_kind's kinds other than "softmax"
+_KIND_NOTES = {  # prediction.output_kind's kinds other than "softmax"
     "logits": "logits: it is scored, and exported, behind a softmax",
     "sigmoid": "one sigmoid unit: its p scores class 1 and 1 - p class 0",
     "logit": "one logit unit: its sigmoid p scores class 1 and 1 - p class 0",

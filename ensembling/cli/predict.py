@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import data
-from ensembling import checkpoints, combination, export, prediction
+from ensembling import checkpoints, combination, export, prediction, readers
 from ensembling.cli.options import Parser
 from ensembling.settings import user_path
 
@@ -26,7 +26,7 @@ PIXELS = ("auto", "0-1", "0-255")  # --pixels
 
 
 def image_files(path):
-    """[path] for a file; for a folder, the image files in it (`data.IMAGE_SUFFIXES`), by name."""
+    """[path] for a file; for a folder, its image files (`readers.IMAGE_SUFFIXES`), by name."""
     if str(path) == "" or not Path(path).is_dir():
         return [path]  # read_pixels says what is wrong with it, if anything
     found = sorted(p for p in Path(path).iterdir() if _is_image_file(p))
@@ -39,7 +39,9 @@ def image_files(path):
             if with_images
             else ""
         )
-        raise export.ExportError(f"folder {path} holds no image files ({data.IMAGE_KINDS}){hint}")
+        raise export.ExportError(
+            f"folder {path} holds no image files ({readers.IMAGE_KINDS}){hint}"
+        )
     return found
 
 
@@ -53,7 +55,7 @@ def _holds_images(folder):
 def _is_image_file(path):
     # Hidden files (macOS' ._photo.jpg) are not images.
     return (
-        path.suffix.lower() in data.IMAGE_SUFFIXES
+        path.suffix.lower() in readers.IMAGE_SUFFIXES
         and path.is_file()
         and not path.name.startswith(".")
     )
@@ -64,7 +66,7 @@ def read_pixels(path, shape=data.IMAGE_SHAPE):
     channels; an axis of None, as a fully convolutional model's, is CIFAR-10's),
     upright as a viewer shows it (its EXIF orientation applied)."""
     try:
-        Image = data.pillow()
+        Image = readers.pillow()
     except data.DataError as error:
         raise export.ExportError(str(error)) from error
     from PIL import ImageOps, UnidentifiedImageError
@@ -92,6 +94,57 @@ def read_pixels(path, shape=data.IMAGE_SHAPE):
 
 def main(argv):
     """`python ensemble.py predict --model PATH.keras IMAGE...`: top classes per image."""
+    args = parser().parse_args(argv)
+    try:
+        paths = [found for given in args.images for found in image_files(given)]
+        if args.csv is not None:  # refused before anything is predicted
+            reads = [args.model, *paths]
+            export.check_output("--csv", args.csv, ".csv", required=False, reads=reads)
+        custom = export.custom_objects(args.custom_objects)
+        model = export.load(args.model, custom_objects=custom, safe_mode=args.safe_mode)
+        label = f"--model {args.model}"
+        shape, num_classes = export.image_classifier(model, label)
+        num_classes = num_classes or data.NUM_CLASSES  # a subclassed model: CIFAR-10's
+        exported_names = export.class_names(args.model, num_classes)  # exported files' only
+        names = _names(args, num_classes, exported_names)
+        args.top = _checked(args, names)
+        raw = args.pixels == "0-255"
+        if args.pixels == "auto" and exported_names is None:
+            raw = export.rescales_itself(model)  # an exported file takes [0, 1], always
+            if raw:
+                print(
+                    f"note: --model {args.model} rescales its input itself: it is given "
+                    "pixels in 0..255 (--pixels 0-1 overrides)",
+                    file=sys.stderr,
+                )
+        rows = _predicted(model, paths, shape, args, raw, label)
+        # The CSV is written whole or not at all, at the end; each image's line as soon
+        # as its chunk is predicted, so a large folder shows its progress.
+        with _csv_table(args.csv, names) as table:
+            for chunk_paths, chunk_scores in rows:
+                for path, probs in zip(chunk_paths, chunk_scores, strict=True):
+                    top = np.argsort(probs)[::-1][: args.top]
+                    ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
+                    print(f"{path}: {ranked}")
+                    table(path, probs)
+    except export.ExportError as error:
+        print(f"ensemble.py predict: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        raise  # the reader of the lines left: ensemble.main ends quietly
+    except OSError as error:  # writing --csv: the disk full; the file before stays whole
+        print(
+            f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.csv is not None:  # stderr: stdout keeps one line per image
+        print(f"probabilities of {len(paths)} images written to {args.csv}", file=sys.stderr)
+    return 0
+
+
+def parser():
+    """`python ensemble.py predict`'s command line."""
     parser = Parser(
         prog="ensemble.py predict",
         description="Classify images with an ensemble exported by --export (or combine "
@@ -108,7 +161,7 @@ def main(argv):
         nargs="+",
         metavar="IMAGE",
         type=user_path,
-        help=f"image files ({data.IMAGE_KINDS}) of any size, or folders of them",
+        help=f"image files ({readers.IMAGE_KINDS}) of any size, or folders of them",
     )
     parser.add_argument(
         "--top", type=int, help=f"classes shown per image (default: {TOP_CLASSES}, or all of fewer)"
@@ -154,61 +207,20 @@ def main(argv):
         "per image",
     )
     export.add_loading_flags(parser)
-    args = parser.parse_args(argv)
-    try:
-        paths = [found for given in args.images for found in image_files(given)]
-        if args.csv is not None:  # refused before anything is predicted
-            reads = [args.model, *paths]
-            export.check_output("--csv", args.csv, ".csv", required=False, reads=reads)
-        custom = export.custom_objects(args.custom_objects)
-        model = export.load(args.model, custom_objects=custom, safe_mode=args.safe_mode)
-        label = f"--model {args.model}"
-        shape, num_classes = export.image_classifier(model, label)
-        num_classes = num_classes or data.NUM_CLASSES  # a subclassed model: CIFAR-10's
-        exported_names = export.class_names(args.model, num_classes)  # exported files' only
-        names = _names(args, num_classes, exported_names)
-        if args.batch_size < 1:
-            raise export.ExportError(f"--batch-size must be at least 1, got {args.batch_size}")
-        if not (math.isfinite(args.temperature) and args.temperature > 0):
-            raise export.ExportError(
-                f"--temperature must be a positive number, got {args.temperature}"
-            )
-        args.top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
-        if not 1 <= args.top <= len(names):
-            raise export.ExportError(f"--top must lie between 1 and {len(names)}, got {args.top}")
-        raw = args.pixels == "0-255"
-        if args.pixels == "auto" and exported_names is None:
-            raw = export.rescales_itself(model)  # an exported file takes [0, 1], always
-            if raw:
-                print(
-                    f"note: --model {args.model} rescales its input itself: it is given "
-                    "pixels in 0..255 (--pixels 0-1 overrides)",
-                    file=sys.stderr,
-                )
-        rows = _predicted(model, paths, shape, args, raw, label)
-        # The CSV is written whole or not at all, at the end; each image's line as soon
-        # as its chunk is predicted, so a large folder shows its progress.
-        with _csv_table(args.csv, names) as table:
-            for chunk_paths, chunk_scores in rows:
-                for path, probs in zip(chunk_paths, chunk_scores, strict=True):
-                    top = np.argsort(probs)[::-1][: args.top]
-                    ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
-                    print(f"{path}: {ranked}")
-                    table(path, probs)
-    except export.ExportError as error:
-        print(f"ensemble.py predict: error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        raise  # the reader of the lines left: ensemble.main ends quietly
-    except OSError as error:  # writing --csv: the disk full; the file before stays whole
-        print(
-            f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
-            file=sys.stderr,
-        )
-        return 2
-    if args.csv is not None:  # stderr: stdout keeps one line per image
-        print(f"probabilities of {len(paths)} images written to {args.csv}", file=sys.stderr)
-    return 0
+    return parser
+
+
+def _checked(args, names):
+    """Refuses --batch-size, --temperature and --top values that cannot work; returns
+    the number of classes to show per image."""
+    if args.batch_size < 1:
+        raise export.ExportError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise export.ExportError(f"--temperature must be a positive number, got {args.temperature}")
+    top = min(TOP_CLASSES, len(names)) if args.top is None else args.top
+    if not 1 <= top <= len(names):
+        raise export.ExportError(f"--top must lie between 1 and {len(names)}, got {top}")
+    return top
 
 
 CHUNK = 1024  # images read and predicted at once: 150 MB of 224x224 RGB pixels
@@ -219,18 +231,18 @@ def _predicted(model, paths, shape, args, raw, label):
     fits in memory: each chunk is read as uint8 pixels (a quarter of float32's memory,
     as in combine) and predicted in batches. What the model outputs is found on the
     first chunk, and every later chunk goes through the model that outputs it as
-    probabilities (`export.predict_probabilities`)."""
+    probabilities (`prediction.predict_probabilities`)."""
     size = max(CHUNK, args.batch_size)
     for start in range(0, len(paths), size):
         chunk = paths[start : start + size]
         pixels = np.stack([read_pixels(path, shape) for path in chunk])
         if start == 0:
-            model, _, probs = export.predict_probabilities(
+            model, _, probs = prediction.predict_probabilities(
                 model, pixels, args.batch_size, args.tta, raw, label
             )
         else:
             outputs = prediction.predict(model, pixels, args.batch_size, args.tta, raw)
-            probs = export.probabilities(label, outputs)
+            probs = prediction.probabilities(label, outputs)
         if args.temperature != 1:  # 1 leaves the model's own numbers, to the last bit
             probs = combination.with_temperature(probs, args.temperature)
         yield chunk, probs
