@@ -39,6 +39,7 @@ import numpy as np
 
 import data
 from ensembling import backend, checkpoints, cli, combination, export, parallel, rows
+from ensembling.cli import exits
 from ensembling.errors import UsageError
 from ensembling.prediction import ensemble, evaluate_error, predict_members
 from ensembling.report import measure_costs
@@ -178,7 +179,7 @@ if __name__ == "__main__":
         # that SIGPIPE ends do, not with a traceback; stdout goes nowhere from here
         # on, so that Python's own flush at exit raises nothing either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = cli.BROKEN_PIPE
+        code = exits.BROKEN_PIPE
     # Done, and saved: a Ctrl-C from here on (or --parallel stopping a process that
     # was just ending) would only print a traceback from JAX's and matplotlib's exit
     # handlers.

@@ -18,7 +18,6 @@ that Keras writes into every `.keras` file (and does not read back), so that
 `predict` prints them whatever the data set was.
 """
 
-import argparse
 import importlib
 import importlib.util
 import json
@@ -35,7 +34,6 @@ import numpy as np
 import data
 from ensembling import checkpoints, combination
 from ensembling.errors import ExportError
-from ensembling.settings import user_path
 
 EXPORT_RULES = ("average", "weighted", "select", "stack")
 
@@ -480,26 +478,6 @@ def _first_computing_layer(model):
         elif not (isinstance(layer, _PASSING) or type(layer).__name__.startswith("Random")):
             return layer
     return None
-
-
-def add_loading_flags(parser):
-    """combine's and predict's flags for models that need more than Keras to load."""
-    parser.add_argument(
-        "--custom-objects",
-        action="append",
-        metavar="FILE.py",
-        type=user_path,
-        help="a Python file (or module) that defines the "
-        "models' custom layers or functions; it is imported (its top level "
-        "runs) and what it defines is given to Keras (repeatable)",
-    )
-    parser.add_argument(
-        "--safe-mode",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="refuse the Python code of Lambda layers, as Keras does "
-        "(default); --no-safe-mode loads it, for files you trust",
-    )
 
 
 def loading_flags(args):

@@ -300,7 +300,7 @@ def test_missing_data_dir_from_the_shell_is_one_line_exit_2(tmp_path):
             ["Predict", "x.png"],
             "ensemble.py: error: unknown command 'Predict' (did you mean predict?)",
         ),
-        (["train"], "ensemble.py: error: unknown command 'train'; the commands are combine and"),
+        (["trian"], "ensemble.py: error: unknown command 'trian' (did you mean train?); the"),
         (
             ["--limit", "9", "combine", "a.keras"],
             "ensemble.py: error: combine is a command and comes first, its flags after "

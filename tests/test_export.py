@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import data
-from ensembling import cli, combination, export, prediction, rows
-from ensembling.cli import predict
+from ensembling import combination, export, prediction, rows
+from ensembling.cli import exits, predict
 from models import all_cnn, nin_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +289,7 @@ def test_predict_into_a_pipe_its_reader_left_ends_quietly(tmp_path, members):
     run = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run.stdout.close()  # long before the model is loaded: every write finds no reader
     err = run.stderr.read().decode()
-    assert run.wait(timeout=300) == cli.BROKEN_PIPE == 141  # as the shell reports SIGPIPE
+    assert run.wait(timeout=300) == exits.BROKEN_PIPE == 141  # as the shell reports SIGPIPE
     assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
 
 

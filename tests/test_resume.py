@@ -13,8 +13,8 @@ import pytest
 from conftest import write_tree
 
 import ensemble
-from ensembling import checkpoints, cli, training
-from ensembling.cli import checks
+from ensembling import checkpoints, training
+from ensembling.cli import checks, exits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_a_ctrl_c_that_keras_swallows_still_stops_the_run(tmp_path, capsys, monk
 
     monkeypatch.setattr(backend, "convert_to_numpy", convert_then_interrupt)
     write_tree(tmp_path / "tree")
-    assert ensemble.main(command(tmp_path, 3)[2:]) == cli.INTERRUPTED
+    assert ensemble.main(command(tmp_path, 3)[2:]) == exits.INTERRUPTED
     assert sent
     assert capsys.readouterr().err.strip().startswith("ensemble.py: interrupted")
     assert not (tmp_path / "weights" / "nin_cnn.best.json").exists()  # it did not go on
@@ -143,7 +143,7 @@ def test_a_ctrl_c_inside_the_backups_save_resumes_from_the_save_before(
     monkeypatch.setattr(keras.Model, "save_weights", save_then_interrupt)
     write_tree(tmp_path / "tree")
     argv = command(tmp_path, 3)[2:]
-    assert ensemble.main(argv) == cli.INTERRUPTED
+    assert ensemble.main(argv) == exits.INTERRUPTED
     monkeypatch.undo()
     capsys.readouterr()
     assert ensemble.main(argv) == 0
@@ -169,7 +169,7 @@ def test_a_ctrl_c_during_training_waits_for_the_backup_to_be_saved(tmp_path, cap
     monkeypatch.setattr(keras.Model, "save_weights", interrupted_save)
     write_tree(tmp_path / "tree")
     argv = command(tmp_path, 4)[2:]
-    assert ensemble.main(argv) == cli.INTERRUPTED
+    assert ensemble.main(argv) == exits.INTERRUPTED
     monkeypatch.undo()
     err = capfd.readouterr().err
     assert "stopping at the end of this batch; Ctrl-C again stops at once" in err

@@ -4,7 +4,6 @@ predict ...` classifies images. Errors a user can fix print one line and exit 2.
 """
 
 import dataclasses
-import errno
 import importlib.util
 import json
 import signal
@@ -16,29 +15,33 @@ import keras
 
 from ensembling import backend, export, parallel, report, training
 from ensembling.cli import checks, combine, options, predict
-from ensembling.errors import DataError, ExportError, TrainingFailed, UsageError
-
-INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT (128 + 2)
-BROKEN_PIPE = 141  # and for a program SIGPIPE ended (128 + 13): its reader left
-# Disk full, quota, read-only file system, permission: the user can fix these.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+from ensembling.cli.exits import INTERRUPTED, exit_code
 
 
 def main(argv, run):
     """Runs the command in `argv` and returns its exit code; training runs `run(settings)`,
     which `ensemble.py` passes in, so that the article's pipeline stays in that file."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in options.COMMANDS:
-        command = {"predict": predict.main, "combine": combine.main}[argv[0]]
-        try:
-            return command(argv[1:])
-        except KeyboardInterrupt:
-            print(f"\nensemble.py {argv[0]}: interrupted", file=sys.stderr)
-            return INTERRUPTED
-    if any(arg.startswith("--pa") and "--parallel".startswith(arg) for arg in argv):
+    command = argv[0] if argv[:1] and argv[0] in ("train", *options.COMMANDS) else "train"
+    flags = argv[1:] if argv[:1] == [command] else argv
+    if command == "train":
+        return _train(flags, run)
+    prog = f"ensemble.py {command}"
+    body = {"predict": predict.main, "combine": combine.main}[command]
+    try:
+        return body(flags)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _train(flags, run):
+    """`python ensemble.py [train] [flags]`: the article's run, stopped on purpose by
+    Ctrl-C or a scheduler's SIGTERM, and resumed by the same command."""
+    if any(arg.startswith("--pa") and "--parallel".startswith(arg) for arg in flags):
         # Before parsing: resolving --precision auto already opens the GPU.
         parallel.share_the_gpu()
-    settings = options.parse_args(argv)
+    settings = options.parse_args(flags)
     training.reset_stop()
     try:
         # --parallel stops its member processes with SIGINT, which they may have been
@@ -47,8 +50,6 @@ def main(argv, run):
         with training.stopping_on_signals(always=member):
             return _train_and_report(settings, run)
     except KeyboardInterrupt:
-        # Ctrl-C or a scheduler's SIGTERM is how runs are stopped on purpose: say how to
-        # go on, not where Python was.
         how, code = training.stopped_by()
         print(
             f"\nensemble.py: {how}; run the same command again: trained members are "
@@ -58,53 +59,16 @@ def main(argv, run):
         return code
 
 
-def _storage_error(error, then):
-    """One line for a full disk or an unwritable folder (exit code 2); re-raises others."""
-    if error.errno not in STORAGE_ERRNOS:
-        raise error
-    where = f" writing {error.filename}" if error.filename else ""
-    print(
-        f"ensemble.py: error: {error.strerror or error}{where}; free space or fix "
-        f"permissions, {then}",
-        file=sys.stderr,
-    )
-    return 2
-
-
 def _train_and_report(settings, run):
-    try:
-        checks.check_settings(settings)
-        print("settings:", json.dumps(dataclasses.asdict(settings)))
-        # Said before hours of training, not after: a GPU that CUDA failed to find
-        # otherwise shows only as a run a hundred times slower.
-        print(
-            f"keras {keras.__version__} on {keras.backend.backend()}, devices: "
-            + ", ".join(backend.devices())
-        )
-        if not settings.eval_only and not backend.has_accelerator():
-            print(
-                "no GPU found: training runs on the CPU, hours for the full recipe "
-                "(see docs/gpu.md)"
-            )
-        start = time.perf_counter()
-        rows, extra = run(settings)
-        extra["total_seconds"] = round(time.perf_counter() - start, 1)
-        if settings.train_only:
-            then = "; --eval-only with the same --weights-dir ensembles them"
-            if parallel.member_process():  # --parallel's main process ensembles them
-                then = ""
-            print(f"trained {', '.join(settings.models)} in {extra['total_seconds']} s{then}")
-            return 0
-        path = report.save_results(settings, rows, extra)
-    except (UsageError, DataError, ExportError) as error:
-        print(f"ensemble.py: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingFailed as error:
-        print(f"ensemble.py: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        return _storage_error(error, "then run the same command again: it resumes")
-    logs_dir = Path(settings.logs_dir)
+    saved = {}
+    code = exit_code(
+        "ensemble.py",
+        lambda: _run_and_save(settings, run, saved),
+        "then run the same command again: it resumes",
+    )
+    if code != 0 or settings.train_only:
+        return code
+    rows, extra, path = saved["rows"], saved["extra"], saved["path"]
     print()
     print(report.format_table(rows))
     print("\nevery combination (NLL, ECE and Brier need probabilities: none for votes)")
@@ -121,15 +85,14 @@ def _train_and_report(settings, run):
             "python ensemble.py --eval-only with the same --weights-dir draws them)"
         )
     else:
-        try:
-            plots = report.plot_training_curves(logs_dir, settings.models)
-            plots.append(report.plot_test_errors(rows, logs_dir / "test_errors.png"))
-        except OSError as error:  # the results are saved; only the plots are missing
-            return _storage_error(
-                error,
-                "then python ensemble.py --eval-only with the same "
-                "--weights-dir draws the plots again",
-            )
+        plots = []
+        code = exit_code(  # the results are saved; only the plots can be missing
+            "ensemble.py",
+            lambda: plots.extend(_plots(settings, rows)) or 0,
+            "then python ensemble.py --eval-only with the same --weights-dir draws the plots again",
+        )
+        if code:
+            return code
         print("plots: " + ", ".join(str(p) for p in plots))
     tta = "; without flip TTA, which the table used" if settings.tta else ""
     if "export" in extra:
@@ -142,3 +105,36 @@ def _train_and_report(settings, run):
         )
     print(f"{extra['total_seconds']} s in all")
     return 0
+
+
+def _run_and_save(settings, run, saved):
+    """Checks `settings`, runs them and saves the results into `saved` (rows, extra,
+    path); returns 0."""
+    checks.check_settings(settings)
+    print("settings:", json.dumps(dataclasses.asdict(settings)))
+    # Said before hours of training, not after: a GPU that CUDA failed to find
+    # otherwise shows only as a run a hundred times slower.
+    print(
+        f"keras {keras.__version__} on {keras.backend.backend()}, devices: "
+        + ", ".join(backend.devices())
+    )
+    if not settings.eval_only and not backend.has_accelerator():
+        print("no GPU found: training runs on the CPU, hours for the full recipe (see docs/gpu.md)")
+    start = time.perf_counter()
+    rows, extra = run(settings)
+    extra["total_seconds"] = round(time.perf_counter() - start, 1)
+    if settings.train_only:
+        then = "; --eval-only with the same --weights-dir ensembles them"
+        if parallel.member_process():  # --parallel's main process ensembles them
+            then = ""
+        print(f"trained {', '.join(settings.models)} in {extra['total_seconds']} s{then}")
+        return 0
+    saved.update(rows=rows, extra=extra, path=report.save_results(settings, rows, extra))
+    return 0
+
+
+def _plots(settings, rows):
+    """The training curves of each member and the test errors of every row."""
+    logs_dir = Path(settings.logs_dir)
+    plots = report.plot_training_curves(logs_dir, settings.models)
+    return [*plots, report.plot_test_errors(rows, logs_dir / "test_errors.png")]

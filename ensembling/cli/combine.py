@@ -24,7 +24,6 @@ images (the article's members hold that split out).
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import keras
@@ -39,101 +38,16 @@ from ensembling import (
     prediction,
     report,
 )
-from ensembling.cli.options import Parser
+from ensembling.cli.exits import exit_code
+from ensembling.cli.options import parse
 from ensembling.rows import per_class_errors, subset_name, table_rows
-from ensembling.settings import user_path
 
 RESULTS_STEM = "combine"  # combine.json and combine.md in --logs-dir
 
 
 def parse_args(argv):
-    parser = Parser(
-        prog="ensemble.py combine",
-        description="Score every combination of saved image classifiers (.keras or .h5 "
-        "files) on CIFAR-10 or any class-folder tree, and optionally export one as a "
-        "single model.",
-    )
-    parser.add_argument(
-        "models",
-        nargs="+",
-        metavar="MODEL.keras",
-        type=user_path,
-        help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
-        "32x32x3, 10 classes) to class probabilities or logits; each is "
-        "named after its file (and folders, if files share a name); a "
-        "folder stands for the .keras and .h5 files in it and its "
-        "folders",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=user_path,
-        help="offline CIFAR-10, as for "
-        "ensemble.py, or any train/<class>/ and test/<class>/ tree of images "
-        "(resized to the models' input size), or an .npz of keras.datasets' "
-        "arrays (mnist.npz) "
-        "(default: download CIFAR-10 with Keras)",
-    )
-    parser.add_argument(
-        "--limit",
-        type=int,
-        help="keep N test images, and N training images "
-        "(or N of a val/ folder) to take the validation images from",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subset")
-    parser.add_argument(
-        "--validation-split",
-        type=float,
-        help="last fraction of the training set the fitted rules learn on "
-        f"(default: a tree's own val/ folder, else {data.VALIDATION_SPLIT}, the "
-        "article's)",
-    )
-    parser.add_argument(
-        "--combine",
-        nargs="+",
-        choices=combination.RULES,
-        default=["average"],
-        help="rules to score; the average always comes first",
-    )
-    parser.add_argument(
-        "--every-subset",
-        action="store_true",
-        help=f"score every subset even beyond {combination.EVERY_SUBSET_UP_TO} "
-        "models (default: then each model, all but each one, and all)",
-    )
-    parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
-    parser.add_argument("--tta", action="store_true", help="average with the mirror image's")
-    parser.add_argument(
-        "--export", metavar="PATH.keras", type=user_path, help="write the combination as one model"
-    )
-    parser.add_argument(
-        "--export-rule",
-        choices=export.EXPORT_RULES,
-        default="average",
-        help="combining layer of the exported file (default: average)",
-    )
-    parser.add_argument(
-        "--save-probs",
-        metavar="PATH.npz",
-        type=user_path,
-        help="also write the probabilities the table is scored from, each "
-        "model's on the test and validation images, with the labels, to "
-        "an .npz file for NumPy",
-    )
-    parser.add_argument(
-        "--cost",
-        action="store_true",
-        help="measure each model, the ensemble of all and the exported file: "
-        "parameters, file size, batch-1 latency and batch-256 throughput "
-        "on this device",
-    )
-    export.add_loading_flags(parser)
-    parser.add_argument(
-        "--logs-dir",
-        default="logs",
-        type=user_path,
-        help=f"where {RESULTS_STEM}.json and {RESULTS_STEM}.md go (default: logs)",
-    )
-    return parser.parse_args(argv)
+    """combine's flags (ensembling/cli/options.py declares them all)."""
+    return parse(["combine", *argv])
 
 
 def model_names(paths):
@@ -479,17 +393,16 @@ def _one_kind(paths, models):
 
 
 def main(argv):
+    return exit_code(
+        "ensemble.py combine", lambda: _main(argv), "then run it again", every_os_error=True
+    )
+
+
+def _main(argv):
+    """`python ensemble.py combine ...`; errors reach `ensembling.cli.exit_code`."""
     args = parse_args(argv)
-    try:
-        rows, extra = run(args)
-        path = report.save_results(vars(args), rows, extra, stem=RESULTS_STEM)
-    except (export.ExportError, data.DataError) as error:
-        print(f"ensemble.py combine: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # --logs-dir or --export unwritable, the disk full
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"ensemble.py combine: error: {error.strerror or error}{where}", file=sys.stderr)
-        return 2
+    rows, extra = run(args)
+    path = report.save_results(vars(args), rows, extra, stem=RESULTS_STEM)
     print(report.full_table(rows))
     for note in report.table_notes(rows):
         print(note)

@@ -1,13 +1,14 @@
-"""The training command line: `python ensemble.py [flags]` into `Settings`.
-
-The article's defaults come first, then `--preset`'s values, then the flags given.
+"""The command line: one parser with the commands `train` (the default: `python
+ensemble.py [flags]`), `combine` and `predict`, whose shared flags are declared once
+in parent parsers. Training's flags become `Settings`: the article's defaults first,
+then `--preset`'s values, then the flags given.
 """
 
 import argparse
 import difflib
 import sys
 
-from ensembling import combination, export
+from ensembling import combination, export, readers
 from ensembling.settings import (
     PRECISIONS,
     PRESETS,
@@ -37,47 +38,219 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; python {self.prog} --help lists every flag\n")
 
 
+def command_line():
+    """The whole command line: `train`, `combine` and `predict`, each with its flags.
+
+    A first word that is no command means `train` (`python ensemble.py --epochs 5`):
+    `main` puts it in before parsing.
+    """
+    top = Parser(prog="ensemble.py", description=DESCRIPTION)
+    commands = top.add_subparsers(dest="command", parser_class=Parser)
+    # Each command gets parents of its own: set_defaults on one (combine's batch of 256)
+    # changes the default of the parent's very action, which another would share.
+    sources, prediction, scoring, exporting, loading = (
+        _add_data_flags,
+        _add_prediction_flags,
+        _add_scoring_flags,
+        _add_export_flags,
+        _add_loading_flags,
+    )
+    train = commands.add_parser(
+        "train",
+        prog="ensemble.py",
+        parents=_parents(sources, prediction, scoring, exporting),
+        description=DESCRIPTION,
+        epilog=f"Commands: {COMMANDS['combine']} ensembles any saved classifiers; "
+        f"{COMMANDS['predict']} classifies images. Each has its own --help.",
+        argument_default=argparse.SUPPRESS,  # absent flags leave the preset's value
+    )
+    defaults = Settings()
+    _add_training_flags(train, defaults)
+    _add_run_flags(train.add_argument, defaults)
+    _add_output_flags(train.add_argument)
+    _add_recipe_options(train)
+    combine = commands.add_parser(
+        "combine",
+        prog="ensemble.py combine",
+        parents=_parents(sources, prediction, scoring, exporting, loading),
+        description="Score every combination of saved image classifiers (.keras or .h5 "
+        "files) on CIFAR-10 or any class-folder tree, and optionally export one as a "
+        "single model.",
+    )
+    _add_combine_flags(combine.add_argument)
+    combine.set_defaults(
+        **SAVED_MODEL_DEFAULTS,
+        cost=False,
+        combine=["average"],
+        export=None,
+        export_rule="average",
+        logs_dir="logs",
+    )
+    predict = commands.add_parser(
+        "predict",
+        prog="ensemble.py predict",
+        parents=_parents(prediction, loading),
+        description="Classify images with an ensemble exported by --export (or combine "
+        "--export), or any Keras classifier of images.",
+    )
+    _add_predict_flags(predict.add_argument)
+    predict.set_defaults(
+        **{k: SAVED_MODEL_DEFAULTS[k] for k in ("batch_size", "tta", "custom_objects", "safe_mode")}
+    )
+    return top, {"train": train, "combine": combine, "predict": predict}
+
+
+DESCRIPTION = (
+    "Train the article's three CIFAR-10 ConvNets and evaluate their averaged ensembles. "
+    "Defaults reproduce the article; --preset fast trades the recipe for accuracy per "
+    "minute (see ensembling/recipe.py)."
+)
+# combine's and predict's defaults for the flags they share with training, which
+# take the article's from `Settings` (or a preset's); their batches only predict.
+SAVED_MODEL_DEFAULTS = {
+    "data_dir": None,
+    "limit": None,
+    "seed": 0,
+    "validation_split": None,
+    "batch_size": 256,
+    "tta": False,
+    "custom_objects": None,
+    "safe_mode": True,
+}
+
+
 def parse_args(argv=None):
     """Settings from the command line: the article's defaults, then --preset, then flags."""
-    parser = training_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-"):
+    flags = vars(parse(["train", *argv]))
+    del flags["command"]
+    return settings_from(flags)
+
+
+def parse(argv):
+    """The command's namespace for `argv`, whose first word names the command."""
+    _, parsers = command_line()
+    command = parsers[argv[0]]  # its own errors, in its own name
+    if argv[0] != "train":
+        return command.parse_args(argv[1:], argparse.Namespace(command=argv[0]))
+    train = command
+    if argv[1:] and not argv[1].startswith("-"):
         # argparse would say "unrecognized arguments", leaving a mistyped command a
         # mystery; training takes flags only, so a first word can only be a command.
-        close = difflib.get_close_matches(argv[0].lower(), COMMANDS, n=1, cutoff=0.6)
-        parser.error(
-            f"unknown command {argv[0]!r}"
+        close = difflib.get_close_matches(argv[1].lower(), [*COMMANDS, "train"], n=1, cutoff=0.6)
+        train.error(
+            f"unknown command {argv[1]!r}"
             + (f" (did you mean {close[0]}?)" if close else "")
-            + f"; the commands are {' and '.join(COMMANDS)}, and training takes flags only"
+            + f"; the commands are train (the default), {' and '.join(COMMANDS)}"
         )
-    args, extra = parser.parse_known_args(argv)
+    args, extra = train.parse_known_args(argv[1:], argparse.Namespace(command="train"))
     if extra and extra[0] in COMMANDS:  # python ensemble.py --data-dir D combine a b
-        parser.error(
+        train.error(
             f"{extra[0]} is a command and comes first, its flags after it: {COMMANDS[extra[0]]}"
         )
     if extra:  # argparse's own message, as parse_args gives it
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return settings_from(vars(args))
+        train.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
-def training_parser():
-    """`python ensemble.py`'s parser; absent flags leave the preset's values."""
-    defaults = Settings()
-    parser = Parser(
-        prog="ensemble.py",
-        description="Train the article's three CIFAR-10 ConvNets and evaluate their "
-        "averaged ensembles. Defaults reproduce the article; --preset fast trades the "
-        "recipe for accuracy per minute (see ensembling/recipe.py).",
-        epilog=f"Commands: {COMMANDS['combine']} ensembles any saved classifiers; "
-        f"{COMMANDS['predict']} classifies images. Each has its own --help.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,  # absent flags leave the preset's value
+def _parents(*adders):
+    """Parsers of the flags that several commands share, each declared once."""
+    parents = []
+    for add_flags in adders:
+        parents.append(argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS))
+        add_flags(parents[-1].add_argument)
+    return parents
+
+
+def _add_data_flags(add):
+    """Where the images come from: training's and combine's."""
+    add(
+        "--data-dir",
+        type=user_path,
+        help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, a "
+        "train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz or .zip), or an "
+        ".npz of keras.datasets' x_train, y_train, x_test, y_test; combine also takes "
+        "such a tree or .npz of other images (resized to the models' input); default: "
+        "download CIFAR-10 with Keras",
     )
-    _add_training_flags(parser, defaults)
-    _add_run_flags(parser.add_argument, defaults)
-    _add_output_flags(parser.add_argument)
-    _add_recipe_options(parser)
-    return parser
+    add(
+        "--limit",
+        type=int,
+        help="keep N training and N test images, chosen by --seed (default: all)",
+    )
+    add("--seed", type=int, help="random seed of the data's order and subset (default: 0)")
+    add(
+        "--validation-split",
+        type=float,
+        help="last fraction of the training set held out, on which the fitted rules "
+        "learn (article: 0.2); combine takes a tree's own val/ folder first",
+    )
+
+
+def _add_prediction_flags(add):
+    """How images are predicted: every command's."""
+    add(
+        "--batch-size",
+        type=int,
+        help="images per batch, training and prediction (article: 32); combine's and "
+        "predict's default is 256",
+    )
+    add(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="average each prediction with the prediction for its mirror image",
+    )
+
+
+def _add_scoring_flags(add):
+    """What the results table scores and where it goes: training's and combine's."""
+    add(
+        "--combine",
+        nargs="+",
+        choices=combination.RULES,
+        help="combination rules to score; the article's average always comes first",
+    )
+    add(
+        "--cost",
+        action=argparse.BooleanOptionalAction,
+        help="measure parameters, file size, batch-1 latency and batch-256 throughput "
+        "(default: on when training; off in combine, where each model runs 23 times more)",
+    )
+    add("--logs-dir", type=user_path, help="logs and results folder (default: logs)")
+
+
+def _add_export_flags(add):
+    """The one-file export: training's and combine's."""
+    add(
+        "--export",
+        type=user_path,
+        metavar="PATH.keras",
+        help="write the ensemble of all the models as one Keras model file",
+    )
+    add(
+        "--export-rule",
+        choices=export.EXPORT_RULES,
+        help="combining layer of the exported file (default: average)",
+    )
+
+
+def _add_loading_flags(add):
+    """Loading models that need more than Keras: combine's and predict's."""
+    add(
+        "--custom-objects",
+        action="append",
+        metavar="FILE.py",
+        type=user_path,
+        help="a Python file (or module) that defines the models' custom layers or "
+        "functions; it is imported (its top level runs) and what it defines is given "
+        "to Keras (repeatable)",
+    )
+    add(
+        "--safe-mode",
+        action=argparse.BooleanOptionalAction,
+        help="refuse the Python code of Lambda layers, as Keras does (default); "
+        "--no-safe-mode loads it, for files you trust",
+    )
 
 
 def _add_training_flags(parser, defaults):
@@ -89,13 +262,6 @@ def _add_training_flags(parser, defaults):
         help="article (default) or fast: sets the recipe flags below, which still override it",
     )
     add("--epochs", type=int, help=f"epochs per member (article: {defaults.epochs})")
-    add("--batch-size", type=int, help=f"batch size (article: {defaults.batch_size})")
-    add(
-        "--validation-split",
-        type=float,
-        help="fraction of the training set held out for validation, the last part "
-        f"(article: {defaults.validation_split})",
-    )
     add(
         "--learning-rate",
         type=float,
@@ -108,20 +274,7 @@ def _add_training_flags(parser, defaults):
         help=f"members to train and evaluate, from: {', '.join(MODELS)} (default: all)",
     )
     add(
-        "--data-dir",
-        type=user_path,
-        help="offline CIFAR-10: cifar-10-batches-py folder, cifar-10-python.tar.gz, a "
-        "train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz or .zip), or an "
-        ".npz of keras.datasets' x_train, y_train, x_test, y_test; default: download "
-        "with Keras",
-    )
-    add("--limit", type=int, help="keep N train and N test images (default: all)")
-    add("--seed", type=int, help=f"random seed (default: {defaults.seed})")
-    add(
         "--weights-dir", type=user_path, help=f"checkpoint folder (default: {defaults.weights_dir})"
-    )
-    add(
-        "--logs-dir", type=user_path, help=f"logs and results folder (default: {defaults.logs_dir})"
     )
 
 
@@ -172,29 +325,6 @@ def _add_run_flags(add, defaults):
 
 def _add_output_flags(add):
     """What a run scores and writes besides the article's table."""
-    add(
-        "--combine",
-        nargs="+",
-        choices=combination.RULES,
-        help="combination rules to score; the article's average always comes first",
-    )
-    add(
-        "--cost",
-        action=argparse.BooleanOptionalAction,
-        help="measure parameters, weight size, batch-1 latency and batch-256 throughput "
-        "(default: on)",
-    )
-    add(
-        "--export",
-        type=user_path,
-        metavar="PATH.keras",
-        help="write the ensemble of all --models as one Keras model file",
-    )
-    add(
-        "--export-rule",
-        choices=export.EXPORT_RULES,
-        help="combining layer of the exported file (default: average)",
-    )
     add(
         "--export-members",
         type=user_path,
@@ -251,8 +381,94 @@ def _add_recipe_options(parser):
         help="dropout rate on every member's input images, e.g. 0.2 as the All-CNN paper "
         "(article: 0)",
     )
-    recipe.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        help="average each test prediction with the prediction for its mirror image",
+
+
+def _add_combine_flags(add):
+    """combine's own: the models, every subset, the probabilities saved."""
+    add(
+        "models",
+        nargs="+",
+        metavar="MODEL.keras",
+        type=user_path,
+        help="two or more classifiers of images in [0, 1] (CIFAR-10's: "
+        "32x32x3, 10 classes) to class probabilities or logits; each is "
+        "named after its file (and folders, if files share a name); a "
+        "folder stands for the .keras and .h5 files in it and its "
+        "folders",
     )
+    add(
+        "--every-subset",
+        action="store_true",
+        help=f"score every subset even beyond {combination.EVERY_SUBSET_UP_TO} "
+        "models (default: then each model, all but each one, and all)",
+    )
+    add(
+        "--save-probs",
+        metavar="PATH.npz",
+        type=user_path,
+        help="also write the probabilities the table is scored from, each "
+        "model's on the test and validation images, with the labels, to "
+        "an .npz file for NumPy",
+    )
+
+
+TOP_CLASSES = 3  # predict's default --top
+PIXELS = ("auto", "0-1", "0-255")  # --pixels
+
+
+def _add_predict_flags(add):
+    """predict's own: the model, the images, what is shown and written."""
+    add(
+        "--model",
+        required=True,
+        type=user_path,
+        help="a .keras (or .h5) classifier of images; one written by --export names its classes",
+    )
+    add(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        type=user_path,
+        help=f"image files ({readers.IMAGE_KINDS}) of any size, or folders of them",
+    )
+    add(
+        "--top", type=int, help=f"classes shown per image (default: {TOP_CLASSES}, or all of fewer)"
+    )
+    add(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="soften (T > 1) or sharpen the probabilities: softmax(log(p) "
+        "/ T), with the T that --combine temperature fitted (results.json); "
+        "the top class stays",
+    )
+    add(
+        "--pixels",
+        choices=PIXELS,
+        default="auto",
+        help="the images' scale: 0-1 (x / 255, the article's, and every "
+        "exported file's), 0-255, or auto: 0-255 for a model that rescales "
+        "its input itself (a first Rescaling(1/255), say), else 0-1",
+    )
+    # One comma-separated value, not nargs="+", which would take the images after it too.
+    add(
+        "--classes",
+        metavar="NAME,NAME,...",
+        type=_comma_separated,
+        help="the model's class names, in the order of its outputs (default: "
+        "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
+        "'class 1', ... for others)",
+    )
+    add(
+        "--csv",
+        metavar="PATH.csv",
+        type=user_path,
+        help="also write every image's probability of every class to this "
+        "file: a header (image, predicted, the class names), then one row "
+        "per image",
+    )
+
+
+def _comma_separated(text):
+    return [name.strip() for name in text.split(",")]

@@ -18,11 +18,8 @@ import numpy as np
 
 import data
 from ensembling import checkpoints, combination, export, prediction, readers
-from ensembling.cli.options import Parser
-from ensembling.settings import user_path
-
-TOP_CLASSES = 3
-PIXELS = ("auto", "0-1", "0-255")  # --pixels
+from ensembling.cli.exits import exit_code
+from ensembling.cli.options import TOP_CLASSES, parse
 
 
 def image_files(path):
@@ -93,8 +90,14 @@ def read_pixels(path, shape=data.IMAGE_SHAPE):
 
 
 def main(argv):
+    return exit_code(
+        "ensemble.py predict", lambda: _main(argv), "then run it again", every_os_error=True
+    )
+
+
+def _main(argv):
     """`python ensemble.py predict --model PATH.keras IMAGE...`: top classes per image."""
-    args = parser().parse_args(argv)
+    args = parse(["predict", *argv])
     try:
         paths = [found for given in args.images for found in image_files(given)]
         if args.csv is not None:  # refused before anything is predicted
@@ -127,87 +130,12 @@ def main(argv):
                     ranked = ", ".join(f"{names[k]} {probs[k]:.3f}" for k in top)
                     print(f"{path}: {ranked}")
                     table(path, probs)
-    except export.ExportError as error:
-        print(f"ensemble.py predict: error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        raise  # the reader of the lines left: ensemble.main ends quietly
     except OSError as error:  # writing --csv: the disk full; the file before stays whole
-        print(
-            f"ensemble.py predict: error: {error.strerror or error} writing {args.csv}",
-            file=sys.stderr,
-        )
-        return 2
+        error.filename = error.filename or args.csv
+        raise
     if args.csv is not None:  # stderr: stdout keeps one line per image
         print(f"probabilities of {len(paths)} images written to {args.csv}", file=sys.stderr)
     return 0
-
-
-def parser():
-    """`python ensemble.py predict`'s command line."""
-    parser = Parser(
-        prog="ensemble.py predict",
-        description="Classify images with an ensemble exported by --export (or combine "
-        "--export), or any Keras classifier of images.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        type=user_path,
-        help="a .keras (or .h5) classifier of images; one written by --export names its classes",
-    )
-    parser.add_argument(
-        "images",
-        nargs="+",
-        metavar="IMAGE",
-        type=user_path,
-        help=f"image files ({readers.IMAGE_KINDS}) of any size, or folders of them",
-    )
-    parser.add_argument(
-        "--top", type=int, help=f"classes shown per image (default: {TOP_CLASSES}, or all of fewer)"
-    )
-    parser.add_argument(
-        "--tta",
-        action="store_true",
-        help="average with the mirror image's probabilities, as combine --tta scores them",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=1.0,
-        metavar="T",
-        help="soften (T > 1) or sharpen the probabilities: softmax(log(p) "
-        "/ T), with the T that --combine temperature fitted (results.json); "
-        "the top class stays",
-    )
-    parser.add_argument("--batch-size", type=int, default=256, help="prediction batch size")
-    parser.add_argument(
-        "--pixels",
-        choices=PIXELS,
-        default="auto",
-        help="the images' scale: 0-1 (x / 255, the article's, and every "
-        "exported file's), 0-255, or auto: 0-255 for a model that rescales "
-        "its input itself (a first Rescaling(1/255), say), else 0-1",
-    )
-    # One comma-separated value, not nargs="+", which would take the images after it too.
-    parser.add_argument(
-        "--classes",
-        metavar="NAME,NAME,...",
-        type=_comma_separated,
-        help="the model's class names, in the order of its outputs (default: "
-        "those the file names; else CIFAR-10's for 10 classes, 'class 0', "
-        "'class 1', ... for others)",
-    )
-    parser.add_argument(
-        "--csv",
-        metavar="PATH.csv",
-        type=user_path,
-        help="also write every image's probability of every class to this "
-        "file: a header (image, predicted, the class names), then one row "
-        "per image",
-    )
-    export.add_loading_flags(parser)
-    return parser
 
 
 def _checked(args, names):
@@ -266,10 +194,6 @@ def _csv_table(path, names):
                 table.writerow([str(image), predicted, *(f"{p:.6f}" for p in probs)])
 
             yield add
-
-
-def _comma_separated(text):
-    return [name.strip() for name in text.split(",")]
 
 
 def _names(args, num_classes, exported_names):
