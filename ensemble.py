@@ -38,11 +38,10 @@ except (ImportError, ValueError) as error:  # the backend Keras was told to use 
 import numpy as np
 
 import data
-from ensembling import backend, checkpoints, cli, combination, export, parallel, rows
+from ensembling import backend, checkpoints, cli, combination, export, parallel, report, rows
 from ensembling.cli import exits
 from ensembling.errors import UsageError
 from ensembling.prediction import ensemble, evaluate_error, predict_members
-from ensembling.report import measure_costs
 from ensembling.settings import Settings
 from ensembling.train import compile_and_train, load_members, train_members
 from models import MODELS
@@ -108,7 +107,10 @@ def _run(settings):
     if trained.get("epoch_seconds"):  # joint training: where each epoch's time went
         extra["epoch_seconds"] = trained["epoch_seconds"]
     if settings.cost:
-        extra["costs"] = measure_costs(members, model_input, x_test)
+        sized = {name: (model, path.stat().st_size) for name, (model, path) in members.items()}
+        extra["costs"] = report.measure_costs(
+            sized, x_test, report.every_average(sized, model_input)
+        )
     models = [members[n][0] for n in names]
     if settings.export:
         extra["export"] = export.export(

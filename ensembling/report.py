@@ -295,16 +295,27 @@ def format_table(rows):
     return aligned(header, lines, right_from=2)
 
 
-def measure_costs(members, model_input, x_test):
-    """The article's warning in numbers: each member, then each average ensemble (an
+def measure_costs(members, sample, ensembles):
+    """The article's warning in numbers, for ensemble.py and combine alike: each member
+    ({name: (model, file bytes)}), then each ensemble ({label: (model, file bytes,
+    member names)}) with its batch-1 latency against the sum of its members'."""
+    costs = {}
+    for name, (model, size) in members.items():
+        costs[name] = {**measure_cost(model, sample), "weight_bytes": size}
+    for label, (model, size, names) in ensembles.items():
+        costs[label] = ensemble_cost(model, sample, size, names, costs)
+    return costs
+
+
+def every_average(members, model_input):
+    """The cost table's ensembles of ensemble.py: the average of every subset of two or
+    more `members` ({name: (model, file bytes)}), keyed by its members joined by "+" (an
     exported file costs what the ensemble of its members does, give or take its
     combining layers)."""
-    costs = {}
-    for name, (model, path) in members.items():
-        costs[name] = {**measure_cost(model, x_test), "weight_bytes": path.stat().st_size}
+    ensembles = {}
     for size in range(2, len(members) + 1):
         for names in itertools.combinations(members, size):
             combined = ensemble([members[n][0] for n in names], model_input)
-            checkpoints = sum(costs[n]["weight_bytes"] for n in names)
-            costs["+".join(names)] = ensemble_cost(combined, x_test, checkpoints, names, costs)
-    return costs
+            files = sum(members[n][1] for n in names)
+            ensembles["+".join(names)] = (combined, files, names)
+    return ensembles

@@ -32,3 +32,13 @@ def test_the_readme_example_reports_every_combination_and_exports(tmp_path, monk
     exported = keras.saving.load_model(tmp_path / "mine.keras")
     assert exported.name == "ensemble_weighted"
     assert exported.output_shape == (None, 10)
+
+
+def test_the_readme_models_example_builds_named_models():
+    section = README.read_text().split("## Import the models", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {"__name__": "readme"}
+    exec(compile(code, str(README), "exec"), scope)
+    assert scope["model"].name == "nin_cnn" and scope["model"].output_shape == (None, 10)
+    assert scope["grey"].output_shape == (None, 100)
+    assert set(scope["MODELS"]) == {"conv_pool_cnn", "all_cnn", "nin_cnn"}

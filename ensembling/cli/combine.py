@@ -339,22 +339,20 @@ def save_probabilities(path, names, classes, test, val):
 def measure_costs(models, args, sample, exported=None, custom=None):
     """The article's warning for any models: each one, the average of all of them as
     one graph, and the exported file as `predict` loads it (for `select`, only the
-    models it kept). Each ensemble's batch-1 latency is also given against the sum
-    of its members'."""
-    costs = {}
-    for (name, model), path in zip(models.items(), args.models, strict=True):
-        costs[name] = {**report.measure_cost(model, sample), "weight_bytes": os.path.getsize(path)}
+    models it kept)."""
+    members = {
+        name: (model, os.path.getsize(path))
+        for (name, model), path in zip(models.items(), args.models, strict=True)
+    }
     names = list(models)
     everything, _ = export.ensemble_model(list(models.values()), "average")
-    total = sum(costs[n]["weight_bytes"] for n in names)
-    costs[subset_name(names, names)] = report.ensemble_cost(everything, sample, total, names, costs)
+    total = sum(size for _, size in members.values())
+    ensembles = {subset_name(names, names): (everything, total, names)}
     if exported:
         loaded = export.load(exported["path"], "--export", "", custom, args.safe_mode)
-        size, kept = os.path.getsize(exported["path"]), exported.get("kept", names)
-        costs[f"{Path(exported['path']).name} ({exported['rule']})"] = report.ensemble_cost(
-            loaded, sample, size, kept, costs
-        )
-    return costs
+        label = f"{Path(exported['path']).name} ({exported['rule']})"
+        ensembles[label] = (loaded, os.path.getsize(exported["path"]), exported.get("kept", names))
+    return report.measure_costs(members, sample, ensembles)
 
 
 _KIND_NOTES = {  # prediction.output_kind's kinds other than "softmax"
