@@ -152,6 +152,7 @@ def load_arrays(settings):
 
 
 def best_checkpoint_exists(name, settings):
+    """True once `name` has a checkpoint in `settings.weights_dir` to reload."""
     return checkpoints.best_checkpoint(settings.weights_dir, name) is not None
 
 

@@ -86,9 +86,14 @@ def _train_and_report(settings, run):
         )
     else:
         plots = []
+
+        def draw():
+            plots.extend(_plots(settings, rows))
+            return 0
+
         code = exit_code(  # the results are saved; only the plots can be missing
             "ensemble.py",
-            lambda: plots.extend(_plots(settings, rows)) or 0,
+            draw,
             "then python ensemble.py --eval-only with the same --weights-dir draws the plots again",
         )
         if code:
