@@ -279,6 +279,8 @@ def article_dropout(name):
 
     None for a builder without a `dropout` argument (one swapped into MODELS).
     """
+    if name not in MODELS:  # a distilled student (all_cnn_student) is no builder
+        return None
     parameter = inspect.signature(MODELS[name]).parameters.get("dropout")
     return None if parameter is None else parameter.default
 

@@ -103,7 +103,7 @@ def export_members(folder, members):
     written = {}
     for member in members:
         path = Path(folder) / f"{member.name}.keras"
-        _save(member, path)
+        save(member, path)
         written[member.name] = str(path)
     return written
 
@@ -143,7 +143,7 @@ def export(path, members, rule, val_member_probs=None, val_labels=None, classes=
     """Writes `ensemble_model(...)` to `path`, naming its outputs' `classes` in the file."""
     model, fitted = ensemble_model(members, rule, val_member_probs, val_labels)
     path = Path(path)
-    _save(model, path, classes)
+    save(model, path, classes)
     return {"path": str(path), "rule": rule, "bytes": path.stat().st_size, **fitted}
 
 
@@ -154,7 +154,7 @@ def described(info):
     return f"{info['rule']}: {', '.join(kept)}" if kept is not None else info["rule"]
 
 
-def _save(model, path, classes=None):
+def save(model, path, classes=None):
     """`model.save(path)`, whole or not at all (`checkpoints.replacing`), with the names
     of its output's classes, if given, in the file's metadata."""
     # Keras saves only to a name ending in .keras; hidden, as it is half a file until renamed.

@@ -258,10 +258,11 @@ def machine():
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def save_results(settings, rows, extra, stem=RESULTS_STEM):
-    """<stem>.json (settings, every row, `extra`, the environment) and <stem>.md.
+def save_results(settings, rows, extra, stem=RESULTS_STEM, markdown=None):
+    """<stem>.json (settings, every row, `extra`, the environment) and <stem>.md (the
+    full table, or the `markdown` given).
 
-    `settings` is a dataclass (ensemble.py's) or a dict (the combine command's), with
+    `settings` is a dataclass (ensemble.py's) or a dict (combine's and distill's), with
     `logs_dir`, the folder both files go to.
     """
     settings = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
@@ -280,7 +281,8 @@ def save_results(settings, rows, extra, stem=RESULTS_STEM):
     }
     # Whole or not at all: a full disk leaves the previous run's results as they were.
     replace_text(path, json.dumps(payload, indent=2) + "\n")
-    replace_text(path.with_suffix(".md"), markdown_table(rows, extra.get("per_class_errors")))
+    markdown = markdown or markdown_table(rows, extra.get("per_class_errors"))
+    replace_text(path.with_suffix(".md"), markdown)
     return path
 
 

@@ -53,6 +53,25 @@ class Settings:
     train_only: bool = False  # stop after training: no evaluation, no results.json
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """What `python ensemble.py distill` adds to `Settings`; saved with its results.
+
+    Temperature 4 and a weight of 0.1 on the true labels (0.9 on the teacher's) are
+    the choices of Hinton et al. (2015) and Stanton et al. (2021) for CIFAR-10.
+    """
+
+    teacher: tuple = ()  # model files or folders; (): the members in settings.weights_dir
+    teacher_rule: str = "average"  # how the teacher combines its models (combine's rules)
+    student: str | None = None  # a builder of models.py or a model file; None: the best member
+    student_weights: str = "fresh"  # a student file's own weights ("current") or new ones
+    temperature: float = 4.0
+    label_weight: float = 0.1  # of the true labels' cross-entropy; the rest is the teacher's
+    export: str | None = None  # the student as one .keras file; None: <weights_dir>/student.keras
+    custom_objects: tuple = ()  # Python files defining the custom layers of given files
+    safe_mode: bool = True
+
+
 # Keras' backends that train; its numpy and openvino ones only predict.
 TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
 

@@ -104,34 +104,52 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
     best checkpoint is recorded in `<weights_dir>/<name>.best.json` so that reloading
     never guesses from file names.
     """
-    for attempt in range(1, settings.restarts + 2):
-        resume = prepare_member(model.name, settings)
-        if resume.epoch:
-            print(f"resuming {model.name} after epoch {resume.epoch} of an interrupted run")
-        dead_check = StopWhenDead(x_train)
+
+    def compiled():
         model.compile(
             loss=keras.losses.categorical_crossentropy,
             optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
             metrics=["acc"],
         )
+        return model
+
+    data = {
+        "x": x_train,
+        "y": y_train,
+        "batch_size": settings.batch_size,
+        "validation_split": settings.validation_split,
+    }
+    return fit_member(model, compiled, data, num_epochs, x_train, settings)
+
+
+def fit_member(model, compiled, data, num_epochs, probe, settings):
+    """Fits what `compiled()` returns (`model` itself, or a `Distiller` training it) on
+    `data` (`fit`'s arguments) with `model`'s checkpoints, logs and backup, restarting
+    it where it dies on the `probe` images; `compile_and_train` says the rest."""
+    for attempt in range(1, settings.restarts + 2):
+        resume = prepare_member(model.name, settings)
+        if resume.epoch:
+            print(f"resuming {model.name} after epoch {resume.epoch} of an interrupted run")
+        dead_check = StopWhenDead(probe)
+        trainer = compiled()
         # After the checkpoint and the log, so that a backup never runs ahead of them.
         backup = keras.callbacks.BackupAndRestore(
             str(backup_dir(model.name, settings)), double_checkpoint=True
         )
+        callbacks = [
+            *member_callbacks(model, settings, resume=resume),  # RaiseInterrupt first
+            backup,
+            dead_check,
+            keras.callbacks.TerminateOnNaN(),
+        ]
+        if settings.ema:  # the checkpoints and logs see the moving average
+            callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
         with training.stopping_at_batch_ends():
-            history = model.fit(
-                x=x_train,
-                y=y_train,
-                batch_size=settings.batch_size,
+            history = trainer.fit(
+                **data,
                 epochs=num_epochs,
                 verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in log files
-                callbacks=[
-                    *member_callbacks(model, settings, resume=resume),  # RaiseInterrupt first
-                    backup,
-                    dead_check,
-                    keras.callbacks.TerminateOnNaN(),
-                ],
-                validation_split=settings.validation_split,
+                callbacks=callbacks,
             )
         if not restart_if_dead(model, dead_check, attempt, settings):
             break

@@ -55,7 +55,8 @@ def member_callbacks(model, settings, resume=None):
     callbacks = [
         RaiseInterrupt(),
         # The article monitors the *training* loss, so the validation split only reports.
-        keras.callbacks.ModelCheckpoint(
+        CheckpointOf(
+            model,
             checkpoint_pattern(model.name, settings).replace(".weights.h5", PARTIAL_SUFFIX),
             monitor="loss",
             save_weights_only=True,
@@ -154,6 +155,18 @@ class RaiseInterrupt(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.on_train_batch_end(None)
+
+
+class CheckpointOf(keras.callbacks.ModelCheckpoint):
+    """Keras' ModelCheckpoint of `model` itself, whichever model `fit` trains: a
+    distillation fits a `Distiller`, whose weights include the teacher's."""
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.target = model
+
+    def set_model(self, model):
+        super().set_model(self.target)
 
 
 class PublishCheckpoints(keras.callbacks.Callback):

@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 
 from ensembling import backend, export, parallel, report, training
-from ensembling.cli import checks, combine, options, predict
+from ensembling.cli import checks, combine, distill, options, predict
 from ensembling.cli.exits import INTERRUPTED, exit_code
 
 
@@ -26,6 +26,8 @@ def main(argv, run):
     flags = argv[1:] if argv[:1] == [command] else argv
     if command == "train":
         return _train(flags, run)
+    if command == "distill":
+        return stoppable("ensemble.py distill", lambda: distill.main(flags))
     prog = f"ensemble.py {command}"
     body = {"predict": predict.main, "combine": combine.main}[command]
     try:
@@ -36,24 +38,29 @@ def main(argv, run):
 
 
 def _train(flags, run):
-    """`python ensemble.py [train] [flags]`: the article's run, stopped on purpose by
-    Ctrl-C or a scheduler's SIGTERM, and resumed by the same command."""
+    """`python ensemble.py [train] [flags]`: the article's run."""
     if any(arg.startswith("--pa") and "--parallel".startswith(arg) for arg in flags):
         # Before parsing: resolving --precision auto already opens the GPU.
         parallel.share_the_gpu()
     settings = options.parse_args(flags)
+    return stoppable("ensemble.py", lambda: _train_and_report(settings, run))
+
+
+def stoppable(prog, body):
+    """`body()`'s exit code; stopped on purpose by Ctrl-C or a scheduler's SIGTERM, it
+    says so in one line, and the same command resumes it."""
     training.reset_stop()
     try:
         # --parallel stops its member processes with SIGINT, which they may have been
         # started ignoring (a parent run in the background of a script).
         member = (signal.SIGINT,) if parallel.member_process() else ()
         with training.stopping_on_signals(always=member):
-            return _train_and_report(settings, run)
+            return body()
     except KeyboardInterrupt:
         how, code = training.stopped_by()
         print(
-            f"\nensemble.py: {how}; run the same command again: trained members are "
-            "kept and training resumes after its last completed epoch",
+            f"\n{prog}: {how}; run the same command again: what is trained is kept and "
+            "training resumes after its last completed epoch",
             file=sys.stderr,
         )
         return code

@@ -13,12 +13,13 @@ from ensembling.settings import PRECISIONS, TRAINING_BACKENDS, changes_recipe
 from models import MODELS, PAPER_NAMES
 
 
-def check_settings(settings):
-    """Refuses settings that cannot work, before any data is read or file written."""
+def check_settings(settings, trains_members=True):
+    """Refuses settings that cannot work, before any data is read or file written.
+    distill trains no member (`trains_members`): the members' recipe is theirs."""
     _check_values(settings)
     _check_flag_pairs(settings)
     _check_backend(settings)
-    _check_paths(settings)
+    _check_paths(settings, trains_members)
 
 
 def _check_values(settings):
@@ -124,7 +125,7 @@ def _check_backend(settings):
         raise UsageError("--retrain trains the members again and --eval-only trains none; pick one")
 
 
-def _check_paths(settings):
+def _check_paths(settings, trains_members=True):
     """Folders that exist or can be made and written, files that do not collide, and
     checkpoints trained with these flags."""
     for flag, given in (
@@ -155,7 +156,7 @@ def _check_paths(settings):
             raise UsageError(f"cannot create {flag} {folder} ({error.strerror})") from error
         if not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {folder} is not writable; choose another folder")
-    if not settings.eval_only and not settings.retrain:
+    if trains_members and not settings.eval_only and not settings.retrain:
         for name in settings.models:
             conflict = checkpoints.recipe_conflict(name, settings)
             if conflict:

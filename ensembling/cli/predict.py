@@ -19,7 +19,8 @@ import numpy as np
 import data
 from ensembling import checkpoints, combination, export, prediction, readers
 from ensembling.cli.exits import exit_code
-from ensembling.cli.options import TOP_CLASSES, parse
+from ensembling.cli.flags import TOP_CLASSES
+from ensembling.cli.options import parse
 
 
 def image_files(path):
