@@ -36,7 +36,7 @@ from ensembling.checkpoints import (
     recipe_conflict,
     replace_text,
 )
-from ensembling.errors import ExportError, UsageError
+from ensembling.errors import ExportError, TrainingFailed, UsageError
 from ensembling.train import fit_member
 
 TEMPERATURE = 4.0
@@ -252,8 +252,9 @@ def train_student(student, scores, teacher, teacher_names, arrays, settings, how
         data = {"x": batches, "validation_data": (x_train[split_at:], y_train[split_at:])}
         history = fit_member(student, compiled, data, settings.epochs, x_train, settings)
         if history.failed:
-            raise UsageError(
-                f"{student.name} {history.failed}; lower --learning-rate or --temperature"
+            raise TrainingFailed(
+                f"{student.name} stopped: {history.failed}; lower --learning-rate, or check "
+                "that the teacher's outputs are finite"
             )
         _write(record, _wanted(how, teacher_names))
         _pending_path(student.name, settings).unlink(missing_ok=True)

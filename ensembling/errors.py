@@ -15,4 +15,5 @@ class ExportError(ValueError):
 
 
 class TrainingFailed(Exception):
-    """A member's process ended with an error; its own lines, relayed above, say which."""
+    """Training failed: a member's process ended with an error (its own lines, relayed
+    above, say which), or a distilled student's loss became NaN."""

@@ -119,7 +119,10 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
         "batch_size": settings.batch_size,
         "validation_split": settings.validation_split,
     }
-    return fit_member(model, compiled, data, num_epochs, x_train, settings)
+    history = fit_member(model, compiled, data, num_epochs, x_train, settings)
+    if history.failed:
+        print(f"{model.name} stopped: {history.failed}; the other members go on")
+    return history
 
 
 def fit_member(model, compiled, data, num_epochs, probe, settings):
@@ -158,7 +161,6 @@ def fit_member(model, compiled, data, num_epochs, probe, settings):
     history.failed = None
     if any(np.isnan(losses)) or any(np.isnan(history.history.get("loss", []))):
         history.failed = f"its loss became NaN in epoch {len(history.history['loss'])}"
-        print(f"{model.name} stopped: {history.failed}; the other members go on")
         shutil.rmtree(backup_dir(model.name, settings), ignore_errors=True)
     record_best(model.name, losses, attempt, settings)
     return history

@@ -335,3 +335,31 @@ def test_a_student_file_of_ones_own_trains_from_fresh_or_its_own_weights(
     student = keras.saving.load_model(tmp_path / "out.keras", safe_mode=True)
     assert isinstance(student.layers[-1], keras.layers.Softmax)
     assert distill_command.DEFAULT_STUDENT in MODELS
+
+
+def test_a_student_whose_loss_becomes_nan_stops_with_one_line_and_exit_1(
+    run_folder, tmp_path, monkeypatch, capsys
+):
+    root, tree = run_folder
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    MODELS["conv_pool_cnn"](keras.Input((32, 32, 3))).save_weights(
+        weights / "conv_pool_cnn.01-2.30.weights.h5"
+    )
+    real = MODELS["nin_cnn"]
+
+    def poisoned_nin(model_input, **rates):
+        model = real(model_input, **rates)
+        # The 10-class map has no ReLU after it (a ReLU would turn NaN into 0).
+        scores = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"][-1]
+        scores.bias.assign(np.full(scores.bias.shape, np.nan, "float32"))
+        return model
+
+    monkeypatch.setitem(MODELS, "nin_cnn", poisoned_nin)
+    flags = ["--data-dir", str(tree), "--weights-dir", str(weights), "--logs-dir"]
+    flags += [str(tmp_path / "logs"), "--models", "conv_pool_cnn", "--student", "nin_cnn"]
+    code = ensemble.main(["distill", *flags, "--epochs", "2", "--batch-size", "16", "--no-cost"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "nin_cnn_student stopped: its loss became NaN in epoch 1" in err[0]
+    assert not (weights / "student.keras").exists()

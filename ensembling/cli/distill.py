@@ -52,6 +52,8 @@ def main(argv):
 
 def _main(argv):
     settings, how = parse_distill(argv)
+    # One network: --preset fast's joint step has no members to join here.
+    settings = dataclasses.replace(settings, joint=False)
     check_settings(settings, trains_members=False)
     how = check(settings, how)
     print("settings:", json.dumps(dataclasses.asdict(settings)))
