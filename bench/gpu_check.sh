@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One device call, at most 8 minutes, that measures every speed claim. Steps, in order
-# (STEPS="equal step ..." picks and orders them; default: the first four):
+# (STEPS="equal step ..." picks and orders them; default: joint preset infer augment):
 #   joint    the article's recipe: --joint in full, the plain path for 2 epochs (its rate);
 #   preset   --preset fast, end to end (target: ensemble error <= 10% within 300 s);
+#   distill  a student distilled from the preset step's members under the same preset
+#            (STUDENT, default: the member with the lowest validation error), with
+#            the teacher and the student's architecture alone beside it;
+#   distill_article  the same from the joint step's members, under the article's recipe;
 #   infer    inference: members against the one-graph ensemble, float32 and bfloat16;
 #   augment  augmentation's cost (bench_augment.py);
 #   equal    the joint loop against Keras' fit on the same batches (bench_equal.py);
@@ -65,6 +69,25 @@ step_preset() {
   python3 -c "import time; print(round(time.time() - $t0, 1))" > "$work/fast_wall"
   cp "$work/fast/logs/results.json" "$out/fast_results.json" 2>/dev/null
 }
+step_distill() {
+  # The preset step's members teach: run it first (STEPS="preset distill").
+  local flags=()
+  is_small && flags=(--limit 600 --epochs 3 --batch-size 64)
+  [ -n "${STUDENT:-}" ] && flags+=(--student "$STUDENT")
+  timeout "$1" python3 ensemble.py distill --preset fast --data-dir "$data" \
+    --weights-dir "$work/fast/weights" --logs-dir "$work/fast/logs" ${flags[@]+"${flags[@]}"}
+  cp "$work/fast/logs/distill.json" "$out/fast_distill.json" 2>/dev/null
+}
+step_distill_article() {
+  # The joint step's members (the article's recipe, 20 epochs) teach: run it first.
+  local flags=()
+  is_small && flags=(--limit 600 --epochs 1)
+  [ -n "${STUDENT:-}" ] && flags+=(--student "$STUDENT")
+  timeout "$1" python3 ensemble.py distill --data-dir "$data" \
+    --weights-dir "$work/train/joint/weights" --logs-dir "$work/train/joint/logs" \
+    ${flags[@]+"${flags[@]}"}
+  cp "$work/train/joint/logs/distill.json" "$out/article_distill.json" 2>/dev/null
+}
 step_infer() {
   local flags=()
   is_small && flags=(--images 512 --batch-size 128 --repeats 2)
@@ -106,9 +129,9 @@ step_step() {
     ${variants[@]+--variants "${variants[@]}"}
 }
 # Most seconds each step may take, and the least worth starting it with.
-declare -A most=([joint]=200 [preset]=320 [infer]=100 [augment]=130 [equal]=150
+declare -A most=([joint]=200 [preset]=320 [distill]=240 [distill_article]=240 [infer]=100 [augment]=130 [equal]=150
                  [step]=240 [seeds]=560 [parallel]=240)
-declare -A least=([joint]=120 [preset]=150 [infer]=40 [augment]=120 [equal]=100
+declare -A least=([joint]=120 [preset]=150 [distill]=120 [distill_article]=120 [infer]=40 [augment]=120 [equal]=100
                   [step]=150 [seeds]=300 [parallel]=150)
 
 nvidia-smi -L 2>/dev/null || echo "no NVIDIA GPU visible"

@@ -69,6 +69,17 @@ def main(argv=None):
         attempts = ", ".join(f"{k} {v}" for k, v in fast.get("attempts", {}).items())
         lines.append((f"--preset fast ({fast['settings']['epochs']} epochs)", wall,
                       f"{errors(fast['results'])}; attempts {attempts}"))  # fmt: skip
+    for recipe in ("fast", "article"):
+        distilled = read(out / f"{recipe}_distill.json")
+        if not distilled:
+            continue
+        rows = distilled["results"]  # the teacher, the student's architecture alone, it
+        figures = "; ".join(f"{row['row']} {row['test_error']:.4f}" for row in rows)
+        if "latency_ms" in rows[0]:
+            ratio = rows[-1]["latency_ms"] / rows[0]["latency_ms"]
+            figures += f"; latency {ratio:.2f}x the teacher's"
+        seconds = distilled.get("distill_seconds")
+        lines.append((f"distill ({recipe})", f"{seconds} train" if seconds else "", figures))
     infer = read(out / "infer.json")
     for precision, result in (infer or {}).get("results", {}).items():
         row = result["rows"]["ensemble"]

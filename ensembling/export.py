@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 import data
-from ensembling import checkpoints, combination
+from ensembling import checkpoints, combination, prediction
 from ensembling.errors import ExportError
 
 EXPORT_RULES = ("average", "weighted", "select", "stack")
@@ -57,7 +57,7 @@ def ensemble_model(members, rule, val_member_probs=None, val_labels=None):
     outputs = [at_size(member, shape[:2])(model_input) for member in members]
     fitted = {}
     if rule == "average":
-        combined = keras.layers.Average(name="average", dtype="float32")(outputs)
+        combined = prediction.average(outputs, name="average")
     elif rule in combination.WEIGHTING_RULES:
         weights = combination.fit_rule_weights(rule, val_member_probs, val_labels)
         fitted["weights"] = [round(float(w), 6) for w in weights]

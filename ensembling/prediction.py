@@ -61,9 +61,14 @@ def predict_members(members, images, settings):
 
 def ensemble(models, model_input):
     """One model on the shared input whose output is the mean of the members' softmax."""
-    outputs = [model.outputs[0] for model in models]
-    y = keras.layers.Average(dtype="float32")(outputs)  # float32 under mixed precision too
+    y = average([model.outputs[0] for model in models])
     return keras.Model(model_input, y, name="ensemble")
+
+
+def average(outputs, name=None):
+    """The article's combination: the mean of the members' softmax outputs, in float32
+    under mixed precision too; `ensemble` and the exported file's average both use it."""
+    return keras.layers.Average(name=name, dtype="float32")(outputs)
 
 
 def evaluate_error(model, x_test, y_test, batch_size=32):

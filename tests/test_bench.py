@@ -218,3 +218,16 @@ def test_bench_resize_times_keras_op_against_ours_and_checks_they_agree(capsys):
     out = capsys.readouterr().out
     assert "3 photos (" in out and "Keras' op " in out and "readers.resized " in out
     assert float(out.split("largest difference ")[1].split()[0]) <= 0.51
+
+
+def test_summary_reads_the_distillation_step(tmp_path, capsys):
+    rows = [
+        {"row": "teacher (average of a+b+c)", "test_error": 0.129, "latency_ms": 3.0},
+        {"row": "all_cnn alone (labels only)", "test_error": 0.16, "latency_ms": 1.1},
+        {"row": "all_cnn_student (distilled)", "test_error": 0.135, "latency_ms": 1.0},
+    ]
+    write(tmp_path / "fast_distill.json", {"results": rows, "distill_seconds": 120.5})
+    assert summary.main(["--out", str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("distill (fast)"))
+    assert "120.5 train" in line and "all_cnn_student (distilled) 0.1350" in line
+    assert "latency 0.33x the teacher's" in line
