@@ -208,11 +208,11 @@ def train_student(student, scores, teacher, teacher_names, arrays, settings, how
     """`distill` under the run's recipe (`settings`, `how`: a `Distillation`), with the
     members' checkpoints, logs, backup, restarts and locks, under the student's name.
 
-    `student` and `scores` are `student_logits`' pair. `teacher_names` say what the
-    teacher is (its files, or members) in the student's
-    record. `arrays`: (x_train, y_train), the validation split held out at the end as members
-    hold it. Returns the seconds it trained, or None where a finished run of the same
-    teacher and recipe was there to reuse.
+    `student` and `scores` are `student_logits`' pair; `teacher_names` say what the
+    teacher is (its files or checkpoints) in the student's record. `arrays`: (x_train,
+    y_train), whose last `validation_split` is held out as the members hold it.
+    Returns the seconds it trained, or None where a finished run of the same teacher
+    and recipe was there to reuse.
     """
     x_train, y_train = arrays
     split_at = int(np.floor(len(x_train) * (1 - settings.validation_split)))  # as Keras

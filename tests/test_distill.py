@@ -232,6 +232,15 @@ def test_the_same_command_again_reuses_the_student_and_other_flags_are_refused(d
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "temperature 4.0" in err[0] and "--retrain" in err[0]
+    # A retrained member is another teacher: its student is not passed off as this one's.
+    newer = root / "weights" / "nin_cnn.02-1.00.weights.h5"
+    newer.write_bytes((root / "weights" / "nin_cnn.01-2.30.weights.h5").read_bytes())
+    try:
+        code = ensemble.main(command(root, tree, "--epochs", "2", "--student", "nin_cnn"))
+    finally:
+        newer.unlink()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "nin_cnn.01-2.30.weights.h5" in err[0] and "--retrain" in err[0]
 
 
 def test_a_stopped_distillation_resumes_after_its_last_epoch(run_folder, monkeypatch, capsys):

@@ -106,14 +106,14 @@ def run(settings, how):
     keras.utils.set_random_seed(settings.seed)
     (x_train, y_train), (x_test, y_test) = _arrays(settings)
     custom = export.custom_objects(how.custom_objects)
-    teachers = _teachers(settings, how, x_train.shape[1:], x_test, custom)
+    teachers, sources = _teachers(settings, how, x_train.shape[1:], x_test, custom)
     student, alone = _student(settings, how, x_train.shape[1:], custom)
     student, scores = distillation.student_logits(student, _student_label(how))
     split_at = math.floor(len(x_train) * (1 - settings.validation_split))
     validation = (x_train[split_at:], y_train[split_at:])
     teacher = distillation.teacher_model(list(teachers.values()), how.teacher_rule, validation)
     seconds = distillation.train_student(
-        student, scores, teacher, list(teachers), (x_train, y_train), settings, how
+        student, scores, teacher, sources, (x_train, y_train), settings, how
     )
     checkpoint = distillation.reload_best(student, settings)
     export.save(student, Path(how.export), data.CLASS_NAMES)
@@ -149,12 +149,14 @@ def _arrays(settings):
 
 
 def _teachers(settings, how, image_shape, x_test, custom):
-    """{name: model ending in class probabilities}: the `--teacher` files, or the
-    best checkpoints of `--models` in `--weights-dir`."""
+    """({name: model ending in class probabilities}, the files they come from): the
+    `--teacher` files, or the best checkpoints of `--models` in `--weights-dir`. A
+    student records those files: one of another teacher is not reused."""
     if not how.teacher:
         inputs = keras.Input(shape=image_shape)
         members = load_members(settings.models, inputs, settings.weights_dir)
-        return {name: model for name, (model, _) in members.items()}
+        sources = [path.name for _, path in members.values()]
+        return {name: model for name, (model, _) in members.items()}, sources
     paths = [found for given in how.teacher for found in model_files(given)]
     teachers = {}
     for name, path in zip(model_names([Path(p).absolute() for p in paths]), paths, strict=True):
@@ -165,7 +167,7 @@ def _teachers(settings, how, image_shape, x_test, custom):
         teachers[name] = prediction.predict_probabilities(
             model, x_test[:64], 64, label=f"--teacher {path}"
         )[0]
-    return teachers
+    return teachers, [str(Path(path).resolve()) for path in paths]
 
 
 def _student(settings, how, image_shape, custom):
