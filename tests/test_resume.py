@@ -49,7 +49,9 @@ def stop_after_epoch(tmp_path, epochs, epoch, sig):
 
 def test_a_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    epochs = 60
+    # The signal comes within 20 ms of the third epoch's backup: a dozen epochs more
+    # (a second or more of training) leave no chance of finishing first.
+    epochs = 15
     returncode, _ = stop_after_epoch(tmp_path, epochs, 3, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
 
@@ -82,7 +84,7 @@ def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_same_command_resumes(
     # by it, a run left its lock, which a requeued job on another node takes for a
     # live run's.
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    epochs = 40
+    epochs = 12
     returncode, stderr = stop_after_epoch(tmp_path, epochs, 2, sig)
     assert returncode == code == 128 + sig, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -384,7 +386,7 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     import keras
 
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    epochs, members = 12, ("nin_cnn", "all_cnn")
+    epochs, members = 8, ("nin_cnn", "all_cnn")
 
     def joint_command(folder):
         return [
