@@ -143,7 +143,7 @@ def settle_joint_backup(settings, held):
     """`settle_backup` on the `--joint` folder, if this run holds all its members' locks
     (`held`): else another run may be writing it at this moment."""
     folder = joint_backup_dir(settings)
-    listed = _read_json(folder / JOINT_MEMBERS)
+    listed = read_json(folder / JOINT_MEMBERS)
     members = listed.get("members") if isinstance(listed, dict) else None
     if isinstance(members, list) and set(members) <= set(held):
         settle_backup(folder)
@@ -187,7 +187,7 @@ def prepare_member(name, settings, done=None):
             log,
         ]:
             stale.unlink(missing_ok=True)
-        _write_json(recipe_file(name, settings), recipe(name, settings))
+        write_json(recipe_file(name, settings), recipe(name, settings))
         return Resume(0, None)
     rows = [row for row in _read_log(log) if int(row["epoch"]) < done]
     if rows:
@@ -262,7 +262,7 @@ def record_best(name, losses, attempts, settings):
         "attempts": attempts,
         "recipe": recipe(name, settings),
     }
-    _write_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}", record)
+    write_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}", record)
     recipe_file(name, settings).unlink(missing_ok=True)  # the record holds it now
 
 
@@ -300,7 +300,7 @@ def recorded_attempts(name, settings):
 
 
 def _record(name, settings):
-    return _read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}
+    return read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}
 
 
 def recipe_conflict(name, settings):
@@ -313,13 +313,13 @@ def recipe_conflict(name, settings):
     done = 0
     metadata = backup_dir(name, settings) / BACKUP_METADATA
     if metadata.is_file():
-        done = int((_read_json(metadata) or {}).get("epoch", 0))
+        done = int((read_json(metadata) or {}).get("epoch", 0))
     joint = read_joint_backup(settings)
     if joint and name in joint[1]:
         done = max(done, joint[0])
     wanted = recipe(name, settings)
     if done:
-        stored = _read_json(recipe_file(name, settings))
+        stored = read_json(recipe_file(name, settings))
         fix = "run it with the same flags to resume it, or add --retrain to start over"
         what = f"an interrupted run of {name} in {settings.weights_dir} ({done} epochs done)"
         what += " started"
@@ -352,14 +352,14 @@ def _flags(values, flags):
     return ", ".join(words)
 
 
-def _read_json(path):
+def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_json(path, content):
+def write_json(path, content):
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_text(path, json.dumps(content, indent=2) + "\n")
 

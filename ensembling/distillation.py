@@ -17,7 +17,6 @@ if they were probabilities, which is near zero whatever the models
 (tests/test_distill.py checks the loss against the formula above).
 """
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ from ensembling.checkpoints import (
     backup_dir,
     best_checkpoint,
     is_finished,
+    read_json,
     recipe_conflict,
-    replace_text,
+    write_json,
 )
 from ensembling.errors import ExportError, TrainingFailed, UsageError
 from ensembling.train import fit_member
@@ -219,20 +219,21 @@ def train_student(student, scores, teacher, teacher_names, arrays, settings, how
     batches = Batches(
         x_train[:split_at], y_train[:split_at], settings.batch_size, settings.augment, settings.seed
     )
-    record = _record_path(student.name, settings)
+    record, wanted = _record_path(student.name, settings), _wanted(how, teacher_names)
     with MemberLocks(settings.weights_dir, [student.name]):
+        conflict = None if settings.retrain else _conflict(student.name, settings, wanted)
+        if conflict:
+            raise UsageError(conflict)
         if settings.retrain:
             shutil.rmtree(backup_dir(student.name, settings), ignore_errors=True)
-        elif _conflict(student.name, settings, how, teacher_names):
-            raise UsageError(_conflict(student.name, settings, how, teacher_names))
-        elif is_finished(student.name, settings) and _read(record) == _wanted(how, teacher_names):
+        elif is_finished(student.name, settings) and read_json(record) == wanted:
             print(
                 f"{student.name} is already distilled ({settings.weights_dir}); "
                 "--retrain distils it again"
             )
             return None
         if not backup_dir(student.name, settings).exists():
-            _write(_pending_path(student.name, settings), _wanted(how, teacher_names))
+            write_json(_pending_path(student.name, settings), wanted)
 
         def compiled():
             return distiller(
@@ -256,7 +257,7 @@ def train_student(student, scores, teacher, teacher_names, arrays, settings, how
                 f"{student.name} stopped: {history.failed}; lower --learning-rate, or check "
                 "that the teacher's outputs are finite"
             )
-        _write(record, _wanted(how, teacher_names))
+        write_json(record, wanted)
         _pending_path(student.name, settings).unlink(missing_ok=True)
         return round(time.perf_counter() - start, 1)
 
@@ -281,15 +282,14 @@ def _wanted(how, teacher_names):
     }
 
 
-def _conflict(name, settings, how, teacher_names):
+def _conflict(name, settings, wanted):
     """Why this run may not resume or reuse `name`'s files, or None (as
-    `checkpoints.recipe_conflict`, for the distillation's own choices too)."""
+    `checkpoints.recipe_conflict`, for the distillation's own choices too: `wanted`)."""
     why = recipe_conflict(name, settings)
     if why:
         return why
     resuming = backup_dir(name, settings).exists()
-    stored = _read(_pending_path(name, settings) if resuming else _record_path(name, settings))
-    wanted = _wanted(how, teacher_names)
+    stored = read_json(_pending_path(name, settings) if resuming else _record_path(name, settings))
     differ = [key for key in wanted if stored is not None and stored.get(key) != wanted[key]]
     if not differ:
         return None
@@ -308,15 +308,3 @@ def _record_path(name, settings):
 
 def _pending_path(name, settings):
     return Path(settings.weights_dir) / BACKUP_FOLDER / f"{name}.distill.json"
-
-
-def _read(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write(path, content):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_text(path, json.dumps(content, indent=2) + "\n")
