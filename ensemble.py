@@ -39,7 +39,7 @@ import numpy as np
 
 import data
 from ensembling import backend, checkpoints, cli, combination, export, parallel, report, rows
-from ensembling.cli import exits
+from ensembling.cli import checks, exits
 from ensembling.errors import UsageError
 from ensembling.prediction import ensemble, evaluate_error, predict_members
 from ensembling.settings import Settings
@@ -137,17 +137,8 @@ def load_arrays(settings):
         f"data: {data.describe_source(settings.data_dir)}{decoded}: x_train {x_train.shape}, "
         f"y_train {y_train.shape}, x_test {x_test.shape}, y_test {y_test.shape}"
     )
-    train_images = int(len(x_train) * (1 - settings.validation_split))
-    if train_images == 0 and not settings.eval_only:  # "lower --batch-size" would not do
-        raise UsageError(
-            f"--validation-split {settings.validation_split:g} of {len(x_train)} images leaves "
-            "none to train on; raise --limit or lower --validation-split"
-        )
-    if settings.batch_size > train_images and not settings.eval_only:
-        raise UsageError(
-            f"--batch-size {settings.batch_size} exceeds the {train_images} training "
-            "images left after the validation split; lower it or raise --limit"
-        )
+    if not settings.eval_only:
+        checks.check_training_images(settings, len(x_train))
     return arrays
 
 

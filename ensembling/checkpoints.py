@@ -189,7 +189,7 @@ def prepare_member(name, settings, done=None):
             stale.unlink(missing_ok=True)
         write_json(recipe_file(name, settings), recipe(name, settings))
         return Resume(0, None)
-    rows = [row for row in _read_log(log) if int(row["epoch"]) < done]
+    rows = [row for row in read_log(log) if int(row["epoch"]) < done]
     if rows:
         with open(log, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=list(rows[0]))
@@ -234,10 +234,10 @@ def unfinished(name, settings):
 
 def logged_losses(name, settings):
     """Training loss of every epoch, from the CSV log (which survives a resume)."""
-    return [float(row["loss"]) for row in _read_log(Path(settings.logs_dir) / f"{name}.csv")]
+    return [float(row["loss"]) for row in read_log(Path(settings.logs_dir) / f"{name}.csv")]
 
 
-def _read_log(log):
+def read_log(log):
     if not log.is_file():
         return []
     with open(log, newline="") as file:

@@ -104,13 +104,13 @@ def _input(model):
 
 
 class Batches(keras.utils.PyDataset):
-    """(images, labels) in a new order each epoch and, with `augment`, translated by
-    up to 4 pixels and flipped as `recipe.Augment` does, drawn here: teacher and
-    student then see the same augmented images."""
+    """(images, labels) in a new order each epoch and, with `augment`, translated and
+    flipped by `recipe.Augment` here, before the batch reaches the `Distiller`: the
+    teacher then sees the very images the student sees."""
 
-    def __init__(self, x, y, batch_size, augment=False, seed=0, pad=4):
+    def __init__(self, x, y, batch_size, augment=False, seed=0):
         super().__init__()
-        self.x, self.y, self.batch_size, self.augment, self.pad = x, y, batch_size, augment, pad
+        self.x, self.y, self.batch_size, self.augment = x, y, batch_size, augment
         self.seed, self.epoch = seed, 0
         self.order = np.random.default_rng([seed, 0]).permutation(len(x))
 
@@ -120,32 +120,27 @@ class Batches(keras.utils.PyDataset):
     def __getitem__(self, index):
         picked = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         images = self.x[picked]
-        if self.augment:  # drawn per batch: the same whichever thread asks first
-            draws = np.random.default_rng([self.seed, self.epoch, index, 1])
-            images = self._augmented(images, draws)
+        if self.augment:  # seeded per batch: the same whichever thread asks first
+            seed = int(np.random.default_rng([self.seed, self.epoch, index]).integers(2**31))
+            augment = recipe.Augment(seed=seed, dtype="float32")  # float32 under any policy
+            images = ops.convert_to_numpy(augment(images, training=True))
         return images, self.y[picked]
-
-    def _augmented(self, images, rng):
-        count, height, width = images.shape[:3]
-        pad = self.pad
-        padded = np.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
-        rows = rng.integers(0, 2 * pad + 1, (count, 1)) + np.arange(height)
-        columns = np.tile(np.arange(width), (count, 1))
-        flipped = rng.random(count) < 0.5
-        columns[flipped] = columns[flipped, ::-1]  # a mirrored image reads right to left
-        columns = columns + rng.integers(0, 2 * pad + 1, (count, 1))
-        return padded[np.arange(count)[:, None, None], rows[:, :, None], columns[:, None, :]]
 
     def on_epoch_end(self):
         self.epoch += 1
         self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
 
 
-def distiller(teacher, scores, temperature=TEMPERATURE, label_weight=LABEL_WEIGHT, **compile):
+def distiller(
+    teacher,
+    scores,
+    temperature=TEMPERATURE,
+    label_weight=LABEL_WEIGHT,
+    optimizer="adam",
+    label_smoothing=0.0,
+):
     """Keras' `Distiller` of `scores` (`student_logits`' second model) from `teacher`
-    (`teacher_model`), compiled (`compile`: its optimizer, label smoothing) and built,
-    as Keras' `BackupAndRestore` wants it."""
-    smoothing = compile.pop("label_smoothing", 0.0)
+    (`teacher_model`), compiled and built, as Keras' `BackupAndRestore` wants it."""
     trainer = keras.distillation.Distiller(
         teacher,
         scores,
@@ -153,8 +148,10 @@ def distiller(teacher, scores, temperature=TEMPERATURE, label_weight=LABEL_WEIGH
         student_loss_weight=label_weight,
     )
     trainer.compile(
-        optimizer=compile.pop("optimizer", "adam"),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing),
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=label_smoothing
+        ),
         metrics=["acc"],
     )
     trainer(np.zeros((1, *scores.input_shape[1:]), dtype="float32"))
@@ -209,16 +206,12 @@ def train_student(student, scores, teacher, teacher_names, arrays, settings, how
     members' checkpoints, logs, backup, restarts and locks, under the student's name.
 
     `student` and `scores` are `student_logits`' pair; `teacher_names` say what the
-    teacher is (its files or checkpoints) in the student's record. `arrays`: (x_train,
-    y_train), whose last `validation_split` is held out as the members hold it.
-    Returns the seconds it trained, or None where a finished run of the same teacher
-    and recipe was there to reuse.
+    teacher is (its files or checkpoints) in the student's record. `arrays`: ((images,
+    labels) to train on, the validation split's). Returns the seconds it trained, or
+    None where a finished run of the same teacher and recipe was there to reuse.
     """
-    x_train, y_train = arrays
-    split_at = int(np.floor(len(x_train) * (1 - settings.validation_split)))  # as Keras
-    batches = Batches(
-        x_train[:split_at], y_train[:split_at], settings.batch_size, settings.augment, settings.seed
-    )
+    (x_train, y_train), validation = arrays
+    batches = Batches(x_train, y_train, settings.batch_size, settings.augment, settings.seed)
     record, wanted = _record_path(student.name, settings), _wanted(how, teacher_names)
     with MemberLocks(settings.weights_dir, [student.name]):
         conflict = None if settings.retrain else _conflict(student.name, settings, wanted)
@@ -250,7 +243,7 @@ def train_student(student, scores, teacher, teacher_names, arrays, settings, how
             f"{how.temperature:g}, label weight {how.label_weight:g})"
         )
         start = time.perf_counter()
-        data = {"x": batches, "validation_data": (x_train[split_at:], y_train[split_at:])}
+        data = {"x": batches, "validation_data": validation}
         history = fit_member(student, compiled, data, settings.epochs, x_train, settings)
         if history.failed:
             raise TrainingFailed(

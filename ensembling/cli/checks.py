@@ -125,7 +125,7 @@ def _check_backend(settings):
         raise UsageError("--retrain trains the members again and --eval-only trains none; pick one")
 
 
-def _check_paths(settings, trains_members=True):
+def _check_paths(settings, trains_members):
     """Folders that exist or can be made and written, files that do not collide, and
     checkpoints trained with these flags."""
     for flag, given in (
@@ -178,3 +178,19 @@ def _check_paths(settings, trains_members=True):
                 f"--export {settings.export} is where --export-members writes {name}; "
                 "give the ensemble a file of its own"
             )
+
+
+def check_training_images(settings, count):
+    """Refuses a validation split or a batch that leaves nothing to train on, once the
+    data's `count` training images are known."""
+    train_images = int(count * (1 - settings.validation_split))
+    if train_images == 0:  # "lower --batch-size" would not do
+        raise UsageError(
+            f"--validation-split {settings.validation_split:g} of {count} images leaves "
+            "none to train on; raise --limit or lower --validation-split"
+        )
+    if settings.batch_size > train_images:
+        raise UsageError(
+            f"--batch-size {settings.batch_size} exceeds the {train_images} training "
+            "images left after the validation split; lower it or raise --limit"
+        )

@@ -12,7 +12,6 @@ own. It is checkpointed, logged and resumed as a member is, under the name
 `<weights-dir>/student.keras`), which `predict` and `keras.saving.load_model` take.
 """
 
-import csv
 import dataclasses
 import importlib.util
 import json
@@ -24,8 +23,8 @@ import numpy as np
 
 import data
 from ensembling import backend, combination, distillation, export, prediction, report, training
-from ensembling.checkpoints import best_checkpoint
-from ensembling.cli.checks import check_settings
+from ensembling.checkpoints import BEST_SUFFIX, best_checkpoint, read_json, read_log
+from ensembling.cli.checks import check_settings, check_training_images
 from ensembling.cli.combine import model_files, model_names
 from ensembling.cli.exits import exit_code
 from ensembling.cli.options import parse_distill
@@ -109,11 +108,14 @@ def run(settings, how):
     teachers, sources = _teachers(settings, how, x_train.shape[1:], x_test, custom)
     student, alone = _student(settings, how, x_train.shape[1:], custom)
     student, scores = distillation.student_logits(student, _student_label(how))
-    split_at = math.floor(len(x_train) * (1 - settings.validation_split))
-    validation = (x_train[split_at:], y_train[split_at:])
+    split_at = math.floor(len(x_train) * (1 - settings.validation_split))  # as Keras
+    train, validation = (
+        (x_train[:split_at], y_train[:split_at]),
+        (x_train[split_at:], y_train[split_at:]),
+    )
     teacher = distillation.teacher_model(list(teachers.values()), how.teacher_rule, validation)
     seconds = distillation.train_student(
-        student, scores, teacher, sources, (x_train, y_train), settings, how
+        student, scores, teacher, sources, (train, validation), settings, how
     )
     checkpoint = distillation.reload_best(student, settings)
     export.save(student, Path(how.export), data.CLASS_NAMES)
@@ -137,14 +139,9 @@ def run(settings, how):
 def _arrays(settings):
     """CIFAR-10 as training reads it, refusing a split too small to train on."""
     arrays = data.load_data(settings.data_dir, limit=settings.limit, seed=settings.seed)
-    (x_train, _), (x_test, _) = arrays
-    print(f"data: {data.describe_source(settings.data_dir)}: {len(x_train)} training images")
-    train_images = int(len(x_train) * (1 - settings.validation_split))
-    if settings.batch_size > train_images:
-        raise UsageError(
-            f"--batch-size {settings.batch_size} exceeds the {train_images} training "
-            "images left after the validation split; lower it or raise --limit"
-        )
+    count = len(arrays[0][0])
+    print(f"data: {data.describe_source(settings.data_dir)}: {count} training images")
+    check_training_images(settings, count)
     return arrays
 
 
@@ -209,14 +206,12 @@ def _best_member(settings):
     its log in `--logs-dir`; DEFAULT_STUDENT where no log says."""
     errors = {}
     for name in settings.models:
-        record = Path(settings.weights_dir) / f"{name}.best.json"
+        record = read_json(Path(settings.weights_dir) / f"{name}{BEST_SUFFIX}") or {}
+        logged = read_log(Path(settings.logs_dir) / f"{name}.csv")
         try:
-            epoch = json.loads(record.read_text())["epoch"]
-            with open(Path(settings.logs_dir) / f"{name}.csv", newline="") as file:
-                row = list(csv.DictReader(file))[epoch - 1]
-            errors[name] = 1 - float(row["val_acc"])
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            continue
+            errors[name] = 1 - float(logged[record["epoch"] - 1]["val_acc"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue  # no record, no log, or a log without validation
     if not errors:
         print(f"student: {DEFAULT_STUDENT} (no member's validation error is logged)")
         return DEFAULT_STUDENT
@@ -238,10 +233,7 @@ def score(models, x_test, labels, settings):
         rows.append(
             {
                 "row": row,
-                "test_error": combination.error_rate(probs, labels),
-                "nll": combination.negative_log_likelihood(probs, labels),
-                "ece": combination.expected_calibration_error(probs, labels),
-                "brier": combination.brier_score(probs, labels),
+                **combination.row_metrics(probs, [probs], labels),  # one model: the four
                 "agreement": float(np.mean(top == teacher_top)),
                 "parameters": int(model.count_params()),
                 **cost,

@@ -94,7 +94,7 @@ def add_export_flags(add):
 
 
 def add_loading_flags(add):
-    """Loading models that need more than Keras: combine's and predict's."""
+    """Loading models that need more than Keras: combine's, predict's and distill's."""
     add(
         "--custom-objects",
         action="append",
