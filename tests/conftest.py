@@ -10,6 +10,12 @@ import signal
 import tarfile
 from pathlib import Path
 
+# The suite runs on several workers (pyproject.toml): on a GPU, each takes the memory it
+# needs instead of JAX's 75% or TensorFlow's all, which would leave the next none.
+# Set before the backend loads; the programs the tests start inherit it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
 import numpy as np
 import pytest
 

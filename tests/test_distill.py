@@ -22,6 +22,8 @@ from ensembling.cli import distill as distill_command
 from models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
+# The module's fixtures train once per worker: its tests run on one (pyproject.toml).
+pytestmark = pytest.mark.xdist_group("distill")
 
 
 def small_classifier(name, seed, softmax_layer=True, num_classes=10):

@@ -1,6 +1,7 @@
 """--distribute: one member's batches split over two (virtual CPU) devices."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -12,44 +13,59 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two CPU devices for a fresh process: XLA's flag for JAX, logical devices for TensorFlow.
+# It runs each command line it is given in turn (JSON), the way the shell would.
 DRIVER = """
-import os, sys
+import json, os, sys
 sys.path.insert(0, os.getcwd())
 if os.environ["KERAS_BACKEND"] == "tensorflow":
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import ensemble
-sys.exit(ensemble.main(sys.argv[1:]))
+for argv in json.loads(sys.argv[1]):
+    print("=== run", flush=True)
+    code = ensemble.main(argv)
+    if code:
+        sys.exit(code)
 """
 
 
-def train(tmp_path, tree, name, *flags):
+def train(tmp_path, tree, runs):
+    """Trains ALL-CNN-C for 2 epochs in one two-device process for each (name, flags).
+
+    Returns that process's output and each run's losses.
+    """
     env = {**os.environ, "KERAS_BACKEND": keras.backend.backend(),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-c", DRIVER, "--data-dir", str(tree), "--models", "all_cnn",
-         "--epochs", "2", "--no-cost", "--weights-dir", str(tmp_path / name / "weights"),
-         "--logs-dir", str(tmp_path / name / "logs"), *flags],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
-    )  # fmt: skip
+    argvs = [
+        ["--data-dir", str(tree), "--models", "all_cnn", "--epochs", "2", "--no-cost",
+         "--weights-dir", str(tmp_path / name / "weights"),
+         "--logs-dir", str(tmp_path / name / "logs"), *flags]
+        for name, flags in runs
+    ]  # fmt: skip
+    command = [sys.executable, "-c", DRIVER, json.dumps(argvs)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / name / "logs" / "all_cnn.csv", newline="") as file:
-        losses = [float(row["loss"]) for row in csv.DictReader(file)]
-    return result.stdout, losses
+    losses = []
+    for name, _ in runs:
+        with open(tmp_path / name / "logs" / "all_cnn.csv", newline="") as file:
+            losses.append([float(row["loss"]) for row in csv.DictReader(file)])
+    return result.stdout.split("=== run")[1:], losses
 
 
 @pytest.mark.skipif(
     keras.backend.backend() not in ("jax", "tensorflow"), reason="--distribute: JAX or TensorFlow"
 )
 def test_distribute_splits_batches_over_two_devices_and_trains_as_one(tmp_path, image_tree):
-    out, split_losses = train(tmp_path, image_tree, "two", "--distribute")
+    # Both runs in one process, which has two devices; the second uses one of them.
+    (out, one_device_out), (split_losses, one_device_losses) = train(
+        tmp_path, image_tree, [("two", ["--distribute"]), ("one", [])]
+    )
     expected = {
         "jax": "--distribute: DataParallel over 2 devices (cpu:0, cpu:1)",
         "tensorflow": "--distribute: MirroredStrategy over 2 devices",
     }[keras.backend.backend()]
-    assert expected in out
-    _, one_device_losses = train(tmp_path, image_tree, "one")
+    assert expected in out and "--distribute" not in one_device_out
     # Each device takes half of every batch and the gradients are averaged: the
     # same updates as one device on the whole batch, up to summation order.
     np.testing.assert_allclose(split_losses, one_device_losses, rtol=1e-4)
@@ -87,9 +103,10 @@ def test_a_batch_that_does_not_split_over_the_devices_is_one_line_exit_2(tmp_pat
     env = {**os.environ, "KERAS_BACKEND": "jax",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-c", DRIVER, "--data-dir", str(image_tree), "--models", "nin_cnn",
-         "--batch-size", "7", "--distribute", "--weights-dir", str(tmp_path / "w"),
-         "--logs-dir", str(tmp_path / "l")],
+        [sys.executable, "-c", DRIVER, json.dumps([[
+            "--data-dir", str(image_tree), "--models", "nin_cnn", "--batch-size", "7",
+            "--distribute", "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l"),
+        ]])],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2

@@ -178,7 +178,9 @@ def test_train_only_trains_and_leaves_evaluation_to_eval_only(tmp_path, capsys):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 def test_a_stop_reaches_every_process_and_the_same_command_resumes(tmp_path, sig):
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    command = [sys.executable, str(ROOT / "ensemble.py"), *argv_for(tmp_path, 10, "--parallel")]
+    # After an epoch of ALL-CNN-C comes the stop, with 4 more to go (4 s or more).
+    epochs = 5
+    command = [sys.executable, str(ROOT / "ensemble.py"), *argv_for(tmp_path, epochs, "--parallel")]
     run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     backups = [tmp_path / "w" / "backup" / name / "training_metadata.json"
@@ -210,4 +212,4 @@ def test_a_stop_reaches_every_process_and_the_same_command_resumes(tmp_path, sig
     assert "resuming nin_cnn after epoch" in again.stdout or "nin_cnn is already" in again.stdout
     for name in ("nin_cnn", "all_cnn"):
         rows = csv.DictReader((tmp_path / "l" / f"{name}.csv").read_text().splitlines())
-        assert [int(row["epoch"]) for row in rows] == list(range(10))  # no gap, no repeat
+        assert [int(row["epoch"]) for row in rows] == list(range(epochs))  # no gap, no repeat

@@ -28,74 +28,74 @@ def command(tmp_path, epochs, *extra):
 
 
 def stop_after_epoch(tmp_path, epochs, epoch, sig):
-    """Starts training NIN for `epochs`, sends `sig` once `epoch` epochs are backed up."""
+    """Runs the command for `epochs`, sends `sig` once `epoch` epochs are backed up.
+
+    Returns the exit code, stdout and stderr; the run must not have finished first.
+    """
     metadata = tmp_path / "weights" / "backup" / "nin_cnn" / "training_metadata.json"
-    run = subprocess.Popen(command(tmp_path, epochs), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and run.poll() is None:
-        try:
-            done = json.loads(metadata.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            done = 0
-        if done >= epoch:
-            os.kill(run.pid, sig)
-            break
-        time.sleep(0.02)
-    _, stderr = run.communicate()
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files: no pipe to fill
+    unbuffered = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines, even when killed
+    with out.open("w") as stdout, err.open("w") as stderr:
+        run = subprocess.Popen(command(tmp_path, epochs), cwd=tmp_path, stdout=stdout,
+                               stderr=stderr, env=unbuffered)  # fmt: skip
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.poll() is None:
+            try:
+                done = json.loads(metadata.read_text())["epoch"]
+            except (OSError, ValueError, KeyError):
+                done = 0
+            if done >= epoch:
+                os.kill(run.pid, sig)
+                break
+            time.sleep(0.02)
+        run.wait()
     assert not (tmp_path / "weights" / "nin_cnn.best.json").exists(), "it ended before the signal"
-    return run.returncode, stderr
+    return run.returncode, out.read_text(), err.read_text()
 
 
-def test_a_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
+def resumed_after(stdout):
+    """The epoch a resumed run says it continues after."""
+    assert "resuming nin_cnn after epoch " in stdout, stdout[-3000:]
+    return int(stdout.split("resuming nin_cnn after epoch ")[1].split()[0])
+
+
+def test_a_run_stopped_by_sigterm_ctrl_c_or_sigkill_resumes_each_time_after_its_last_epoch(
+    tmp_path,
+):
+    # One run stopped three ways in turn, each time resumed by the same command.
+    # SIGTERM is how Slurm preempts a job (SIGKILL follows after a grace time); killed
+    # by it, a run once left its lock, which a requeued job took for a live run's.
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    # The signal comes within 20 ms of the third epoch's backup: a dozen epochs more
+    # Each signal comes within 20 ms of an epoch's backup: the epochs still to go
     # (a second or more of training) leave no chance of finishing first.
-    epochs = 15
-    returncode, _ = stop_after_epoch(tmp_path, epochs, 3, signal.SIGKILL)
-    assert returncode == -signal.SIGKILL
+    epochs, after = 12, 0
+    for sig, stop_at, code, said in [
+        (signal.SIGTERM, 2, 143, "stopped by SIGTERM"),
+        (signal.SIGINT, 4, 130, "interrupted"),
+        (signal.SIGKILL, 6, -signal.SIGKILL, None),
+    ]:
+        returncode, out, err = stop_after_epoch(tmp_path, epochs, stop_at, sig)
+        if after:
+            assert resumed_after(out) >= after
+        assert returncode == code, err[-3000:]
+        if said:  # a stop the run could handle: one line, and the lock released
+            assert code == 128 + sig and "Traceback" not in err
+            assert err.strip().splitlines()[-1].startswith(f"ensemble.py: {said}; run the same")
+            assert not list((tmp_path / "weights").glob(".*.lock"))
+        after = stop_at
 
     again = subprocess.run(command(tmp_path, epochs), cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming nin_cnn after epoch" in again.stdout
-    resumed_after = int(again.stdout.split("resuming nin_cnn after epoch ")[1].split()[0])
-    assert resumed_after >= 3
+    assert resumed_after(again.stdout) >= after
     log = (tmp_path / "logs" / "nin_cnn.csv").read_text().splitlines()
-    assert [int(line.split(",")[0]) for line in log[1:]] == list(
-        range(epochs)
-    )  # no gaps, no repeats
+    epochs_logged = [int(line.split(",")[0]) for line in log[1:]]
+    assert epochs_logged == list(range(epochs))  # no gaps, no repeats
     record = json.loads((tmp_path / "weights" / "nin_cnn.best.json").read_text())
     assert record["epochs"] == epochs and (tmp_path / "weights" / record["file"]).is_file()
     assert not list((tmp_path / "weights").glob("*.partial*"))
     assert not (tmp_path / "weights" / "backup" / "nin_cnn").exists()
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     assert [row["row"] for row in results["results"]] == ["NIN"]
-
-
-@pytest.mark.parametrize(
-    "sig, code, said",
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
-    ids=["Ctrl-C", "SIGTERM"],
-)
-def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_same_command_resumes(
-    tmp_path, sig, code, said
-):
-    # SIGTERM is how Slurm preempts a job (SIGKILL follows after a grace time). Killed
-    # by it, a run left its lock, which a requeued job on another node takes for a
-    # live run's.
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    epochs = 12
-    returncode, stderr = stop_after_epoch(tmp_path, epochs, 2, sig)
-    assert returncode == code == 128 + sig, stderr[-3000:]
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith(f"ensemble.py: {said}; run the same")
-    assert not list((tmp_path / "weights").glob(".*.lock"))  # released on the way out
-
-    again = subprocess.run(command(tmp_path, epochs), cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming nin_cnn after epoch" in again.stdout
-    log = (tmp_path / "logs" / "nin_cnn.csv").read_text().splitlines()
-    assert [int(line.split(",")[0]) for line in log[1:]] == list(range(epochs))
 
 
 def test_a_ctrl_c_that_keras_swallows_still_stops_the_run(tmp_path, capsys, monkeypatch):
