@@ -4,10 +4,13 @@ Image i of class c has pixel (0, 0) = (25 * c, i, 7) and noise elsewhere, so a
 test can read back each image's class and index after loading.
 """
 
+import atexit
 import os
 import pickle
+import shutil
 import signal
 import tarfile
+import tempfile
 from pathlib import Path
 
 # The suite runs on several workers (pyproject.toml): on a GPU, each takes the memory it
@@ -15,6 +18,13 @@ from pathlib import Path
 # Set before the backend loads; the programs the tests start inherit it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+# JAX compiles the same small programs in many tests and their subprocesses (NIN's
+# training step on the synthetic tree, above all): one compilation cache for the whole
+# session, made by the first process and inherited by the workers and the programs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pytest-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import numpy as np
 import pytest
