@@ -18,9 +18,8 @@ from pathlib import Path
 # Set before the backend loads; the programs the tests start inherit it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-# PyTorch's CPU kernels run an OpenMP thread a core, which spin-wait: three workers on
-# two cores spent more time waiting than one worker did (10:49 against 8:12). One
-# thread a worker instead; the tests' programs inherit it.
+# PyTorch's CPU kernels run an OpenMP thread a core, which spin-wait: with more workers
+# than cores they wait on each other. One thread a worker; the tests' programs inherit it.
 if os.environ.get("KERAS_BACKEND") == "torch" and "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 # JAX compiles the same small programs in many tests and their subprocesses (NIN's
