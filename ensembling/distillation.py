@@ -25,7 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from ensembling import export, recipe
+from ensembling import export, recipe, training
 from ensembling.checkpoints import (
     BACKUP_FOLDER,
     MemberLocks,
@@ -152,10 +152,10 @@ def distiller(
         loss=keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=label_smoothing
         ),
-        metrics=["acc"],
+        metrics=[training.accuracy()],
     )
     trainer(np.zeros((1, *scores.input_shape[1:]), dtype="float32"))
-    return trainer
+    return training.build_before_fit(trainer)
 
 
 def distill(

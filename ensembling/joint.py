@@ -168,8 +168,9 @@ def _train_with_fit(
     joint.compile(
         loss=[recipe.loss_function(settings) for _ in members],
         optimizer=recipe.optimizer(settings, steps),
-        metrics=[["acc"]] * len(members),
+        metrics=[[training.accuracy()] for _ in members],
     )
+    training.build_before_fit(joint)
     repeat = len(members)
     folder = joint_backup_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)

@@ -109,9 +109,9 @@ def compile_and_train(model, num_epochs, x_train, y_train, settings=Settings()):
         model.compile(
             loss=keras.losses.categorical_crossentropy,
             optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
-            metrics=["acc"],
+            metrics=[training.accuracy()],
         )
-        return model
+        return training.build_before_fit(model)
 
     data = {
         "x": x_train,

@@ -42,6 +42,24 @@ DEAD_OUTPUT_STD = 1e-6
 DEAD_PROBE_IMAGES = 256
 
 
+def accuracy():
+    """The article's "acc" metric as an object: its variables exist before `fit`
+    (`build_before_fit` says why that matters)."""
+    return keras.metrics.CategoricalAccuracy(name="acc")
+
+
+def build_before_fit(trainer):
+    """Creates `trainer`'s optimizer variables now, not inside `fit`'s first step.
+
+    Keras on TensorFlow builds the optimizer (and metrics given by name) while it
+    traces the training step, and TensorFlow then traces the whole step a second
+    time, because the first trace created variables: about a second a member on a
+    CPU, for nothing. Built here, the step is traced once. The state is the same.
+    """
+    trainer.optimizer.build(trainer.trainable_variables)
+    return trainer
+
+
 def member_callbacks(model, settings, resume=None):
     """The article's checkpoint plus logs, for one member, whichever way it is trained.
 
