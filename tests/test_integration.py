@@ -13,15 +13,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_nin_learns_real_cifar10_from_the_jpeg_archive(tmp_path, real_archive, capsys):
-    # NIN is the cheapest member: 3 epochs on 10,000 images take about 20 s on 2 cores
-    # and reach about 0.68 test error (seeds 0 and 1 measured); 2 epochs on 5,000 sit
-    # too close to chance (0.79) for a test that must not flake.
+    # NIN is the cheapest member: 3 epochs on 5,000 images reach about 0.75 test error
+    # (0.753 and 0.750 for seeds 0 and 1 on TensorFlow), far from chance's 0.90; 2 epochs
+    # sit too close to it (0.79) for a test that must not flake.
     code = ensemble.main(
         [
             "--data-dir", str(real_archive),
             "--models", "nin_cnn",
             "--epochs", "3",
-            "--limit", "10000",
+            "--limit", "5000",
             "--no-cost",
             "--weights-dir", str(tmp_path / "weights"),
             "--logs-dir", str(tmp_path / "logs"),
@@ -32,5 +32,5 @@ def test_nin_learns_real_cifar10_from_the_jpeg_archive(tmp_path, real_archive, c
     (row,) = results["results"]
     assert row["row"] == "NIN"
     # Chance is 0.90 on 10 balanced classes; a model that learned scores clearly better.
-    assert row["test_error"] < 0.78, row
+    assert row["test_error"] < 0.80, row
     assert "NIN" in capsys.readouterr().out

@@ -7,8 +7,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,8 +21,6 @@ import ensemble
 from ensembling import checkpoints, parallel
 from ensembling.cli import checks, options
 from ensembling.settings import Settings, settings_argv, settings_from
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -176,25 +174,36 @@ def test_train_only_trains_and_leaves_evaluation_to_eval_only(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
-def test_a_stop_reaches_every_process_and_the_same_command_resumes(tmp_path, sig):
+def test_a_stop_reaches_every_process_and_the_same_command_resumes(tmp_path, capsys, sig):
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
     # After an epoch of ALL-CNN-C comes the stop, with 4 more to go (4 s or more).
     epochs = 5
-    command = [sys.executable, str(ROOT / "ensemble.py"), *argv_for(tmp_path, epochs, "--parallel")]
-    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    argv = argv_for(tmp_path, epochs, "--parallel")
     backups = [tmp_path / "w" / "backup" / name / "training_metadata.json"
                for name in ("nin_cnn", "all_cnn")]  # fmt: skip
     nin_done = tmp_path / "w" / "nin_cnn.best.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and run.poll() is None:
-        # Both processes are past an epoch (NIN, much the faster, may be done already).
-        if backups[1].is_file() and (backups[0].is_file() or nin_done.is_file()):
-            os.kill(run.pid, sig)
-            break
-        time.sleep(0.05)
-    out, err = run.communicate(timeout=120)
-    assert run.returncode == 128 + sig, err[-3000:]  # 130 for Ctrl-C, 143 for SIGTERM
+    running = threading.Event()
+    running.set()
+
+    def watch():
+        # The main process is this one: a thread stops it, as a terminal or a scheduler
+        # would, once both processes are past an epoch (NIN, much the faster, may be
+        # done already). The members are processes of their own, which it stops.
+        while running.is_set():
+            if backups[1].is_file() and (backups[0].is_file() or nin_done.is_file()):
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        code = ensemble.main(argv)
+    finally:
+        running.clear()
+        watcher.join()
+    out, err = capsys.readouterr()
+    assert code == 128 + sig, err[-3000:]  # 130 for Ctrl-C, 143 for SIGTERM
     said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
     assert err.strip().splitlines()[-1].startswith(f"ensemble.py: {said}; run the same")
     both = out + err
@@ -205,11 +214,13 @@ def test_a_stop_reaches_every_process_and_the_same_command_resumes(tmp_path, sig
     if sig == signal.SIGTERM:
         return  # the same stop inside: resuming after it is the Ctrl-C case's
 
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-1000:]
+    # The same command again, in this process: only the stop needed one of its own.
+    code = ensemble.main(argv)
+    again = capsys.readouterr()
+    assert code == 0, again.out[-4000:] + again.err[-1000:]
     # NIN, much the faster, may have finished just before the stop; ALL-CNN-C cannot.
-    assert "resuming all_cnn after epoch" in again.stdout, out + "\n=====\n" + again.stdout
-    assert "resuming nin_cnn after epoch" in again.stdout or "nin_cnn is already" in again.stdout
+    assert "resuming all_cnn after epoch" in again.out, out + "\n=====\n" + again.out
+    assert "resuming nin_cnn after epoch" in again.out or "nin_cnn is already" in again.out
     for name in ("nin_cnn", "all_cnn"):
         rows = csv.DictReader((tmp_path / "l" / f"{name}.csv").read_text().splitlines())
         assert [int(row["epoch"]) for row in rows] == list(range(epochs))  # no gap, no repeat

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,12 +28,20 @@ def command(tmp_path, epochs, *extra):
     ]  # fmt: skip
 
 
+def backed_up(tmp_path):
+    """How many epochs NIN's backup holds."""
+    metadata = tmp_path / "weights" / "backup" / "nin_cnn" / "training_metadata.json"
+    try:
+        return json.loads(metadata.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def stop_after_epoch(tmp_path, epochs, epoch, sig):
     """Runs the command for `epochs`, sends `sig` once `epoch` epochs are backed up.
 
     Returns the exit code, stdout and stderr; the run must not have finished first.
     """
-    metadata = tmp_path / "weights" / "backup" / "nin_cnn" / "training_metadata.json"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files: no pipe to fill
     unbuffered = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines, even when killed
     with out.open("w") as stdout, err.open("w") as stderr:
@@ -40,17 +49,39 @@ def stop_after_epoch(tmp_path, epochs, epoch, sig):
                                stderr=stderr, env=unbuffered)  # fmt: skip
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and run.poll() is None:
-            try:
-                done = json.loads(metadata.read_text())["epoch"]
-            except (OSError, ValueError, KeyError):
-                done = 0
-            if done >= epoch:
+            if backed_up(tmp_path) >= epoch:
                 os.kill(run.pid, sig)
                 break
             time.sleep(0.02)
         run.wait()
     assert not (tmp_path / "weights" / "nin_cnn.best.json").exists(), "it ended before the signal"
     return run.returncode, out.read_text(), err.read_text()
+
+
+def stop_here_after_epoch(tmp_path, epochs, epoch, sig, capsys):
+    """`stop_after_epoch` in this process, for a signal the program handles: a thread
+    sends `sig` to this process, as a terminal or a scheduler would, from outside the
+    training loop. Saves a process start (and TensorFlow's import) a stop."""
+    running = threading.Event()
+    running.set()
+
+    def watch():
+        while running.is_set():
+            if backed_up(tmp_path) >= epoch:
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        code = ensemble.main(command(tmp_path, epochs)[2:])
+    finally:
+        running.clear()
+        watcher.join()
+    out, err = capsys.readouterr()
+    assert not (tmp_path / "weights" / "nin_cnn.best.json").exists(), "it ended before the signal"
+    return code, out, err
 
 
 def resumed_after(stdout):
@@ -60,7 +91,7 @@ def resumed_after(stdout):
 
 
 def test_a_run_stopped_by_sigterm_ctrl_c_or_sigkill_resumes_each_time_after_its_last_epoch(
-    tmp_path,
+    tmp_path, capsys
 ):
     # One run stopped three ways in turn, each time resumed by the same command.
     # SIGTERM is how Slurm preempts a job (SIGKILL follows after a grace time); killed
@@ -74,7 +105,10 @@ def test_a_run_stopped_by_sigterm_ctrl_c_or_sigkill_resumes_each_time_after_its_
         (signal.SIGINT, 4, 130, "interrupted"),
         (signal.SIGKILL, 6, -signal.SIGKILL, None),
     ]:
-        returncode, out, err = stop_after_epoch(tmp_path, epochs, stop_at, sig)
+        if sig == signal.SIGKILL:  # the end of a process: it takes one of its own
+            returncode, out, err = stop_after_epoch(tmp_path, epochs, stop_at, sig)
+        else:
+            returncode, out, err = stop_here_after_epoch(tmp_path, epochs, stop_at, sig, capsys)
         if after:
             assert resumed_after(out) >= after
         assert returncode == code, err[-3000:]
@@ -84,9 +118,9 @@ def test_a_run_stopped_by_sigterm_ctrl_c_or_sigkill_resumes_each_time_after_its_
             assert not list((tmp_path / "weights").glob(".*.lock"))
         after = stop_at
 
-    again = subprocess.run(command(tmp_path, epochs), cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert resumed_after(again.stdout) >= after
+    # The last resume in this process: only the stops needed a process of their own.
+    assert ensemble.main(command(tmp_path, epochs)[2:]) == 0
+    assert resumed_after(capsys.readouterr().out) >= after
     log = (tmp_path / "logs" / "nin_cnn.csv").read_text().splitlines()
     epochs_logged = [int(line.split(",")[0]) for line in log[1:]]
     assert epochs_logged == list(range(epochs))  # no gaps, no repeats
@@ -377,7 +411,7 @@ def test_checkpoints_are_published_under_their_final_names(tmp_path):
     assert len(names) == 1 and ".partial" not in names[0]
 
 
-def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
+def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path, capsys):
     # Both members of one --joint run continue from the saved joint state. On JAX the
     # state includes the shuffling generator and dropout seeds, so the resumed run's
     # losses are exactly those of a run that was never interrupted.
@@ -386,7 +420,7 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     import keras
 
     write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
-    epochs, members = 8, ("nin_cnn", "all_cnn")
+    epochs, members = 6, ("nin_cnn", "all_cnn")  # killed after 2: 4 to go
 
     def joint_command(folder):
         return [
@@ -409,16 +443,16 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and run.poll() is None:
         backup = checkpoints.read_joint_backup(settings)
-        if backup and backup[0] >= 3:
+        if backup and backup[0] >= 2:
             os.kill(run.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
     run.wait()
     assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
-    again = subprocess.run(joint_command("killed"), cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming nin_cnn, all_cnn after epoch" in again.stdout
+    # Resumed in this process: only the kill needed a process of its own.
+    assert ensemble.main(joint_command("killed")[2:]) == 0
+    assert "resuming nin_cnn, all_cnn after epoch" in capsys.readouterr().out
     for name in members:
         record = json.loads((tmp_path / "killed" / "weights" / f"{name}.best.json").read_text())
         assert record["epochs"] == epochs
@@ -430,8 +464,7 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path):
     assert len(results["results"]) == 3  # both members and their pair
 
     if keras.backend.backend() == "jax":
-        whole = subprocess.run(joint_command("whole"), cwd=tmp_path, capture_output=True)
-        assert whole.returncode == 0
+        assert ensemble.main(joint_command("whole")[2:]) == 0
         for name in members:
             assert losses("killed", name) == pytest.approx(losses("whole", name), rel=1e-5)
     else:
