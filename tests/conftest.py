@@ -5,12 +5,15 @@ test can read back each image's class and index after loading.
 """
 
 import atexit
+import contextlib
 import os
 import pickle
 import shutil
 import signal
 import tarfile
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 # The suite runs on several workers (pyproject.toml): on a GPU, each takes the memory it
@@ -46,6 +49,31 @@ from ensembling import report
 # inherited SIG_IGN on purpose (tests/test_resume.py checks that), not the suite.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def signal_this_process_when(ready, sig):
+    """While the block runs, a thread sends `sig` to this process once `ready()` is
+    true, as a terminal or a scheduler would from outside: a stop the program handles,
+    tested without a process (and a backend import) of its own. The thread is done
+    before the block's end returns, so no signal lands after it."""
+    running = threading.Event()
+    running.set()
+
+    def watch():
+        while running.is_set():
+            if ready():
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield
+    finally:
+        running.clear()
+        watcher.join()
 
 
 @pytest.fixture(autouse=True, scope="session")

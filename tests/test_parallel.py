@@ -4,17 +4,14 @@ import csv
 import dataclasses
 import errno
 import json
-import os
 import signal
 import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import keras
 import pytest
-from conftest import write_tree
+from conftest import signal_this_process_when, write_tree
 
 import data
 import ensemble
@@ -182,26 +179,14 @@ def test_a_stop_reaches_every_process_and_the_same_command_resumes(tmp_path, cap
     backups = [tmp_path / "w" / "backup" / name / "training_metadata.json"
                for name in ("nin_cnn", "all_cnn")]  # fmt: skip
     nin_done = tmp_path / "w" / "nin_cnn.best.json"
-    running = threading.Event()
-    running.set()
 
-    def watch():
-        # The main process is this one: a thread stops it, as a terminal or a scheduler
-        # would, once both processes are past an epoch (NIN, much the faster, may be
-        # done already). The members are processes of their own, which it stops.
-        while running.is_set():
-            if backups[1].is_file() and (backups[0].is_file() or nin_done.is_file()):
-                os.kill(os.getpid(), sig)
-                return
-            time.sleep(0.05)
+    # The main process is this one, stopped once both member processes are past an
+    # epoch (NIN, much the faster, may be done already); it stops them in turn.
+    def past_an_epoch():
+        return backups[1].is_file() and (backups[0].is_file() or nin_done.is_file())
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with signal_this_process_when(past_an_epoch, sig):
         code = ensemble.main(argv)
-    finally:
-        running.clear()
-        watcher.join()
     out, err = capsys.readouterr()
     assert code == 128 + sig, err[-3000:]  # 130 for Ctrl-C, 143 for SIGTERM
     said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import write_tree
+from conftest import signal_this_process_when, write_tree
 
 import ensemble
 from ensembling import checkpoints, training
@@ -59,26 +58,9 @@ def stop_after_epoch(tmp_path, epochs, epoch, sig):
 
 
 def stop_here_after_epoch(tmp_path, epochs, epoch, sig, capsys):
-    """`stop_after_epoch` in this process, for a signal the program handles: a thread
-    sends `sig` to this process, as a terminal or a scheduler would, from outside the
-    training loop. Saves a process start (and TensorFlow's import) a stop."""
-    running = threading.Event()
-    running.set()
-
-    def watch():
-        while running.is_set():
-            if backed_up(tmp_path) >= epoch:
-                os.kill(os.getpid(), sig)
-                return
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    """`stop_after_epoch` in this process, for a signal the program handles."""
+    with signal_this_process_when(lambda: backed_up(tmp_path) >= epoch, sig):
         code = ensemble.main(command(tmp_path, epochs)[2:])
-    finally:
-        running.clear()
-        watcher.join()
     out, err = capsys.readouterr()
     assert not (tmp_path / "weights" / "nin_cnn.best.json").exists(), "it ended before the signal"
     return code, out, err
