@@ -1,5 +1,6 @@
 """One-file export: round trip across backends, fitted rules, and the predict command."""
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -551,8 +552,23 @@ def test_rescales_itself_knows_the_keras_applications_that_take_0_255(name):
     """The README's claim: MobileNetV3 and EfficientNet start with a Rescaling, ConvNeXt
     with a Normalization of 0..255 pixels; ResNet50 takes its caffe-style input from
     outside, so it is not found to rescale (predict's --pixels then decides)."""
-    model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), classes=10)
+    build = getattr(keras.applications, name)
+    model = layers_only(lambda: build(weights=None, input_shape=(32, 32, 3), classes=10))
     assert export.rescales_itself(model) == (name != "ResNet50")
+
+
+def layers_only(build):
+    """`build()`'s model with its weights left undrawn, for tests of its layers alone: on
+    JAX drawing them compiles an initializer for each weight shape (12 s for
+    EfficientNetB0). Keras lists undrawn weights in its thread's state, to draw them at
+    the next scope's end; built in a thread of its own, the list ends with the thread."""
+
+    def undrawn():
+        with keras.StatelessScope(initialize_variables=False):
+            return build()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(undrawn).result()
 
 
 def test_to_probabilities_of_extreme_scores_is_exact_and_raises_no_overflow():
