@@ -28,6 +28,8 @@ for argv in json.loads(sys.argv[1]):
     if code:
         sys.exit(code)
 """
+# The suite's own XLA flags too (conftest.py), to compile as quickly as the suite does.
+TWO_DEVICES = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
 
 
 def train(tmp_path, tree, runs):
@@ -35,8 +37,7 @@ def train(tmp_path, tree, runs):
 
     Returns that process's output and each run's losses.
     """
-    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend(),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend(), "XLA_FLAGS": TWO_DEVICES}
     argvs = [
         ["--data-dir", str(tree), "--models", "all_cnn", "--epochs", "2", "--no-cost",
          "--weights-dir", str(tmp_path / name / "weights"),
@@ -100,8 +101,7 @@ def test_distribute_on_pytorch_is_one_line_exit_2_before_any_data(tmp_path, caps
     keras.backend.backend() != "jax", reason="TensorFlow's MirroredStrategy splits uneven batches"
 )
 def test_a_batch_that_does_not_split_over_the_devices_is_one_line_exit_2(tmp_path, image_tree):
-    env = {**os.environ, "KERAS_BACKEND": "jax",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": TWO_DEVICES}
     result = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps([[
             "--data-dir", str(image_tree), "--models", "nin_cnn", "--batch-size", "7",

@@ -104,16 +104,22 @@ def test_scanned_epochs_equal_step_by_step_epochs(settings, monkeypatch):
     rng = np.random.default_rng(1)
     x = rng.random((80, 32, 32, 3), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, 80), 10).astype("float32")
-    weights = {}
+    weights, losses = {}, {}
     for scan in (True, False):
         monkeypatch.setattr(joint, "SCAN_EPOCHS", scan)
         keras.utils.set_random_seed(0)
         member = nin_cnn(keras.Input(shape=(32, 32, 3)))
+        start = member.get_weights()
         trained = joint.train_jointly([member], 2, x, y, settings, lambda member: [])
-        weights[scan] = (member.get_weights(), trained.histories["nin_cnn"]["loss"])
-    np.testing.assert_allclose(weights[True][1], weights[False][1], rtol=1e-5)
-    for scanned, stepped in zip(weights[True][0], weights[False][0], strict=True):
-        np.testing.assert_allclose(scanned, stepped, rtol=1e-4, atol=1e-6)
+        weights[scan], losses[scan] = member.get_weights(), trained.histories["nin_cnn"]["loss"]
+    # Other masks (another --seed) move the losses by 1e-3 and the weights by more than
+    # training moved them; XLA's fusions in the loop, by 2e-7 and, through Adam (see
+    # test_joint_epochs_equal_keras_fit_on_the_same_batch_order), under 1.5% of it.
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    for before, scanned, stepped in zip(start, weights[True], weights[False], strict=True):
+        moved = np.linalg.norm(stepped - before)
+        assert moved > 0
+        assert np.linalg.norm(scanned - stepped) < 0.05 * moved
 
 
 def test_joint_epochs_equal_keras_fit_on_the_same_batch_order(settings, monkeypatch):
