@@ -188,6 +188,9 @@ def test_a_ctrl_c_during_training_waits_for_the_backup_to_be_saved(tmp_path, cap
     write_tree(tmp_path / "tree")
     argv = command(tmp_path, 4)[2:]
     assert ensemble.main(argv) == exits.INTERRUPTED
+    # Forgotten once the run has ended: a Keras loop run later in this process (a
+    # notebook's, or the next test's) would otherwise stop at its first batch.
+    assert not training.INTERRUPTED.is_set()
     monkeypatch.undo()
     err = capfd.readouterr().err
     assert "stopping at the end of this batch; Ctrl-C again stops at once" in err

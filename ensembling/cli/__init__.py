@@ -64,6 +64,8 @@ def stoppable(prog, body):
             file=sys.stderr,
         )
         return code
+    finally:
+        training.reset_stop()  # the stop was this run's: the next one here starts afresh
 
 
 def _train_and_report(settings, run):
