@@ -77,6 +77,23 @@ def signal_this_process_when(ready, sig):
         watcher.join()
 
 
+# pytest-xdist hands tests to its workers in collection order, so a long test collected
+# last runs on alone while the other workers sit idle. The modules whose longest test
+# is longest go first (by `--durations` on TensorFlow and JAX); the rest follow, quick
+# ones last.
+LONGEST_FIRST = """test_integration test_resume test_parallel test_fast test_distribute
+    test_ensemble test_joint test_combine test_api test_failures test_export
+    test_custom_objects test_models test_bench""".split()
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.module.__name__
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's own order is kept
+
+
 @pytest.fixture(autouse=True, scope="session")
 def small_cost_measurements():
     """The cost table's timings on fewer and smaller batches: the same measurement, in a
