@@ -19,7 +19,7 @@ def readme_example():
 def test_the_readme_example_reports_every_combination_and_exports(tmp_path, monkeypatch, capsys):
     code = readme_example()
     assert SOURCE in code and '"mine.keras"' in code  # the data line is swapped below
-    tree = write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    tree = write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     code = code.replace(SOURCE, f"source = {str(tree)!r}")
     monkeypatch.chdir(tmp_path)  # mine.keras lands here
 

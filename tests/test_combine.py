@@ -146,7 +146,7 @@ def test_save_probs_writes_what_the_table_is_scored_from(tmp_path, saved, capsys
 
 
 def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp_path, capsys):
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     singles = {}
     for seed in ("1", "2"):
         run = tmp_path / f"seed{seed}"
@@ -166,7 +166,7 @@ def test_members_exported_by_runs_of_two_seeds_combine_into_a_seeds_ensemble(tmp
     assert combine(tmp_path, *files) == 0
     rows = json.loads((tmp_path / "logs" / "combine.json").read_text())["results"]
     # Each file is the member its run scored: the same NLL, here and there (the
-    # errors would agree anyway: one epoch on 80 images leaves them all at chance).
+    # errors would agree anyway: one epoch on 40 images leaves them all at chance).
     assert {row["row"]: row["nll"] for row in rows[:4]} == pytest.approx(singles, abs=1e-6)
     assert len(set(singles.values())) == 4
     assert rows[-1]["row"] == "seed1_all_cnn+seed1_nin_cnn+seed2_all_cnn+seed2_nin_cnn"

@@ -124,9 +124,9 @@ def digest(folder):
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """Three members' checkpoints (untrained: what a teacher is made of does not
-    matter here) and a class-folder tree of 80 training and 20 test images."""
+    matter here) and a class-folder tree of 40 training and 20 test images."""
     root = tmp_path_factory.mktemp("distill")
-    tree = write_tree(root / "tree", train_per_class=8, test_per_class=2)
+    tree = write_tree(root / "tree", train_per_class=4, test_per_class=2)
     weights = root / "weights"
     weights.mkdir()
     for i, (name, builder) in enumerate(MODELS.items()):

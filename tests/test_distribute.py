@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two CPU devices for a fresh process: XLA's flag for JAX, logical devices for TensorFlow.
@@ -57,10 +58,12 @@ def train(tmp_path, tree, runs):
 @pytest.mark.skipif(
     keras.backend.backend() not in ("jax", "tensorflow"), reason="--distribute: JAX or TensorFlow"
 )
-def test_distribute_splits_batches_over_two_devices_and_trains_as_one(tmp_path, image_tree):
+def test_distribute_splits_batches_over_two_devices_and_trains_as_one(tmp_path):
     # Both runs in one process, which has two devices; the second uses one of them.
+    # 32 images to train on: one batch of 32 an epoch, 16 on each device.
+    tree = write_tree(tmp_path / "tree", train_per_class=4)
     (out, one_device_out), (split_losses, one_device_losses) = train(
-        tmp_path, image_tree, [("two", ["--distribute"]), ("one", [])]
+        tmp_path, tree, [("two", ["--distribute"]), ("one", [])]
     )
     expected = {
         "jax": "--distribute: DataParallel over 2 devices (cpu:0, cpu:1)",

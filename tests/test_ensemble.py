@@ -40,7 +40,7 @@ def cli(tmp_path, *flags):
 
 @pytest.fixture
 def tree(tmp_path):
-    return write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    return write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
 
 
 RULES = ["weighted", "select", "vote", "stack", "temperature"]
@@ -51,7 +51,7 @@ def article_run(tmp_path_factory):
     """One run of the article's recipe for 1 epoch with every rule and an export: its
     folder and what it printed. The tests below read it; none of them changes it."""
     root = tmp_path_factory.mktemp("article")
-    write_tree(root / "tree", train_per_class=8, test_per_class=3)
+    write_tree(root / "tree", train_per_class=4, test_per_class=3)
     flags = ["--epochs", "1", "--combine", *RULES, "--export", str(root / "ensemble.keras"),
              "--export-rule", "stack"]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -222,9 +222,9 @@ def test_best_checkpoint_uses_the_recorded_loss_not_the_file_names(tmp_path):
         (["--epochs", "-3"], "--epochs must be at least 1"),
         (["--validation-split", "1.5"], "--validation-split must lie strictly between 0 and 1"),
         (["--validation-split", "0"], "--validation-split must lie strictly between 0 and 1"),
-        (["--batch-size", "5000"], "--batch-size 5000 exceeds the 64 training images"),
+        (["--batch-size", "5000"], "--batch-size 5000 exceeds the 32 training images"),
         # No image left to train on: a smaller batch would not help.
-        (["--validation-split", "0.99", "--limit", "50"], "0.99 of 50 images leaves none to"),
+        (["--validation-split", "0.99", "--limit", "30"], "0.99 of 30 images leaves none to"),
         (["--eval-only"], "does not exist; train first"),
         (["--limit", "0"], "--limit must be a positive number"),
         (["--restarts", "-1"], "--restarts must be 0 or more"),

@@ -236,7 +236,7 @@ def test_a_float16_floatx_from_keras_json_is_float32_while_a_run_builds_and_trai
 
 
 def test_fast_preset_cli_trains_evaluates_and_saves_every_choice(tmp_path, capsys):
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     code = ensemble.main(
         ["--data-dir", str(tmp_path / "tree"), "--preset", "fast", "--epochs", "2",
          "--batch-size", "16", "--warmup-epochs", "1", "--no-cost",
@@ -256,7 +256,7 @@ def test_fast_preset_cli_trains_evaluates_and_saves_every_choice(tmp_path, capsy
 
 
 def test_recipe_options_without_joint_train_each_member_on_its_own(tmp_path, capsys):
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     code = ensemble.main(
         ["--data-dir", str(tmp_path / "tree"), "--models", "nin_cnn", "all_cnn", "--augment",
          "--epochs", "1", "--no-cost", "--weights-dir", str(tmp_path / "w"),
@@ -280,7 +280,7 @@ def test_dropout_flags_train_every_member_with_those_rates(tmp_path, monkeypatch
         return original(layer, inputs, training=training)
 
     monkeypatch.setattr(keras.layers.Dropout, "call", call)
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     flags = ["--joint"] if path == "joint" else []
     code = ensemble.main(
         ["--data-dir", str(tmp_path / "tree"), "--models", "all_cnn", "--dropout", "0.3",

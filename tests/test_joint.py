@@ -53,7 +53,7 @@ def test_one_joint_step_equals_separate_steps_on_the_same_batch(settings):
 
 
 def test_joint_cli_run_writes_the_article_files(tmp_path, capsys):
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     code = ensemble.main(
         ["--data-dir", str(tmp_path / "tree"), "--joint", "--epochs", "2", "--no-cost",
          "--weights-dir", str(tmp_path / "w"), "--logs-dir", str(tmp_path / "l")]

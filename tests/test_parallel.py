@@ -86,7 +86,7 @@ def losses(logs, name):
 def test_parallel_trains_each_member_in_its_own_process_as_a_one_member_run(
     tmp_path, capsys, monkeypatch
 ):
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     assert ensemble.main(argv_for(tmp_path, 2, "--parallel")) == 0
@@ -146,7 +146,7 @@ def test_a_full_temporary_folder_leaves_the_decoding_to_each_process(monkeypatch
 
 def test_a_failed_member_process_is_one_line_and_exit_1(tmp_path, capsys):
     # Another run holds NIN's lock: its process refuses, ALL-CNN-C's trains on.
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     (tmp_path / "w").mkdir()
     with checkpoints.MemberLocks(tmp_path / "w", ["nin_cnn"]):
         assert ensemble.main(argv_for(tmp_path, 1, "--parallel")) == 1
@@ -162,7 +162,7 @@ def test_a_failed_member_process_is_one_line_and_exit_1(tmp_path, capsys):
 
 
 def test_train_only_trains_and_leaves_evaluation_to_eval_only(tmp_path, capsys):
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=3)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=3)
     assert ensemble.main(argv_for(tmp_path, 1, "--train-only")) == 0
     assert "--eval-only with the same --weights-dir ensembles them" in capsys.readouterr().out
     assert not (tmp_path / "l" / "results.json").exists()

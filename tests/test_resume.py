@@ -404,7 +404,7 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path, 
 
     import keras
 
-    write_tree(tmp_path / "tree", train_per_class=8, test_per_class=2)
+    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=2)
     epochs, members = 6, ("nin_cnn", "all_cnn")  # killed after 2: 4 to go
 
     def joint_command(folder):
