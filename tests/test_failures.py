@@ -102,17 +102,6 @@ def test_where_processes_cannot_be_checked_a_lock_is_kept_and_never_signalled(
     assert (weights / ".nin_cnn.lock").is_file()
 
 
-def test_the_program_imports_where_there_is_no_sighup():
-    # Windows has SIGINT and SIGTERM but no SIGHUP.
-    code = (
-        "import signal; del signal.SIGHUP; import ensemble; "
-        "from ensembling import training; print(training.STOP_SIGNALS)"
-    )
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr[-500:]
-    assert shown.stdout.splitlines()[-1] == "(<Signals.SIGINT: 2>, <Signals.SIGTERM: 15>)"
-
-
 def test_eval_only_says_which_members_are_not_fully_trained(tmp_path, tree, capsys):
     assert cli(tmp_path, "--models", "nin_cnn", "all_cnn") == 0
     assert "not fully trained" not in capsys.readouterr().out
