@@ -139,8 +139,8 @@ def test_one_joint_step_with_smoothing_and_schedule_equals_keras_fit(settings):
         }
     )
     rng = np.random.default_rng(0)
-    x = rng.random((40, 32, 32, 3), dtype=np.float32)
-    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    x = rng.random((10, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
     alone = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
     together = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
     together.set_weights(alone.get_weights())
@@ -148,7 +148,7 @@ def test_one_joint_step_with_smoothing_and_schedule_equals_keras_fit(settings):
     trained = joint.train_jointly([together], 2, x, y, settings, lambda member: [])
 
     alone.compile(loss=recipe.loss_function(settings), optimizer=recipe.optimizer(settings, 1))
-    losses = [alone.train_on_batch(x[:32], y[:32]) for _ in range(2)]  # one batch an epoch
+    losses = [alone.train_on_batch(x[:8], y[:8]) for _ in range(2)]  # one batch an epoch
     np.testing.assert_allclose(trained.histories["conv_pool_cnn"]["loss"], losses, rtol=1e-5)
     # Adam divides by the gradient's own scale, so a weight whose gradient is near
     # zero turns rounding differences into visible ones: the tolerance is 1% of the
@@ -161,8 +161,8 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
     # One step an epoch. Keras' EMA copies the weights after the first step, then
     # keeps 0.99 of the average: after two steps it is 0.99 w1 + 0.01 w2.
     rng = np.random.default_rng(0)
-    x = rng.random((40, 32, 32, 3), dtype=np.float32)
-    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    x = rng.random((10, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
     start = conv_pool_cnn(keras.Input(shape=(32, 32, 3))).get_weights()
     raw = []
 
@@ -214,8 +214,8 @@ def test_mixed_precision_trains_in_bfloat16_and_keeps_float32_weights(settings):
     assert member.outputs[0].dtype == "float32"  # the softmax stays float32
     assert keras.config.dtype_policy().name == "float32"  # restored afterwards
     rng = np.random.default_rng(0)
-    x = rng.random((40, 32, 32, 3), dtype=np.float32)
-    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    x = rng.random((10, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
     before = member.get_weights()[0].copy()
     trained = joint.train_jointly([member], 1, x, y, settings, lambda m: [])
     assert np.isfinite(trained.histories["conv_pool_cnn"]["loss"][0])
@@ -304,8 +304,8 @@ def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settin
     assert isinstance(plain, keras.optimizers.Adam)
     assert not isinstance(plain, keras.optimizers.AdamW)
     rng = np.random.default_rng(0)
-    x = rng.random((40, 32, 32, 3), dtype=np.float32)
-    y = keras.utils.to_categorical(rng.integers(0, 10, 40), 10).astype("float32")
+    x = rng.random((10, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
     norms = {}
     for case in (settings, decayed):
         keras.utils.set_random_seed(0)

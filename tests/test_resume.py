@@ -405,7 +405,7 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path, 
     import keras
 
     write_tree(tmp_path / "tree", train_per_class=4, test_per_class=2)
-    epochs, members = 6, ("nin_cnn", "all_cnn")  # killed after 2: 4 to go
+    epochs, members = 4, ("nin_cnn", "all_cnn")  # killed after 1: 3 to go
 
     def joint_command(folder):
         return [
@@ -428,7 +428,7 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path, 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and run.poll() is None:
         backup = checkpoints.read_joint_backup(settings)
-        if backup and backup[0] >= 2:
+        if backup and backup[0] >= 1:
             os.kill(run.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
