@@ -57,7 +57,7 @@ class SizesDiffer(DataError):
 
 def _parts(name):
     """A relative "/"-separated name's parts, as PurePosixPath(name).parts gives them
-    (empty and "." parts dropped), at a fifth of its cost: CIFAR-10 has 60,000 names."""
+    (empty and "." parts dropped), at a quarter of its cost: CIFAR-10 has 60,000 names."""
     return tuple(part for part in name.split("/") if part not in ("", "."))
 
 

@@ -27,7 +27,7 @@ if os.environ.get("KERAS_BACKEND") == "torch" and "PYTEST_XDIST_WORKER" in os.en
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 # On tiny data much of JAX's time goes to compiling. XLA's level 1 compiles about as
 # fast as level 0 and runs as fast as the default level 2; level 0 runs a scanned epoch
-# (--joint) three times slower. The JAX suite: 7:25 at level 0, 5:53 at level 1.
+# (--joint) three times slower.
 # Single-threaded Eigen, as one OpenMP thread for PyTorch above: three workers' thread
 # pools on two cores took about 5% more CPU waiting on each other.
 if os.environ.get("KERAS_BACKEND") == "jax" and "XLA_FLAGS" not in os.environ:

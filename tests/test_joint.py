@@ -109,7 +109,7 @@ def test_scanned_epochs_equal_step_by_step_epochs(settings, monkeypatch):
         monkeypatch.setattr(joint, "SCAN_EPOCHS", scan)
         keras.utils.set_random_seed(0)
         member = nin_cnn(keras.Input(shape=(32, 32, 3)))
-        start = member.get_weights()
+        start = member.get_weights()  # the same both times: seed 0
         trained = joint.train_jointly([member], 2, x, y, settings, lambda member: [])
         weights[scan], losses[scan] = member.get_weights(), trained.histories["nin_cnn"]["loss"]
     # Other masks (another --seed) move the losses by 1e-3 and the weights by more than
