@@ -25,6 +25,14 @@ os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 # than cores they wait on each other. One thread a worker; the tests' programs inherit it.
 if os.environ.get("KERAS_BACKEND") == "torch" and "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# XLA's CPU runtime takes each step's activations from malloc, and glibc hands a freed
+# buffer of a few MB back to the kernel: every step faults in fresh zeroed pages, half
+# the system time of a small JAX run (TensorFlow and PyTorch keep their own). Kept in
+# the heap instead, up to 1 GiB. glibc reads these when a process starts: they reach
+# the workers and the programs the tests start, not this process.
+if os.environ.get("KERAS_BACKEND") == "jax":
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
 # On tiny data much of JAX's time goes to compiling. XLA's level 1 compiles about as
 # fast as level 0 and runs as fast as the default level 2; level 0 runs a scanned epoch
 # (--joint) three times slower.
