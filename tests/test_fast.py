@@ -12,7 +12,7 @@ import ensemble
 from ensembling import backend, joint, prediction, recipe
 from ensembling.cli import options
 from ensembling.settings import changes_recipe
-from models import MODELS, conv_pool_cnn
+from models import MODELS, nin_cnn
 
 
 @pytest.fixture
@@ -141,15 +141,16 @@ def test_one_joint_step_with_smoothing_and_schedule_equals_keras_fit(settings):
     rng = np.random.default_rng(0)
     x = rng.random((10, 32, 32, 3), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
-    alone = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
-    together = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    # NIN without its dropout, the cheapest member whose two trainings draw nothing.
+    alone = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
+    together = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
     together.set_weights(alone.get_weights())
 
     trained = joint.train_jointly([together], 2, x, y, settings, lambda member: [])
 
     alone.compile(loss=recipe.loss_function(settings), optimizer=recipe.optimizer(settings, 1))
     losses = [alone.train_on_batch(x[:8], y[:8]) for _ in range(2)]  # one batch an epoch
-    np.testing.assert_allclose(trained.histories["conv_pool_cnn"]["loss"], losses, rtol=1e-5)
+    np.testing.assert_allclose(trained.histories["nin_cnn"]["loss"], losses, rtol=1e-5)
     # Adam divides by the gradient's own scale, so a weight whose gradient is near
     # zero turns rounding differences into visible ones: the tolerance is 1% of the
     # 3e-3 step every weight took.
@@ -163,7 +164,7 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
     rng = np.random.default_rng(0)
     x = rng.random((10, 32, 32, 3), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
-    start = conv_pool_cnn(keras.Input(shape=(32, 32, 3))).get_weights()
+    start = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0).get_weights()
     raw = []
 
     def keep(member):
@@ -173,11 +174,11 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
 
         return [Keep()]
 
-    plain = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    plain = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
     plain.set_weights(start)
     joint.train_jointly([plain], 2, x, y, settings, keep)
     w1, w2 = raw
-    averaged = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    averaged = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
     averaged.set_weights(start)
     seen = []
     ema = ensemble.Settings(**{**settings.__dict__, "ema": True})
@@ -197,7 +198,7 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
 
 
 def test_tta_averages_an_image_and_its_mirror():
-    member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+    member = nin_cnn(keras.Input(shape=(32, 32, 3)))
     x = np.random.default_rng(2).random((6, 32, 32, 3), dtype=np.float32)
     plain = prediction.predict(member, x, 4)
     mirrored = prediction.predict(member, x[:, :, ::-1], 4)
@@ -208,7 +209,7 @@ def test_tta_averages_an_image_and_its_mirror():
 
 def test_mixed_precision_trains_in_bfloat16_and_keeps_float32_weights(settings):
     with backend.DtypePolicy("mixed_bfloat16"):
-        member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+        member = nin_cnn(keras.Input(shape=(32, 32, 3)))
     assert member.layers[1].compute_dtype == "bfloat16"
     assert {w.dtype for w in member.get_weights()} == {np.dtype("float32")}
     assert member.outputs[0].dtype == "float32"  # the softmax stays float32
@@ -218,7 +219,7 @@ def test_mixed_precision_trains_in_bfloat16_and_keeps_float32_weights(settings):
     y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
     before = member.get_weights()[0].copy()
     trained = joint.train_jointly([member], 1, x, y, settings, lambda m: [])
-    assert np.isfinite(trained.histories["conv_pool_cnn"]["loss"][0])
+    assert np.isfinite(trained.histories["nin_cnn"]["loss"][0])
     assert not np.allclose(member.get_weights()[0], before)
 
 
@@ -309,7 +310,7 @@ def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settin
     norms = {}
     for case in (settings, decayed):
         keras.utils.set_random_seed(0)
-        member = conv_pool_cnn(keras.Input(shape=(32, 32, 3)))
+        member = nin_cnn(keras.Input(shape=(32, 32, 3)))
         joint.train_jointly([member], 2, x, y, case, lambda m: [])
         norms[case.weight_decay] = np.linalg.norm(member.get_weights()[0])
     # Two steps of decay at lr 1e-3 x 50 shrink every weight by about 10%.
