@@ -404,14 +404,15 @@ def test_a_joint_run_killed_with_sigkill_resumes_after_its_last_epoch(tmp_path, 
 
     import keras
 
-    write_tree(tmp_path / "tree", train_per_class=4, test_per_class=2)
+    # 20 images: one batch of 16 an epoch, and 4 to validate.
+    write_tree(tmp_path / "tree", train_per_class=2, test_per_class=2)
     epochs, members = 4, ("nin_cnn", "all_cnn")  # killed after 1: 3 to go
 
     def joint_command(folder):
         return [
             sys.executable, str(ROOT / "ensemble.py"), "--data-dir", str(tmp_path / "tree"),
-            "--models", *members, "--joint", "--epochs", str(epochs), "--no-cost",
-            "--weights-dir", str(tmp_path / folder / "weights"),
+            "--models", *members, "--joint", "--epochs", str(epochs), "--batch-size", "16",
+            "--no-cost", "--weights-dir", str(tmp_path / folder / "weights"),
             "--logs-dir", str(tmp_path / folder / "logs"),
         ]  # fmt: skip
 
