@@ -21,8 +21,9 @@ from pathlib import Path
 # Set before the backend loads; the programs the tests start inherit it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-# PyTorch's CPU kernels run an OpenMP thread a core, which spin-wait: with more workers
-# than cores they wait on each other. One thread a worker; the tests' programs inherit it.
+# PyTorch's CPU kernels run an OpenMP thread a core, which spin-wait: with workers and
+# their programs outnumbering the cores they wait on each other. One thread a worker;
+# the tests' programs inherit it.
 if os.environ.get("KERAS_BACKEND") == "torch" and "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 # XLA's CPU runtime takes each step's activations from malloc, and glibc hands a freed
@@ -36,8 +37,8 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 # On tiny data much of JAX's time goes to compiling. XLA's level 1 compiles about as
 # fast as level 0 and runs as fast as the default level 2; level 0 runs a scanned epoch
 # (--joint) three times slower.
-# Single-threaded Eigen, as one OpenMP thread for PyTorch above: three workers' thread
-# pools on two cores took about 5% more CPU waiting on each other.
+# Single-threaded Eigen, as one OpenMP thread for PyTorch above: several processes'
+# thread pools on two cores spend CPU waiting on each other.
 if os.environ.get("KERAS_BACKEND") == "jax" and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = (
         "--xla_backend_optimization_level=1 --xla_cpu_multi_thread_eigen=false"
