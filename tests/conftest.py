@@ -56,6 +56,7 @@ import pytest
 
 import data
 from ensembling import report
+from models import nin_cnn
 
 # A shell script starts its background jobs ignoring SIGINT, and Python then leaves
 # Ctrl-C ignored; the stop tests need it as at a terminal, whoever runs the suite
@@ -126,6 +127,12 @@ REAL_ARCHIVE = Path(
         Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz",
     )
 )
+
+
+def nin_without_dropout(model_input):
+    """NIN, the cheapest member, drawing no dropout masks: two trainings of it can
+    agree step for step."""
+    return nin_cnn(model_input, dropout=0.0)
 
 
 def synthetic_split(per_class):

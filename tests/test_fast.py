@@ -6,7 +6,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from conftest import write_tree
+from conftest import nin_without_dropout, write_tree
 
 import ensemble
 from ensembling import backend, joint, prediction, recipe
@@ -141,9 +141,8 @@ def test_one_joint_step_with_smoothing_and_schedule_equals_keras_fit(settings):
     rng = np.random.default_rng(0)
     x = rng.random((10, 32, 32, 3), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
-    # NIN without its dropout, the cheapest member whose two trainings draw nothing.
-    alone = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
-    together = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
+    alone = nin_without_dropout(keras.Input(shape=(32, 32, 3)))
+    together = nin_without_dropout(keras.Input(shape=(32, 32, 3)))
     together.set_weights(alone.get_weights())
 
     trained = joint.train_jointly([together], 2, x, y, settings, lambda member: [])
@@ -164,7 +163,7 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
     rng = np.random.default_rng(0)
     x = rng.random((10, 32, 32, 3), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, 10), 10).astype("float32")
-    start = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0).get_weights()
+    start = nin_without_dropout(keras.Input(shape=(32, 32, 3))).get_weights()
     raw = []
 
     def keep(member):
@@ -174,11 +173,11 @@ def test_ema_checkpoints_hold_the_moving_average(settings):
 
         return [Keep()]
 
-    plain = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
+    plain = nin_without_dropout(keras.Input(shape=(32, 32, 3)))
     plain.set_weights(start)
     joint.train_jointly([plain], 2, x, y, settings, keep)
     w1, w2 = raw
-    averaged = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
+    averaged = nin_without_dropout(keras.Input(shape=(32, 32, 3)))
     averaged.set_weights(start)
     seen = []
     ema = ensemble.Settings(**{**settings.__dict__, "ema": True})
@@ -312,7 +311,7 @@ def test_weight_decay_uses_adamw_and_shrinks_weights_that_get_no_gradient(settin
     norms = {}
     for case in (settings, decayed):
         keras.utils.set_random_seed(0)
-        member = nin_cnn(keras.Input(shape=(32, 32, 3)), dropout=0.0)
+        member = nin_without_dropout(keras.Input(shape=(32, 32, 3)))
         joint.train_jointly([member], 2, x, y, case, lambda m: [])
         norms[case.weight_decay] = np.linalg.norm(member.get_weights()[0])
     # Two steps of decay at lr 1e-3 x 50 shrink every weight by about 10%.

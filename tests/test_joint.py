@@ -5,7 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import write_tree
+from conftest import nin_without_dropout, write_tree
 
 import data
 import ensemble
@@ -18,11 +18,6 @@ def settings(tmp_path):
     for folder in ("weights", "logs"):
         (tmp_path / folder).mkdir()
     return ensemble.Settings(weights_dir=str(tmp_path / "weights"), logs_dir=str(tmp_path / "logs"))
-
-
-def nin_without_dropout(model_input):
-    """NIN, the cheapest member, drawing no dropout masks: two trainings can agree."""
-    return nin_cnn(model_input, dropout=0.0)
 
 
 def test_one_joint_step_equals_separate_steps_on_the_same_batch(settings):
