@@ -100,6 +100,14 @@ LONGEST_FIRST = """test_integration test_resume test_parallel test_fast test_dis
     test_custom_objects test_models test_bench""".split()
 
 
+def pytest_xdist_auto_num_workers(config):
+    """The workers `-n auto` (pyproject.toml) starts on the 2-core CI machine. Most of
+    a JAX or PyTorch test's time is a core compiling or training, so a third worker
+    only makes two contend; TensorFlow's tests leave a core idle often enough that a
+    third worker fills it."""
+    return 3 if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow" else 2
+
+
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.module.__name__
